@@ -1,0 +1,23 @@
+"""clibd: identify insects from a photo, a DNA barcode or both (CLIBD contrastive retrieval).
+
+Usage:
+    from clibd import CLIBDConfig, CLIBDModel, CLIBDProcessor
+"""
+
+from .configuration_clibd import CLIBDConfig, CLIBDDNAConfig, CLIBDImageConfig, CLIBDTextConfig
+from .loss import contrastive_loss
+from .modeling_clibd import CLIBDModel, CLIBDOutput
+from .processing import CLIBDProcessor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CLIBDConfig",
+    "CLIBDDNAConfig",
+    "CLIBDImageConfig",
+    "CLIBDModel",
+    "CLIBDOutput",
+    "CLIBDProcessor",
+    "CLIBDTextConfig",
+    "contrastive_loss",
+]

@@ -1,0 +1,68 @@
+"""The CLIBD loss: symmetric InfoNCE over every pair of present modalities, correct across processes.
+
+Usage:
+    loss = contrastive_loss({"image": x, "dna": d, "text": t}, logit_scale)   # x, d, t L2-normalised
+
+Under `torch.distributed` each process holds a shard of the global batch. Features are gathered
+with gradients, each process scores its own rows against every gathered row (open_clip's "local
+loss"), so the mean of the per-process losses equals the single-process loss on the whole batch
+and, once DDP averages gradients, so do the gradients.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
+
+MODALITY_ORDER = ("image", "dna", "text")
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
+    """All rows of every process, in rank order; gradients flow back to each process's rows."""
+    _, world_size = _distributed()
+    if world_size == 1:
+        return features
+    sizes = [torch.zeros(1, dtype=torch.long, device=features.device) for _ in range(world_size)]
+    dist.all_gather(sizes, torch.tensor([features.shape[0]], device=features.device))
+    if len({int(s) for s in sizes}) != 1:
+        raise ValueError(f"every process needs the same local batch size for the contrastive loss, "
+                         f"got {[int(s) for s in sizes]}; drop or pad the last batch")
+    return torch.cat(dist_fn.all_gather(features), dim=0)
+
+
+def modality_pairs(modalities: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
+    """Every unordered pair of the given modalities, in the fixed order image, dna, text."""
+    ordered = [m for m in MODALITY_ORDER if m in modalities]
+    return list(itertools.combinations(ordered, 2))
+
+
+def contrastive_loss(embeds: Mapping[str, torch.Tensor], logit_scale: torch.Tensor) -> torch.Tensor:
+    """Mean of the cross-entropies a->b and b->a over every pair (a, b) of modalities in `embeds`.
+
+    `logit_scale` is in log space (the model multiplies similarities by its exp, without clamp).
+    """
+    present = {name: value for name, value in embeds.items() if value is not None}
+    pairs = modality_pairs(list(present))
+    if not pairs:
+        raise ValueError(f"the contrastive loss needs at least two modalities, got {sorted(present)}")
+    rank, _ = _distributed()
+    scale = logit_scale.exp()
+    gathered = {name: gather_with_grad(value) for name, value in present.items()}
+    local_size = next(iter(present.values())).shape[0]
+    labels = torch.arange(local_size, device=logit_scale.device) + rank * local_size
+    terms = []
+    for a, b in pairs:
+        terms.append(F.cross_entropy(scale * present[a] @ gathered[b].T, labels))
+        terms.append(F.cross_entropy(scale * present[b] @ gathered[a].T, labels))
+    return torch.stack(terms).mean()

@@ -1,0 +1,129 @@
+"""DNA barcodes -> non-overlapping k-mer token ids, in the official (`compat`) or new BarcodeBERT vocabulary.
+
+Usage:
+    tokenizer = BarcodeTokenizer(flavour="compat")
+    encoded = tokenizer(["AACTTTATATTTTATTTTTGG"], ids=["BIOUG001-A01"])
+    encoded.input_ids          # LongTensor [1, 133]
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BASES = "ACGT"
+# IUPAC ambiguity codes: a base is there but it is not known which; the k-mer becomes unknown.
+IUPAC_AMBIGUITY = "RYSWKMBDHVN"
+_REMOVED = re.compile(r"[\s\-]")
+_NOT_NUCLEOTIDE = re.compile(f"[^{BASES}{IUPAC_AMBIGUITY}]")
+_AMBIGUOUS = re.compile(f"[{IUPAC_AMBIGUITY}]")
+
+
+def normalise_barcode(sequence: str, record: str = "record") -> str:
+    """Upper-case, drop alignment gaps and whitespace, turn IUPAC ambiguity codes into N.
+
+    Raises `ValueError` naming `record` for anything that is not a nucleotide, for an empty
+    sequence and for one that holds no A, C, G or T.
+    """
+    if not isinstance(sequence, str):
+        raise ValueError(f"{record}: must be a string, got {type(sequence).__name__}")
+    cleaned = _REMOVED.sub("", sequence.upper())
+    bad = sorted(set(_NOT_NUCLEOTIDE.findall(cleaned)))
+    if bad:
+        raise ValueError(
+            f"{record}: holds characters that are not nucleotides or IUPAC codes: {''.join(bad)!r}"
+        )
+    if not cleaned:
+        raise ValueError(f"{record}: is empty (after removing gaps and whitespace)")
+    cleaned = _AMBIGUOUS.sub("N", cleaned)
+    if cleaned.count("N") == len(cleaned):
+        raise ValueError(f"{record}: holds only N (no A, C, G or T)")
+    return cleaned
+
+
+@dataclass
+class BarcodeEncoding:
+    """Token ids and attention mask of a batch, with the records whose barcode was truncated."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    truncated: list[str] = field(default_factory=list)
+
+
+class BarcodeTokenizer:
+    """Split barcodes into non-overlapping k-mers after padding with N (or truncating) to `max_length`.
+
+    `compat` (the official CLIBD/old BarcodeBERT vocabulary): <MASK>=0, <CLS>=1, <UNK>=2, the 4^k
+    k-mers over ACGT in lexicographic order from id 3, any k-mer with N -> <UNK>, and id 0 (not
+    <CLS>) prepended; the attention mask is all ones, as the official model sees no mask.
+    `barcodebert` (new BarcodeBERT): [MASK]=0, [UNK]=1, k-mers from id 2, nothing prepended; the
+    attention mask is 0 on k-mers made only of padding.
+    """
+
+    def __init__(self, flavour: str = "compat", kmer_size: int = 5, max_length: int = 660):
+        if flavour not in ("compat", "barcodebert"):
+            raise ValueError(f"unknown barcode tokenizer flavour {flavour!r}; use 'compat' or 'barcodebert'")
+        if max_length % kmer_size:
+            raise ValueError(f"max_length ({max_length}) must be a multiple of kmer_size ({kmer_size})")
+        self.flavour = flavour
+        self.kmer_size = kmer_size
+        self.max_length = max_length
+        self.mask_id = 0
+        self.unk_id = 2 if flavour == "compat" else 1
+        first = self.unk_id + 1
+        kmers = ("".join(p) for p in itertools.product(BASES, repeat=kmer_size))
+        self.vocab = {kmer: first + i for i, kmer in enumerate(kmers)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab) + self.unk_id + 1
+
+    @property
+    def num_tokens(self) -> int:
+        return self.max_length // self.kmer_size + (self.flavour == "compat")
+
+    def encode(self, sequence: str, record: str = "record") -> tuple[list[int], list[int], bool]:
+        """Ids and mask of one barcode, and whether it was truncated."""
+        bases = normalise_barcode(sequence, record)
+        truncated = len(bases) > self.max_length
+        real_length = min(len(bases), self.max_length)
+        bases = bases[: self.max_length].ljust(self.max_length, "N")
+        k = self.kmer_size
+        ids = [self.vocab.get(bases[i : i + k], self.unk_id) for i in range(0, self.max_length, k)]
+        mask = [1 if i < real_length else 0 for i in range(0, self.max_length, k)]
+        if self.flavour == "compat":
+            ids = [self.mask_id, *ids]
+            mask = [1] * len(ids)
+        return ids, mask, truncated
+
+    def __call__(self, sequences: Sequence[str], ids: Sequence[str] | None = None) -> BarcodeEncoding:
+        if isinstance(sequences, str):
+            sequences = [sequences]
+        if ids is not None and len(ids) != len(sequences):
+            raise ValueError(f"got {len(ids)} barcode ids for {len(sequences)} barcodes")
+        names = [f"barcode {i!r}" for i in ids] if ids is not None else [f"barcode #{i}" for i in range(len(sequences))]
+        all_ids, all_masks, truncated = [], [], []
+        for sequence, name in zip(sequences, names, strict=True):
+            token_ids, mask, was_truncated = self.encode(sequence, name)
+            all_ids.append(token_ids)
+            all_masks.append(mask)
+            if was_truncated:
+                truncated.append(name)
+        if truncated:
+            logger.warning(
+                "%d of %d barcodes were longer than %d bp and were truncated: %s",
+                len(truncated), len(sequences), self.max_length, ", ".join(truncated[:10])
+                + (" ..." if len(truncated) > 10 else ""),
+            )
+        return BarcodeEncoding(
+            input_ids=torch.tensor(all_ids, dtype=torch.long),
+            attention_mask=torch.tensor(all_masks, dtype=torch.long),
+            truncated=truncated,
+        )

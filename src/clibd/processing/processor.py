@@ -1,0 +1,173 @@
+"""`CLIBDProcessor`: photos, barcodes and taxonomy in, the tensors `CLIBDModel` takes out.
+
+Usage:
+    processor = CLIBDProcessor.from_pretrained("path/or/hub-id")
+    batch = processor(images=[photo], barcodes=["AACT..."], taxonomy=[{"order": "Diptera"}])
+    outputs = model(**batch)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
+from transformers.utils import PushToHubMixin, cached_file
+
+from ..configuration_clibd import CLIBDConfig
+from .barcodes import BarcodeTokenizer
+from .images import ImageInput, image_transform, load_image
+from .taxonomy import taxonomy_text
+
+PROCESSOR_CONFIG_NAME = "processor_config.json"
+
+
+class CLIBDProcessor(PushToHubMixin):
+    """Turns raw inputs of any subset of the three modalities into one batch for `CLIBDModel`.
+
+    Outputs: `pixel_values` [B, 3, H, W]; `dna_input_ids`, `dna_attention_mask` [B, tokens];
+    `text_input_ids`, `text_attention_mask`, `text_token_type_ids` [B, text_max_length].
+    """
+
+    def __init__(
+        self,
+        text_tokenizer: PreTrainedTokenizerBase | None = None,
+        *,
+        dna_tokenizer_flavour: str = "compat",
+        kmer_size: int = 5,
+        max_sequence_length: int = 660,
+        text_max_length: int = 20,
+        image_size: int = 224,
+        resize_size: int = 256,
+    ):
+        self.text_tokenizer = text_tokenizer
+        self.barcode_tokenizer = BarcodeTokenizer(dna_tokenizer_flavour, kmer_size, max_sequence_length)
+        self.text_max_length = text_max_length
+        self.image_size = image_size
+        self.resize_size = resize_size
+        self.eval_transform = image_transform(image_size, resize_size, train=False)
+        self.train_transform = image_transform(image_size, resize_size, train=True)
+
+    @classmethod
+    def from_model_config(
+        cls, config: CLIBDConfig, text_tokenizer: PreTrainedTokenizerBase | None = None
+    ) -> CLIBDProcessor:
+        """The processor that matches a model config (tokenizer flavour, lengths, image sizes)."""
+        return cls(
+            text_tokenizer,
+            dna_tokenizer_flavour=config.dna_config.tokenizer_flavour,
+            kmer_size=config.dna_config.kmer_size,
+            max_sequence_length=config.dna_config.max_sequence_length,
+            text_max_length=config.text_config.max_length,
+            image_size=config.image_config.image_size,
+            resize_size=config.image_config.resize_size,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "processor_class": type(self).__name__,
+            "dna_tokenizer_flavour": self.barcode_tokenizer.flavour,
+            "kmer_size": self.barcode_tokenizer.kmer_size,
+            "max_sequence_length": self.barcode_tokenizer.max_length,
+            "text_max_length": self.text_max_length,
+            "image_size": self.image_size,
+            "resize_size": self.resize_size,
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.to_dict()}, text_tokenizer={type(self.text_tokenizer).__name__})"
+
+    # --- the three modalities -------------------------------------------------------------------
+    def process_images(self, images: Sequence[ImageInput], train: bool = False) -> torch.Tensor:
+        transform = self.train_transform if train else self.eval_transform
+        return torch.stack([transform(load_image(image)) for image in images])
+
+    def process_barcodes(self, barcodes: Sequence[str], ids: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        encoded = self.barcode_tokenizer(barcodes, ids)
+        return {"dna_input_ids": encoded.input_ids, "dna_attention_mask": encoded.attention_mask}
+
+    def process_taxonomy(self, taxonomy: Sequence[Any], ids: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        if self.text_tokenizer is None:
+            raise ValueError("this processor has no text tokenizer, so it cannot encode taxonomy; "
+                             "pass text_tokenizer= or load a processor saved with one")
+        names = [f"taxonomy {i!r}" for i in ids] if ids is not None else [f"taxonomy #{i}" for i in range(len(taxonomy))]
+        texts = [taxonomy_text(item, name) for item, name in zip(taxonomy, names, strict=True)]
+        encoded = self.text_tokenizer(texts, padding="max_length", truncation=True,
+                                      max_length=self.text_max_length, return_tensors="pt")
+        out = {"text_input_ids": encoded["input_ids"], "text_attention_mask": encoded["attention_mask"]}
+        if "token_type_ids" in encoded:
+            out["text_token_type_ids"] = encoded["token_type_ids"]
+        return out
+
+    def __call__(
+        self,
+        images: Sequence[ImageInput] | ImageInput | None = None,
+        barcodes: Sequence[str] | str | None = None,
+        taxonomy: Sequence[Any] | None = None,
+        *,
+        ids: Sequence[str] | None = None,
+        train: bool = False,
+        return_tensors: str = "pt",
+    ) -> BatchFeature:
+        """Encode any subset of images, barcodes and taxonomy; `ids` name records in error messages.
+
+        `train=True` applies the paper's random augmentations to the images.
+        """
+        if return_tensors != "pt":
+            raise ValueError(f"only return_tensors='pt' is supported, got {return_tensors!r}")
+        if images is None and barcodes is None and taxonomy is None:
+            raise ValueError("give at least one of images, barcodes or taxonomy")
+        if images is not None and not isinstance(images, (list, tuple)):
+            images = [images]
+        if isinstance(barcodes, str):
+            barcodes = [barcodes]
+        if isinstance(taxonomy, (str, dict)):
+            taxonomy = [taxonomy]
+        sizes = {name: len(v) for name, v in (("images", images), ("barcodes", barcodes), ("taxonomy", taxonomy))
+                 if v is not None}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"every modality needs one entry per specimen, got {sizes}")
+        data: dict[str, torch.Tensor] = {}
+        if images is not None:
+            data["pixel_values"] = self.process_images(images, train=train)
+        if barcodes is not None:
+            data.update(self.process_barcodes(barcodes, ids))
+        if taxonomy is not None:
+            data.update(self.process_taxonomy(taxonomy, ids))
+        return BatchFeature(data=data, tensor_type="pt")
+
+    # --- save / load ----------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        """Write `processor_config.json` and the text tokenizer files; optionally push to the Hub."""
+        os.makedirs(save_directory, exist_ok=True)
+        if push_to_hub:
+            commit_message = kwargs.pop("commit_message", None)
+            repo_id = kwargs.pop("repo_id", os.path.basename(os.fspath(save_directory)))
+            repo_id = self._create_repo(repo_id, **kwargs)
+            files_timestamps = self._get_files_timestamps(save_directory)
+        path = os.path.join(save_directory, PROCESSOR_CONFIG_NAME)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+        os.replace(tmp, path)
+        if self.text_tokenizer is not None:
+            self.text_tokenizer.save_pretrained(save_directory)
+        if push_to_hub:
+            self._upload_modified_files(save_directory, repo_id, files_timestamps,
+                                        commit_message=commit_message, token=kwargs.get("token"))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> CLIBDProcessor:
+        """Load from a local directory or a Hub repo id (kwargs go to the Hub download)."""
+        config_file = cached_file(pretrained_model_name_or_path, PROCESSOR_CONFIG_NAME, **kwargs)
+        with open(config_file) as f:
+            settings = json.load(f)
+        settings.pop("processor_class", None)
+        tokenizer_file = cached_file(pretrained_model_name_or_path, "tokenizer_config.json",
+                                     _raise_exceptions_for_missing_entries=False, **kwargs)
+        text_tokenizer = (AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
+                          if tokenizer_file else None)
+        return cls(text_tokenizer, **settings)

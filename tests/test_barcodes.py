@@ -1,0 +1,99 @@
+import itertools
+import logging
+
+import pytest
+import torch
+
+from clibd.data import read_records
+from clibd.processing import BarcodeTokenizer, normalise_barcode
+
+
+def kmer_index(kmer: str) -> int:
+    """Lexicographic rank of a k-mer over ACGT, computed independently of the tokenizer."""
+    return sum("ACGT".index(base) * 4 ** (len(kmer) - 1 - i) for i, base in enumerate(kmer))
+
+
+def test_compat_vocabulary_matches_spec():
+    tok = BarcodeTokenizer("compat")
+    seq = "AAAAA" + "AAAAC" + "TTTTT" + "GATCA"
+    ids = tok([seq]).input_ids[0]
+    assert ids.shape == (133,)
+    assert ids[0] == 0  # <MASK> id 0 prepended, not <CLS>
+    assert ids[1:5].tolist() == [3, 4, 3 + 1023, 3 + kmer_index("GATCA")]
+    assert (ids[5:] == 2).all()  # N padding -> <UNK>
+    assert tok.vocab_size == 1027
+
+
+def test_barcodebert_vocabulary_and_mask():
+    tok = BarcodeTokenizer("barcodebert")
+    encoded = tok(["AAAAA" + "CGTAC" + "GG"])
+    ids, mask = encoded.input_ids[0], encoded.attention_mask[0]
+    assert ids.shape == (132,)
+    assert ids[:2].tolist() == [2, 2 + kmer_index("CGTAC")]
+    assert ids[2] == 1  # "GGNNN" has N -> [UNK]
+    assert mask[:3].tolist() == [1, 1, 1] and mask[3:].sum() == 0
+    assert tok.vocab_size == 4**5 + 2
+
+
+def test_every_kmer_has_a_distinct_id():
+    tok = BarcodeTokenizer("compat", kmer_size=3, max_length=12)
+    kmers = ["".join(p) for p in itertools.product("ACGT", repeat=3)]
+    assert sorted(tok.vocab[k] for k in kmers) == list(range(3, 3 + 64))
+
+
+def test_lowercase_gaps_whitespace_normalised():
+    tok = BarcodeTokenizer("compat")
+    clean = tok(["ACGTACGTAC"]).input_ids
+    assert torch.equal(tok(["acgtacgtac"]).input_ids, clean)
+    assert torch.equal(tok(["AC-GT ACG\nTA--C"]).input_ids, clean)
+
+
+@pytest.mark.parametrize("code", list("RYSWKMBDHVN"))
+def test_iupac_codes_become_unknown(code):
+    assert normalise_barcode(f"ACG{code}T") == "ACGNT"
+    ids = BarcodeTokenizer("compat")([f"ACG{code}T" + "ACGTA"]).input_ids[0]
+    assert ids[1] == 2 and ids[2] == 3 + kmer_index("ACGTA")
+
+
+@pytest.mark.parametrize(
+    ("sequence", "message"),
+    [
+        ("ACGT1234", "'1234'"),
+        ("MKTAYIAKQRQISFVKSHFSRQ", "'FIQ'"),  # a protein: F, I, Q are not nucleotide codes
+        ("ACGU", "'U'"),
+        ("", "is empty"),
+        ("--- \n", "is empty"),
+        ("NNNNRY", "only N"),
+    ],
+)
+def test_bad_barcodes_name_the_record(sequence, message):
+    tok = BarcodeTokenizer("compat")
+    with pytest.raises(ValueError, match="BOLD-42") as error:
+        tok(["ACGTACGT", sequence], ids=["ok-1", "BOLD-42"])
+    assert message in str(error.value)
+    with pytest.raises(ValueError, match="barcode #1"):
+        tok(["ACGTACGT", sequence])
+
+
+def test_non_string_barcode_is_an_error():
+    with pytest.raises(ValueError, match="must be a string"):
+        BarcodeTokenizer()([None])
+
+
+def test_over_length_is_truncated_and_reported(caplog):
+    tok = BarcodeTokenizer("compat")
+    long = "ACGTA" * 140  # 700 bp
+    with caplog.at_level(logging.WARNING):
+        encoded = tok(["ACGTA", long], ids=["short", "long-one"])
+    assert encoded.truncated == ["barcode 'long-one'"]
+    assert "long-one" in caplog.text and "1 of 2" in caplog.text
+    assert encoded.input_ids.shape == (2, 133)
+    assert (encoded.input_ids[1, 1:] == 3 + kmer_index("ACGTA")).all()
+
+
+def test_all_shared_barcodes_tokenise(data_dir):
+    records = read_records(data_dir / "insect_bold_coi" / "insect_bold_coi_small.tsv")
+    encoded = BarcodeTokenizer("compat")([r["dna"] for r in records], ids=[r["id"] for r in records])
+    assert encoded.input_ids.shape == (len(records), 133)
+    long_ids = {f"barcode {r['id']!r}" for r in records if len(r["dna"].replace("-", "")) > 660}
+    assert set(encoded.truncated) == long_ids
