@@ -1,5 +1,19 @@
 """Specimen records: one schema (id, order, family, genus, species, dna, image) whatever the source."""
 
-from .records import RECORD_FIELDS, read_records, shared_data_dir
+from .bioscan import official_splits, read_bioscan
+from .records import RECORD_FIELDS, read_fasta, read_records, read_table, records_to_dataset, shared_data_dir
+from .split import SPLIT_NAMES, paper_split, split_statistics
 
-__all__ = ["RECORD_FIELDS", "read_records", "shared_data_dir"]
+__all__ = [
+    "RECORD_FIELDS",
+    "SPLIT_NAMES",
+    "official_splits",
+    "paper_split",
+    "read_bioscan",
+    "read_fasta",
+    "read_records",
+    "read_table",
+    "records_to_dataset",
+    "shared_data_dir",
+    "split_statistics",
+]

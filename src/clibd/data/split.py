@@ -43,6 +43,7 @@ def _halves(species: list[str]) -> tuple[list[str], list[str]]:
 def paper_split(dataset: datasets.Dataset, seed: int = 42) -> datasets.DatasetDict:
     """Split records (the clibd record schema) by species as the paper does; see the module doc."""
     rng = random.Random(seed)
+    ids = dataset["id"]
     by_species: dict[str, list[int]] = defaultdict(list)
     assignment: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
     for index, species in enumerate(dataset["species"]):
@@ -51,7 +52,10 @@ def paper_split(dataset: datasets.Dataset, seed: int = 42) -> datasets.DatasetDi
         else:
             assignment["pretrain"].append(index)
 
-    names = sorted(by_species)  # sorted first: the result depends on the seed, not on the row order
+    # Sorted first (species by name, records by id): the split depends on the seed, not on row order.
+    for indices in by_species.values():
+        indices.sort(key=lambda i: ids[i])
+    names = sorted(by_species)
     large = [s for s in names if len(by_species[s]) >= MIN_SEEN_RECORDS]
     small = [s for s in names if 2 <= len(by_species[s]) < MIN_SEEN_RECORDS]
     rng.shuffle(large)
