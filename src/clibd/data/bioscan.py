@@ -15,7 +15,7 @@ from pathlib import Path
 
 import datasets
 
-from .records import RECORD_FIELDS, _clean
+from .records import _clean
 
 VERSIONS = {
     # version: (folder under root, metadata file under it, DNA column, official split column)

@@ -103,7 +103,11 @@ class BarcodeTokenizer:
             mask = [1] * len(ids)
         return ids, mask, truncated
 
-    def __call__(self, sequences: Sequence[str], ids: Sequence[str] | None = None) -> BarcodeEncoding:
+    def __call__(
+        self, sequences: Sequence[str], ids: Sequence[str] | None = None, warn_truncated: bool = True
+    ) -> BarcodeEncoding:
+        """Encode a batch; `ids` name records in errors. Truncated records are listed in the result
+        and, unless `warn_truncated=False` (callers that report them once themselves), logged."""
         if isinstance(sequences, str):
             sequences = [sequences]
         if ids is not None and len(ids) != len(sequences):
@@ -116,7 +120,7 @@ class BarcodeTokenizer:
             all_masks.append(mask)
             if was_truncated:
                 truncated.append(name)
-        if truncated:
+        if truncated and warn_truncated:
             logger.warning(
                 "%d of %d barcodes were longer than %d bp and were truncated: %s",
                 len(truncated), len(sequences), self.max_length, ", ".join(truncated[:10])

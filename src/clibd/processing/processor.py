@@ -85,8 +85,10 @@ class CLIBDProcessor(PushToHubMixin):
         transform = self.train_transform if train else self.eval_transform
         return torch.stack([transform(load_image(image)) for image in images])
 
-    def process_barcodes(self, barcodes: Sequence[str], ids: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-        encoded = self.barcode_tokenizer(barcodes, ids)
+    def process_barcodes(
+        self, barcodes: Sequence[str], ids: Sequence[str] | None = None, warn_truncated: bool = True
+    ) -> dict[str, torch.Tensor]:
+        encoded = self.barcode_tokenizer(barcodes, ids, warn_truncated=warn_truncated)
         return {"dna_input_ids": encoded.input_ids, "dna_attention_mask": encoded.attention_mask}
 
     def process_taxonomy(self, taxonomy: Sequence[Any], ids: Sequence[str] | None = None) -> dict[str, torch.Tensor]:

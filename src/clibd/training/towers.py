@@ -1,0 +1,52 @@
+"""Which parameters train: whole towers, frozen encoders (projection still trains), or LoRA.
+
+Usage:
+    configure_trainable(model, frozen=["text"])          # text encoder frozen, its projection trains
+    configure_trainable(model, lora_rank=4)              # peft LoRA on attention q and v, rest frozen
+"""
+
+from __future__ import annotations
+
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+
+from ..modeling_clibd import CLIBDModel
+
+# Attention projections adapted by LoRA in each tower. timm's ViT fuses q, k and v into one `qkv`
+# linear, which peft adapts as a whole (the official code adapts only the q and v rows of it).
+LORA_TARGETS = {"image": ["qkv"], "dna": ["query", "value"], "text": ["query", "value"]}
+
+
+def encoder_body(model: CLIBDModel, tower: str) -> nn.Module:
+    """The pretrained part of a tower (everything but its projection to the shared space)."""
+    if tower == "image":
+        return model.image_encoder
+    return getattr(model, f"{tower}_encoder").bert
+
+
+def _body_parameters(model: CLIBDModel, tower: str):
+    body = encoder_body(model, tower)
+    head = getattr(body, "head", None) if tower == "image" else None
+    skip = {id(p) for p in head.parameters()} if head is not None else set()
+    for name, parameter in body.named_parameters():
+        if id(parameter) not in skip:
+            yield name, parameter
+    if tower == "dna" and hasattr(model.dna_encoder, "head_transform"):
+        yield from model.dna_encoder.head_transform.named_parameters()
+
+
+def configure_trainable(model: CLIBDModel, frozen: list[str] = (), lora_rank: int | None = None) -> dict[str, int]:
+    """Freeze the encoders named in `frozen`; with `lora_rank`, freeze every encoder and train
+    rank-`lora_rank` LoRA adapters (alpha = rank: no scaling, as the official wrapper). Projections
+    and the temperature always train. Returns trainable parameter counts per tower."""
+    towers = [t for t in ("image", "dna", "text") if getattr(model, f"{t}_encoder") is not None]
+    for tower in towers:
+        if lora_rank is not None:
+            config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, lora_dropout=0.0, target_modules=LORA_TARGETS[tower])
+            inject_adapter_in_model(config, encoder_body(model, tower))
+        if tower in frozen or lora_rank is not None:
+            for name, parameter in _body_parameters(model, tower):
+                parameter.requires_grad = "lora_" in name
+    counts = {t: sum(p.numel() for p in getattr(model, f"{t}_encoder").parameters() if p.requires_grad)
+              for t in towers}
+    return counts
