@@ -24,12 +24,25 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from ..data import official_splits, paper_split, read_bioscan, read_records, records_to_dataset, split_statistics
+from ..data import (
+    official_splits,
+    paper_split,
+    read_bioscan,
+    read_records,
+    records_to_dataset,
+    split_statistics,
+)
 from ..data.collate import ContrastiveCollator, has_modalities
 from ..evaluation.retrieval import evaluate_retrieval, format_table, selection_score
 from ..modeling_clibd import CLIBDModel
 from ..processing import CLIBDProcessor
-from .checkpointing import TrainState, atomic_write_text, latest_checkpoint, save_checkpoint, save_pretrained_atomic
+from .checkpointing import (
+    TrainState,
+    atomic_write_text,
+    latest_checkpoint,
+    save_checkpoint,
+    save_pretrained_atomic,
+)
 from .config import DataSection, ExperimentConfig
 from .grad_cache import grad_cache_step
 from .towers import configure_trainable
@@ -106,7 +119,8 @@ def _log_writer(run_dir: Path):
 def train(config: ExperimentConfig, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train as `config` says; with `resume`, continue from the latest checkpoint in the run folder."""
     cfg = config.train
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision))
+    # cpu=True on a machine without CUDA: accelerate then runs several processes with gloo (MULTI_CPU).
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision), cpu=not torch.cuda.is_available())
     run_dir = Path(cfg.output_dir)
     set_seed(cfg.seed)
     model_config = config.model_config()
@@ -146,10 +160,14 @@ def train(config: ExperimentConfig, resume: bool = False, progress: bool = True)
         anneal_strategy="cos", div_factor=25.0, final_div_factor=1e4, cycle_momentum=False)
     train_loader = DataLoader(train_set, batch_size=cfg.batch_size, collate_fn=collator, drop_last=True,
                               sampler=EpochPermutationSampler(len(train_set), cfg.seed),
-                              num_workers=config.data.num_workers, persistent_workers=False)
-    model, optimizer, scheduler, train_loader = accelerator.prepare(model, optimizer, scheduler, train_loader)
+                              num_workers=config.data.num_workers, persistent_workers=False,
+                              # its own generator: starting an epoch must not draw from the global RNG
+                              # (dropout), or a resumed run would see other dropout masks
+                              generator=torch.Generator().manual_seed(cfg.seed))
+    # The scheduler stays ours (stepped once per global step); accelerate would step it once per process.
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     state = TrainState()
-    accelerator.register_for_checkpointing(state)
+    accelerator.register_for_checkpointing(scheduler, state)
     if resume and (checkpoint := latest_checkpoint(run_dir)) is not None:
         accelerator.load_state(str(checkpoint))
         accelerator.print(f"resumed from {checkpoint} (epoch {state.epoch}, step {state.global_step})")

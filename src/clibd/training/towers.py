@@ -24,11 +24,17 @@ def encoder_body(model: CLIBDModel, tower: str) -> nn.Module:
     return getattr(model, f"{tower}_encoder").bert
 
 
+def projection_parameters(model: CLIBDModel) -> list[nn.Parameter]:
+    """Parameters that map each tower into the shared space (timm's `head` for the image tower)."""
+    heads = [model.image_encoder.get_classifier() if model.image_encoder is not None else None,
+             model.dna_encoder.projection if model.dna_encoder is not None else None,
+             model.text_encoder.projection if model.text_encoder is not None else None]
+    return [p for head in heads if head is not None for p in head.parameters()]
+
+
 def _body_parameters(model: CLIBDModel, tower: str):
-    body = encoder_body(model, tower)
-    head = getattr(body, "head", None) if tower == "image" else None
-    skip = {id(p) for p in head.parameters()} if head is not None else set()
-    for name, parameter in body.named_parameters():
+    skip = {id(p) for p in projection_parameters(model)}
+    for name, parameter in encoder_body(model, tower).named_parameters():
         if id(parameter) not in skip:
             yield name, parameter
     if tower == "dna" and hasattr(model.dna_encoder, "head_transform"):
@@ -47,6 +53,8 @@ def configure_trainable(model: CLIBDModel, frozen: list[str] = (), lora_rank: in
         if tower in frozen or lora_rank is not None:
             for name, parameter in _body_parameters(model, tower):
                 parameter.requires_grad = "lora_" in name
+    for parameter in [model.logit_scale, *projection_parameters(model)]:
+        parameter.requires_grad = True  # peft marks everything but adapters frozen when it injects
     counts = {t: sum(p.numel() for p in getattr(model, f"{t}_encoder").parameters() if p.requires_grad)
               for t in towers}
     return counts

