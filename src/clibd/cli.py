@@ -1,6 +1,9 @@
 """`clibd` command line: argument parsing only; the work lives in the package.
 
 Usage:
+    clibd index build --model runs/demo/best --records refs.tsv --modality dna --out refs/
+    clibd index add refs/ --records new_species.fasta
+    clibd identify --index refs/ --fasta queries.fasta --out preds.tsv
     clibd demo [--data-dir ../shared/data]
     clibd tokenize ACGTACGT... [--flavour compat|barcodebert]
 """
@@ -32,9 +35,73 @@ def _tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index_build(args: argparse.Namespace) -> int:
+    from .data import read_records
+    from .index import build_index
+
+    index = build_index(args.model, read_records(args.records), args.modality, args.out, batch_size=args.batch_size)
+    print(f"{args.out}: {index.meta['count']} {index.modality} references; thresholds {index.thresholds}")
+    return 0
+
+
+def _index_add(args: argparse.Namespace) -> int:
+    from .data import read_records
+    from .index import add_to_index
+
+    index = add_to_index(args.index, read_records(args.records), replace=args.replace, batch_size=args.batch_size)
+    print(f"{args.index}: {index.meta['count']} {index.modality} references; thresholds {index.thresholds}")
+    return 0
+
+
+def _identify(args: argparse.Namespace) -> int:
+    from .data import read_fasta, read_records
+    from .identify import identify, image_records
+
+    queries = []
+    for path in args.records or []:
+        queries += read_records(path)
+    for path in args.fasta or []:
+        queries += read_fasta(path)
+    for i, sequence in enumerate(args.dna or []):
+        queries.append({"id": f"dna{i + 1}", "order": "", "family": "", "genus": "", "species": "",
+                        "dna": sequence, "image": ""})
+    queries += image_records(args.image or [])
+    if not queries:
+        raise ValueError("no queries: give --records, --fasta, --dna or --image")
+    identify(args.index, queries, args.out, top_k=args.top_k, batch_size=args.batch_size)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clibd", description="Identify insects from photos and DNA barcodes.")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    index = commands.add_parser("index", help="build or grow a reference library")
+    index_commands = index.add_subparsers(dest="index_command", required=True)
+    build = index_commands.add_parser("build", help="embed labelled records into a new index")
+    build.add_argument("--model", required=True, help="a saved CLIBD model folder (model + processor)")
+    build.add_argument("--records", required=True, help="labelled records: TSV/CSV export or FASTA")
+    build.add_argument("--modality", choices=("dna", "image"), default="dna")
+    build.add_argument("--out", required=True, help="index folder to create")
+    build.add_argument("--batch-size", type=int, default=256)
+    build.set_defaults(run=_index_build)
+    add = index_commands.add_parser("add", help="add labelled records (new species too) without retraining")
+    add.add_argument("index", help="an index folder")
+    add.add_argument("--records", required=True)
+    add.add_argument("--replace", action="store_true", help="overwrite records whose id is already indexed")
+    add.add_argument("--batch-size", type=int, default=256)
+    add.set_defaults(run=_index_add)
+
+    ident = commands.add_parser("identify", help="identify barcodes or photos against an index")
+    ident.add_argument("--index", required=True)
+    ident.add_argument("--records", nargs="+", help="TSV/CSV files of query records")
+    ident.add_argument("--fasta", nargs="+", help="FASTA files of query barcodes")
+    ident.add_argument("--dna", nargs="+", help="barcode sequences given on the command line")
+    ident.add_argument("--image", nargs="+", help="photo files or folders of photos")
+    ident.add_argument("--top-k", type=int, default=5)
+    ident.add_argument("--out", help="predictions TSV (default: stdout); an existing file is resumed")
+    ident.add_argument("--batch-size", type=int, default=256)
+    ident.set_defaults(run=_identify)
 
     demo = commands.add_parser("demo", help="embed the shared real barcodes and photos, print nearest neighbours")
     demo.add_argument("--data-dir", default=str(shared_data_dir()), help="the shared/data folder")

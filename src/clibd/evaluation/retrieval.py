@@ -100,28 +100,52 @@ def _unique_taxonomy(dataset: datasets.Dataset) -> datasets.Dataset:
     return dataset.select(keep)
 
 
+class EmbeddingCache:
+    """Embeddings of a split for a modality, computed once; `image_dna` is the normalised mean of
+    the image and DNA embeddings (the paper's combined query)."""
+
+    def __init__(self, model: CLIBDModel, processor: CLIBDProcessor, batch_size: int, progress: bool):
+        self.model, self.processor, self.batch_size, self.progress = model, processor, batch_size, progress
+        self.cache: dict[tuple[str, str], torch.Tensor] = {}
+
+    def __call__(self, name: str, dataset: datasets.Dataset, modality: str) -> torch.Tensor:
+        if (name, modality) not in self.cache:
+            if modality == "image_dna":
+                mean = self(name, dataset, "image") + self(name, dataset, "dna")
+                self.cache[(name, modality)] = torch.nn.functional.normalize(mean, dim=-1)
+            else:
+                self.cache[(name, modality)] = embed_records(self.model, self.processor, dataset, modality,
+                                                             self.batch_size, progress=self.progress)
+        return self.cache[(name, modality)]
+
+
+def _keys(embed: EmbeddingCache, pool: datasets.Dataset, modality: str, tower_modalities: list[str]):
+    """Key embeddings and their labels; `all` stacks the keys of every tower of the model."""
+    if modality == "all":
+        parts = [_keys(embed, pool, m, tower_modalities) for m in ("image", "dna", "text") if m in tower_modalities]
+        return torch.cat([p[0] for p in parts]), {r: [v for p in parts for v in p[1][r]] for r in RANKS}
+    dataset = _unique_taxonomy(pool) if modality == "text" else pool
+    return embed(f"keys-{modality}", dataset, modality), {rank: dataset[rank] for rank in RANKS}
+
+
 def evaluate_retrieval(
     model: CLIBDModel, processor: CLIBDProcessor, splits: datasets.DatasetDict, stage: str = "val",
     pairs: Sequence[tuple[str, str]] = (("dna", "dna"),), batch_size: int = 256, progress: bool = False,
+    embed: EmbeddingCache | None = None,
 ) -> dict:
-    """Metrics `{query_modality: {key_modality: {seen|unseen|hm: {rank: {metric: value}}}}}`."""
+    """Metrics `{query_modality: {key_modality: {seen|unseen|hm: {rank: {metric: value}}}}}`.
+
+    Query modalities: image, dna, image_dna; key modalities: image, dna, text, all.
+    """
+    embed = embed or EmbeddingCache(model, processor, batch_size, progress)
     key_pool = datasets.concatenate_datasets([splits[name] for name in KEY_SPLITS if name in splits])
     query_sets = {"seen": splits[f"{stage}_seen"], "unseen": splits[f"{stage}_unseen"]}
-    cache: dict[tuple[str, str], torch.Tensor] = {}
-
-    def embeddings(name: str, dataset: datasets.Dataset, modality: str) -> torch.Tensor:
-        if (name, modality) not in cache:
-            cache[(name, modality)] = embed_records(model, processor, dataset, modality, batch_size, progress=progress)
-        return cache[(name, modality)]
-
     results: dict = {}
     for query_modality, key_modality in pairs:
-        keys_dataset = _unique_taxonomy(key_pool) if key_modality == "text" else key_pool
-        keys = embeddings(f"keys-{key_modality}", keys_dataset, key_modality)
-        key_labels = {rank: keys_dataset[rank] for rank in RANKS}
+        keys, key_labels = _keys(embed, key_pool, key_modality, model.config.modalities)
         entry = {}
         for split_name, queries_dataset in query_sets.items():
-            queries = embeddings(split_name, queries_dataset, query_modality)
+            queries = embed(f"{stage}-{split_name}", queries_dataset, query_modality)
             topk = topk_indices(queries, keys, max(TOP_K))
             entry[split_name] = rank_metrics({rank: queries_dataset[rank] for rank in RANKS}, key_labels, topk)
         entry["hm"] = {rank: {m: harmonic_mean(entry["seen"][rank][m], entry["unseen"][rank][m])
@@ -130,10 +154,67 @@ def evaluate_retrieval(
     return results
 
 
+def is_du_accuracy(seen_sims: torch.Tensor, seen_labels: list[str], unseen_labels: list[str],
+                   true: list[str], threshold: float) -> float:
+    """Top-1 accuracy of IS+DU routing: the seen (image-key) answer when its similarity is strictly
+    above `threshold`, else the unseen (DNA-key) answer. `seen_sims` [Q] is the top-1 similarity to
+    the seen keys; the label lists are the top-1 labels from each key set."""
+    use_seen = (seen_sims > threshold).tolist()
+    predicted = [s if seen else u for s, u, seen in zip(seen_labels, unseen_labels, use_seen, strict=True)]
+    return topk_accuracy(true, [[p] for p in predicted], 1)[0]
+
+
+def is_du_search(candidates: dict[str, tuple[torch.Tensor, list[str], list[str], list[str]]],
+                 thresholds: torch.Tensor | None = None) -> tuple[float, float]:
+    """The threshold (of `thresholds`, default linspace(0, 1, 1000)) maximising the harmonic mean of
+    seen and unseen species top-1 accuracy; returns (threshold, that harmonic mean)."""
+    thresholds = torch.linspace(0, 1, 1000) if thresholds is None else thresholds
+    best, best_hm = float(thresholds[0]), -1.0
+    for threshold in thresholds.tolist():
+        hm = harmonic_mean(*(is_du_accuracy(*candidates[s], threshold) for s in ("seen", "unseen")))
+        if hm > best_hm:
+            best, best_hm = threshold, hm
+    return best, best_hm
+
+
+def evaluate_is_du(model: CLIBDModel, processor: CLIBDProcessor, splits: datasets.DatasetDict,
+                   embed: EmbeddingCache, threshold: float | None = None, stage: str = "val") -> dict:
+    """IS+DU (paper 5.4): image queries; seen keys = image embeddings of the seen keys, unseen keys =
+    DNA embeddings of the validation and test unseen keys. With `threshold=None` it is searched on
+    this stage (use on val), otherwise applied (use the val threshold on test). Species level."""
+    seen_keys = splits["seen_keys"]
+    unseen_keys = datasets.concatenate_datasets([splits[n] for n in ("val_unseen_keys", "test_unseen_keys")
+                                                 if n in splits])
+    image_keys = embed("keys-image", seen_keys, "image")
+    dna_keys = embed("unseen-keys-dna", unseen_keys, "dna")
+    candidates = {}
+    for split_name in ("seen", "unseen"):
+        dataset = splits[f"{stage}_{split_name}"]
+        queries = embed(f"{stage}-{split_name}", dataset, "image")
+        seen_top = (queries @ image_keys.T).max(dim=1)
+        unseen_top = (queries @ dna_keys.T).max(dim=1).indices
+        candidates[split_name] = (seen_top.values, [seen_keys["species"][i] for i in seen_top.indices.tolist()],
+                                  [unseen_keys["species"][i] for i in unseen_top.tolist()], dataset["species"])
+    if threshold is None:
+        threshold, _ = is_du_search(candidates)
+    seen = is_du_accuracy(*candidates["seen"], threshold)
+    unseen = is_du_accuracy(*candidates["unseen"], threshold)
+    return {"threshold": threshold, "seen": seen, "unseen": unseen, "hm": harmonic_mean(seen, unseen)}
+
+
+def evaluation_pairs(modalities: list[str]) -> list[tuple[str, str]]:
+    """Queries: image, DNA and their mean; keys: every tower's embeddings and all of them stacked."""
+    queries = [m for m in ("image", "dna") if m in modalities]
+    if len(queries) == 2:
+        queries.append("image_dna")
+    keys = [m for m in ("image", "dna", "text") if m in modalities]
+    return [(q, k) for q in queries for k in [*keys, "all"]]
+
+
 def selection_score(metrics: dict) -> float:
     """The paper's rule for the best checkpoint: mean top-1 micro and macro accuracy over every
     query/key pair, seen and unseen, and all four ranks."""
-    values = [ranks[rank][m] for by_key in metrics.values() for entry in by_key.values()
+    values = [ranks[rank][m] for by_key in metrics.values() for key, entry in by_key.items() if key != "is_du"
               for split, ranks in entry.items() if split != "hm"
               for rank in RANKS for m in ("micro_top1", "macro_top1") if ranks[rank][m] == ranks[rank][m]]
     return sum(values) / len(values) if values else 0.0
@@ -143,8 +224,12 @@ def format_table(metrics: dict, metric: str = "micro_top1") -> str:
     """A markdown table (paper Table 1 layout): one row per query->key pair, seen/unseen/H.M. per rank."""
     header = "| query -> key | " + " | ".join(f"{rank} seen | {rank} unseen | {rank} H.M." for rank in RANKS) + " |"
     lines = [header, "|---|" + "---:|" * (3 * len(RANKS))]
+    names = {"image_dna": "image+DNA", "dna": "DNA"}
     for query_modality, by_key in metrics.items():
         for key_modality, entry in by_key.items():
+            if key_modality == "is_du":
+                continue
             cells = [f"{100 * entry[s][rank][metric]:.1f}" for rank in RANKS for s in ("seen", "unseen", "hm")]
-            lines.append(f"| {query_modality} -> {key_modality} | " + " | ".join(cells) + " |")
+            pair = f"{names.get(query_modality, query_modality)} -> {names.get(key_modality, key_modality)}"
+            lines.append(f"| {pair} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -33,7 +33,7 @@ from ..data import (
     split_statistics,
 )
 from ..data.collate import ContrastiveCollator, has_modalities
-from ..evaluation.retrieval import evaluate_retrieval, format_table, selection_score
+from ..evaluation.retrieval import evaluate_retrieval, evaluation_pairs, format_table, selection_score
 from ..modeling_clibd import CLIBDModel
 from ..processing import CLIBDProcessor
 from .checkpointing import (
@@ -69,13 +69,12 @@ def load_splits(data: DataSection) -> datasets.DatasetDict:
         dataset = records_to_dataset(read_records(data.path, limit=data.limit))
     if data.split == "paper":
         return paper_split(dataset, seed=data.split_seed)
-    splits = official_splits(dataset)
-    return datasets.DatasetDict({OFFICIAL_NAMES.get(name, name): part for name, part in splits.items()})
-
-
-def evaluation_pairs(modalities: list[str]) -> list[tuple[str, str]]:
-    """Query modalities are the specimen ones (image, DNA); keys may be any tower's."""
-    return [(q, k) for q in ("image", "dna") if q in modalities for k in ("image", "dna", "text") if k in modalities]
+    splits = datasets.DatasetDict({OFFICIAL_NAMES.get(name, name): part
+                                   for name, part in official_splits(dataset).items()})
+    if "seen_keys" not in splits and "train_seen" in splits:
+        # BIOSCAN-5M has no separate seen keys: its train partition is the reference for seen species.
+        splits["seen_keys"] = splits["train_seen"]
+    return splits
 
 
 class EpochPermutationSampler(Sampler[int]):

@@ -1,0 +1,164 @@
+"""Training throughput: samples/s, step time split into data / forward / backward+optimiser, peak
+memory, the data loader's own records/s, and model FLOPs utilisation where a GPU peak is known.
+
+    python bench/train.py --config configs/smoke.yaml --steps 20
+    python bench/train.py --config configs/demo.yaml --steps 10
+    python bench/train.py --config configs/bioscan1m_image_dna_text.yaml --synthetic --batch-size 500 --steps 20
+
+`--synthetic` feeds random tensors of the right shapes (for the paper configs, whose BIOSCAN data
+is not here); otherwise batches come from the config's real records through the real collator.
+Prints one table; figures go in bench/README.md with the device named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import torch
+from torch.utils.data import DataLoader
+
+from clibd import CLIBDModel
+from clibd.data.collate import ContrastiveCollator, has_modalities
+from clibd.processing import CLIBDProcessor
+from clibd.training import ExperimentConfig, load_splits
+from clibd.training.towers import configure_trainable
+
+# Dense bf16 peak FLOP/s of GPUs we may be lent (vendor figures, without sparsity).
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def tower_flops_per_sample(model: CLIBDModel, batch: dict[str, torch.Tensor]) -> float:
+    """Training FLOPs per sample: 6 x parameters x tokens for a trained encoder, 2 x for a frozen
+    one (forward only); embedding tables excluded, attention scores included."""
+    total = 0.0
+    towers = {"image": ("pixel_values", model.image_encoder), "dna": ("dna_input_ids", model.dna_encoder),
+              "text": ("text_input_ids", model.text_encoder)}
+    for name, (key, tower) in towers.items():
+        if tower is None or key not in batch:
+            continue
+        if name == "image":
+            patch = tower.patch_embed.patch_size[0]
+            tokens = (batch[key].shape[-1] // patch) ** 2 + 1
+            width, depth = tower.embed_dim, len(tower.blocks)
+        else:
+            tokens = batch[key].shape[1]
+            width, depth = tower.bert.config.hidden_size, tower.bert.config.num_hidden_layers
+        params = sum(p.numel() for n, p in tower.named_parameters() if "embed" not in n and "word_embeddings" not in n)
+        trained = any(p.requires_grad for n, p in tower.named_parameters() if "projection" not in n and "head" not in n)
+        factor = 6 if trained else 2
+        attention = 2 * 2 * depth * tokens * tokens * width  # QK^T and AV, forward
+        total += factor * params * tokens + (3 if trained else 1) * attention
+    return total
+
+
+def synthetic_batch(model: CLIBDModel, size: int) -> dict[str, torch.Tensor]:
+    config, batch = model.config, {}
+    if model.image_encoder is not None:
+        side = config.image_config.image_size
+        batch["pixel_values"] = torch.rand(size, 3, side, side)
+    if model.dna_encoder is not None:
+        tokens = config.dna_config.num_tokens
+        batch["dna_input_ids"] = torch.randint(3, config.dna_config.vocab_size, (size, tokens))
+        batch["dna_attention_mask"] = torch.ones(size, tokens, dtype=torch.long)
+    if model.text_encoder is not None:
+        length = config.text_config.max_length
+        batch["text_input_ids"] = torch.randint(1000, config.text_config.vocab_size, (size, length))
+        batch["text_attention_mask"] = torch.ones(size, length, dtype=torch.long)
+    return batch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, help="override train.batch_size")
+    parser.add_argument("--synthetic", action="store_true", help="random tensors instead of real records")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-pretrained", action="store_true", help="random tower weights (no downloads)")
+    args = parser.parse_args()
+
+    config = ExperimentConfig.from_yaml(args.config)
+    batch_size = args.batch_size or config.train.batch_size
+    model_config = config.model_config()
+    if args.no_pretrained or args.synthetic:
+        model_config.image_config.pretrained = False
+        model_config.text_config.pretrained_model_name_or_path = None
+        model_config.dna_config.pretrained_model_name_or_path = None
+    model = CLIBDModel.from_pretrained_towers(model_config).to(args.device)
+    configure_trainable(model, frozen=config.train.freeze,
+                        lora_rank=config.train.lora_rank if config.train.lora else None)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    device = torch.device(args.device)
+    bf16 = device.type == "cuda" and config.train.mixed_precision in ("auto", "bf16")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    if args.synthetic:
+        fixed = synthetic_batch(model, batch_size)
+        batches = iter(lambda: fixed, None)
+        loader_rate = float("nan")
+    else:
+        from transformers import AutoTokenizer
+
+        source = config.text_tokenizer_source()
+        processor = CLIBDProcessor.from_model_config(model.config, AutoTokenizer.from_pretrained(source) if source
+                                                     else None)
+        splits = load_splits(config.data)
+        train_set = has_modalities(splits["train_seen"], model.config.modalities)
+        loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True,
+                            num_workers=config.data.num_workers,
+                            collate_fn=ContrastiveCollator(processor, model.config.modalities, train=True))
+        start, count = time.perf_counter(), 0
+        for count, _ in enumerate(loader, start=1):
+            if count >= args.steps:
+                break
+        loader_rate = count * batch_size / (time.perf_counter() - start)
+        batches = iter(loader)
+
+    timings = {"data": 0.0, "forward": 0.0, "backward": 0.0}
+    flops = 0.0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model.train()
+    for step in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+        sync()
+        t1 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**batch, return_loss=True).loss
+        sync()
+        t2 = time.perf_counter()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        t3 = time.perf_counter()
+        if step >= args.warmup:
+            timings["data"] += t1 - t0
+            timings["forward"] += t2 - t1
+            timings["backward"] += t3 - t2
+            flops = tower_flops_per_sample(model, batch)
+    total = sum(timings.values())
+    samples_per_s = args.steps * batch_size / total
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        name, peak = f"cpu ({torch.get_num_threads()} threads)", None
+    mfu = f"{100 * samples_per_s * flops / peak:.1f} %" if peak else "n/a"
+    print(f"config={args.config} device={name} batch={batch_size} steps={args.steps} bf16={bf16} "
+          f"synthetic={args.synthetic} torch={torch.__version__}")
+    print("| samples/s | data ms | forward ms | backward+opt ms | peak memory MB | GFLOP/sample | MFU | loader rec/s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    per_step = {k: 1000 * v / args.steps for k, v in timings.items()}
+    print(f"| {samples_per_s:.1f} | {per_step['data']:.0f} | {per_step['forward']:.0f} | {per_step['backward']:.0f} "
+          f"| {peak_mb:.0f} | {flops / 1e9:.1f} | {mfu} | {loader_rate:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

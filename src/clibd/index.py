@@ -1,0 +1,220 @@
+"""A reference library: labelled records embedded once, searched by cosine, grown without retraining.
+
+An index directory holds `embeddings.safetensors` (fp16, one tensor per modality),
+`records.tsv` (id, ranks, source) and `index.json` (model path and hash, modality, dimension,
+count, per-rank novelty thresholds, clibd version). Builds run in shards that survive an
+interruption; the finished directory is renamed into place.
+
+Usage:
+    index = build_index("runs/demo/best", records, modality="dna", out="refs/")
+    index = ReferenceIndex.load("refs/"); index.search(queries, k=5)
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import __version__
+from .data import records_to_dataset
+from .evaluation.retrieval import embed_records
+from .modeling_clibd import CLIBDModel
+from .processing import RANKS, CLIBDProcessor
+
+RECORD_COLUMNS = ("id", *RANKS, "source")
+SHARD_SIZE = 2048
+
+
+def model_hash(model_dir: str | os.PathLike) -> str:
+    """sha256 of the model's weights file(s): an index is only valid for the model that built it."""
+    digest = hashlib.sha256()
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights (is this a saved CLIBD model?)")
+    for file in files:
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class ReferenceIndex:
+    """Embeddings and labels of reference records for one modality, and their novelty thresholds."""
+
+    directory: Path
+    meta: dict
+    embeddings: torch.Tensor  # [N, D] fp16, L2-normalised
+    records: list[dict[str, str]]
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> ReferenceIndex:
+        directory = Path(directory)
+        meta_path = directory / "index.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{directory}: not a clibd index (no index.json)")
+        meta = json.loads(meta_path.read_text())
+        embeddings = load_file(directory / "embeddings.safetensors")[meta["modality"]]
+        with open(directory / "records.tsv", newline="") as f:
+            records = list(csv.DictReader(f, delimiter="\t"))
+        if len(records) != embeddings.shape[0] or meta["count"] != len(records):
+            raise ValueError(f"{directory}: {len(records)} records but {embeddings.shape[0]} embeddings "
+                             f"(index.json says {meta['count']}): the index is damaged")
+        return cls(directory, meta, embeddings, records)
+
+    @property
+    def modality(self) -> str:
+        return self.meta["modality"]
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        return self.meta.get("thresholds", {})
+
+    def labels(self, rank: str) -> list[str]:
+        return [r[rank] for r in self.records]
+
+    def search(self, queries: torch.Tensor, k: int = 5, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cosine similarities and indices [Q, k] of the k nearest references (exact, chunked)."""
+        keys = self.embeddings
+        k = min(k, keys.shape[0])
+        sims, idx = [], []
+        for start in range(0, queries.shape[0], chunk_size):
+            scores = queries[start : start + chunk_size].to(keys.dtype) @ keys.T
+            top = torch.topk(scores.float(), k, dim=1)
+            sims.append(top.values)
+            idx.append(top.indices)
+        if not sims:
+            return torch.empty(0, k), torch.empty(0, k, dtype=torch.long)
+        return torch.cat(sims), torch.cat(idx)
+
+
+def _write_index(directory: Path, meta: dict, embeddings: torch.Tensor, records: list[dict]) -> None:
+    """Write all three files into a temporary folder, then swap it into place."""
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({meta["modality"]: embeddings.to(torch.float16).contiguous()}, tmp / "embeddings.safetensors")
+    with open(tmp / "records.tsv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RECORD_COLUMNS, delimiter="\t", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({c: r.get(c, "") for c in RECORD_COLUMNS} for r in records)
+    (tmp / "index.json").write_text(json.dumps({**meta, "count": len(records)}, indent=2))
+    old = directory.with_name(f".{directory.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _usable(records: list[dict], modality: str) -> list[dict]:
+    field = "dna" if modality == "dna" else "image"
+    missing = [r["id"] for r in records if not r.get(field)]
+    if missing:
+        raise ValueError(f"{len(missing)} records have no {field} to index, e.g. {missing[:5]}")
+    unlabelled = [r["id"] for r in records if not any(r.get(rank) for rank in RANKS)]
+    if unlabelled:
+        raise ValueError(f"{len(unlabelled)} records have no taxonomy, e.g. {unlabelled[:5]}")
+    return records
+
+
+def embed_in_shards(model: CLIBDModel, processor: CLIBDProcessor, records: list[dict], modality: str,
+                    work_dir: Path, batch_size: int = 256, progress: bool = True) -> torch.Tensor:
+    """Embed `records` shard by shard into `work_dir`; shards already there are reused (resume)."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    parts = []
+    starts = range(0, len(records), SHARD_SIZE)
+    for start in tqdm(starts, desc=f"index {modality}", disable=not progress):
+        shard = work_dir / f"shard-{start // SHARD_SIZE:06d}.safetensors"
+        ids = [r["id"] for r in records[start : start + SHARD_SIZE]]
+        ids_hash = hashlib.sha256("\n".join(ids).encode()).hexdigest()
+        if shard.exists():
+            saved = load_file(shard)
+            if bytes(saved["ids_hash"].tolist()).decode() == ids_hash:
+                parts.append(saved["embeddings"])
+                continue
+        dataset = records_to_dataset(records[start : start + SHARD_SIZE])
+        embeddings = embed_records(model, processor, dataset, modality, batch_size).to(torch.float16)
+        tmp = shard.with_suffix(".tmp")
+        save_file({"embeddings": embeddings, "ids_hash": torch.tensor(list(ids_hash.encode()), dtype=torch.uint8)},
+                  tmp)
+        os.replace(tmp, shard)
+        parts.append(embeddings)
+    return torch.cat(parts) if parts else torch.empty(0, model.config.projection_dim, dtype=torch.float16)
+
+
+def build_index(model_dir: str | os.PathLike, records: list[dict], modality: str, out: str | os.PathLike,
+                batch_size: int = 256, calibrate: bool = True, progress: bool = True) -> ReferenceIndex:
+    """Embed labelled records with the model saved in `model_dir` into a new index at `out`."""
+    from .novelty import calibrate_thresholds
+
+    if modality not in ("dna", "image"):
+        raise ValueError(f"an index holds dna or image embeddings, not {modality!r}")
+    out = Path(out)
+    records = _usable(records, modality)
+    _reject_duplicates(records, [])
+    model = CLIBDModel.from_pretrained(model_dir).eval()
+    processor = CLIBDProcessor.from_pretrained(model_dir)
+    work_dir = out.with_name(f".{out.name}.partial")
+    embeddings = embed_in_shards(model, processor, records, modality, work_dir, batch_size, progress)
+    records = [{**r, "source": r.get("source", "")} for r in records]
+    meta = {"clibd_version": __version__, "model": str(Path(model_dir).resolve()), "model_hash": model_hash(model_dir),
+            "modality": modality, "dim": int(embeddings.shape[1])}
+    if calibrate:
+        meta["thresholds"] = calibrate_thresholds(embeddings.float(), records)
+    _write_index(out, meta, embeddings, records)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return ReferenceIndex.load(out)
+
+
+def _reject_duplicates(new: list[dict], existing: list[dict]) -> None:
+    seen = {r["id"] for r in existing}
+    duplicates = []
+    for record in new:
+        if record["id"] in seen:
+            duplicates.append(record["id"])
+        seen.add(record["id"])
+    if duplicates:
+        raise ValueError(f"{len(duplicates)} record ids are already in the index or repeated: {duplicates[:10]}"
+                         " (use replace=True / --replace to overwrite them)")
+
+
+def add_to_index(directory: str | os.PathLike, records: list[dict], replace: bool = False,
+                 batch_size: int = 256, recalibrate: bool = True, progress: bool = True) -> ReferenceIndex:
+    """Embed new labelled records with the index's own model and add them (new species included)."""
+    from .novelty import calibrate_thresholds
+
+    index = ReferenceIndex.load(directory)
+    model_dir = index.meta["model"]
+    if model_hash(model_dir) != index.meta["model_hash"]:
+        raise ValueError(f"{directory}: the model at {model_dir} is not the one that built this index "
+                         "(weights hash differs); rebuild the index")
+    records = _usable(records, index.modality)
+    kept_records, kept = index.records, index.embeddings
+    if replace:
+        incoming = {r["id"] for r in records}
+        mask = torch.tensor([r["id"] not in incoming for r in index.records], dtype=torch.bool)
+        kept_records = [r for r in index.records if r["id"] not in incoming]
+        kept = index.embeddings[mask]
+    _reject_duplicates(records, kept_records)
+    model = CLIBDModel.from_pretrained(model_dir).eval()
+    processor = CLIBDProcessor.from_pretrained(model_dir)
+    work_dir = Path(directory).with_name(f".{Path(directory).name}.partial")
+    new = embed_in_shards(model, processor, records, index.modality, work_dir, batch_size, progress)
+    all_records = kept_records + [{**r, "source": r.get("source", "")} for r in records]
+    embeddings = torch.cat([kept, new])
+    meta = dict(index.meta)
+    if recalibrate:
+        meta["thresholds"] = calibrate_thresholds(embeddings.float(), all_records)
+    _write_index(Path(directory), meta, embeddings, all_records)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return ReferenceIndex.load(directory)

@@ -1,0 +1,77 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clibd.evaluation.retrieval import (
+    evaluation_pairs,
+    format_table,
+    harmonic_mean,
+    is_du_accuracy,
+    is_du_search,
+    rank_metrics,
+    selection_score,
+    topk_accuracy,
+    topk_indices,
+)
+
+
+def test_micro_and_macro_differ_when_classes_are_unbalanced():
+    true = ["A", "A", "A", "B"]
+    predicted = [["A", "B"], ["A", "B"], ["A", "B"], ["X", "B"]]
+    assert topk_accuracy(true, predicted, 1) == (0.75, 0.5)  # macro: mean of A=1.0 and B=0.0
+    assert topk_accuracy(true, predicted, 2) == (1.0, 1.0)
+    assert topk_accuracy(["", "A"], [["A"], ["B"]], 1) == (0.0, 0.0)  # unlabelled queries left out
+    assert all(math.isnan(v) for v in topk_accuracy([""], [["A"]], 1))
+
+
+def test_rank_metrics_from_hand_made_embeddings():
+    keys = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    key_labels = {"order": ["O1", "O1", "O2"], "family": ["F1", "F2", "F3"],
+                  "genus": ["G1", "G2", "G3"], "species": ["s1", "s2", "s3"]}
+    # q0 is nearest key 0, q1 nearest key 1 (second key 0), q2 nearest key 2
+    queries = F.normalize(torch.tensor([[0.9, 0.1, 0.0], [0.6, 0.8, 0.0], [0.0, 0.1, 0.9]]), dim=-1)
+    topk = topk_indices(queries, keys, 3)
+    assert topk[:, 0].tolist() == [0, 1, 2] and topk[1, 1] == 0
+    true = {"order": ["O1", "O1", "O1"], "family": ["F1", "F1", "F3"],
+            "genus": ["G1", "G1", "G3"], "species": ["s1", "s1", "s9"]}
+    metrics = rank_metrics(true, key_labels, topk)
+    assert metrics["order"]["micro_top1"] == pytest.approx(2 / 3)  # q2 -> O2, wrong
+    assert metrics["family"]["micro_top1"] == pytest.approx(2 / 3)  # q1 -> F2, wrong
+    assert metrics["family"]["macro_top1"] == pytest.approx((0.5 + 1.0) / 2)  # F1: 1 of 2, F3: 1 of 1
+    assert metrics["family"]["micro_top3"] == 1.0
+    assert metrics["species"]["micro_top5"] == pytest.approx(2 / 3)  # s9 is in no key
+
+
+def test_topk_indices_match_brute_force_in_chunks():
+    torch.manual_seed(0)
+    queries, keys = F.normalize(torch.randn(50, 8), dim=-1), F.normalize(torch.randn(30, 8), dim=-1)
+    brute = torch.topk(queries @ keys.T, 5, dim=1).indices
+    assert torch.equal(topk_indices(queries, keys, 5, chunk_size=7), brute)
+
+
+def test_harmonic_mean():
+    assert harmonic_mean(0.5, 1.0) == pytest.approx(2 / 3)
+    assert harmonic_mean(0.0, 0.0) == 0.0
+
+
+def test_is_du_routing_and_threshold_search():
+    # seen queries are close to their image keys (0.9), unseen ones are not (0.3)
+    seen = (torch.tensor([0.9, 0.85]), ["a", "b"], ["x", "y"], ["a", "b"])
+    unseen = (torch.tensor([0.3, 0.35]), ["a", "a"], ["u", "v"], ["u", "v"])
+    assert is_du_accuracy(*seen, threshold=0.5) == 1.0 and is_du_accuracy(*unseen, threshold=0.5) == 1.0
+    assert is_du_accuracy(*unseen, threshold=0.1) == 0.0  # everything routed to the seen keys
+    assert is_du_accuracy(*seen, threshold=0.85) == 0.5  # strict ">": 0.85 is not above 0.85
+    threshold, hm = is_du_search({"seen": seen, "unseen": unseen})
+    assert 0.35 <= threshold < 0.85 and hm == 1.0
+
+
+def test_pairs_table_and_selection_score():
+    assert evaluation_pairs(["dna", "text"]) == [("dna", "dna"), ("dna", "text"), ("dna", "all")]
+    assert ("image_dna", "all") in evaluation_pairs(["image", "dna", "text"])
+    ranks = {r: {"micro_top1": 0.5, "macro_top1": 0.25} for r in ("order", "family", "genus", "species")}
+    metrics = {"dna": {"dna": {"seen": ranks, "unseen": ranks, "hm": ranks}}}
+    assert selection_score(metrics) == pytest.approx(0.375)
+    table = format_table(metrics)
+    assert "| DNA -> DNA | 50.0 | 50.0 | 50.0 |" in table
