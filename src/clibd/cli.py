@@ -72,6 +72,36 @@ def _identify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    import csv
+
+    from .index import ReferenceIndex
+    from .plots import plot_accuracy_by_key_count, plot_umap
+
+    index = ReferenceIndex.load(args.index)
+    if args.kind == "umap":
+        plot_umap(index.embeddings, index.labels(args.colour_by), args.out,
+                  title=f"{index.modality} references coloured by {args.colour_by}")
+    else:
+        if not (args.predictions and args.records):
+            raise ValueError("plot keys needs --predictions (from clibd identify) and --records (true labels)")
+        from .data import read_records
+
+        truth = {r["id"]: r["species"] for r in read_records(args.records)}
+        with open(args.predictions, newline="") as f:
+            rows = list(csv.DictReader((line for line in f if not line.startswith("# ")), delimiter="\t"))
+        rows = [r for r in rows if r["query_id"] in truth]
+        counts: dict[str, int] = {}
+        for species in index.labels("species"):
+            counts[species] = counts.get(species, 0) + 1
+        result = plot_accuracy_by_key_count([truth[r["query_id"]] for r in rows], [r["hit1_species"] for r in rows],
+                                            counts, args.out)
+        for name, n, accuracy in result:
+            print(f"keys {name:>5}: {n:4d} species, accuracy {100 * accuracy:.1f}%")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clibd", description="Identify insects from photos and DNA barcodes.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     ident.add_argument("--out", help="predictions TSV (default: stdout); an existing file is resumed")
     ident.add_argument("--batch-size", type=int, default=256)
     ident.set_defaults(run=_identify)
+
+    plot = commands.add_parser("plot", help="figures: UMAP of an index, accuracy by number of keys")
+    plot.add_argument("kind", choices=("umap", "keys"))
+    plot.add_argument("--index", required=True)
+    plot.add_argument("--out", required=True, help="PNG file")
+    plot.add_argument("--colour-by", default="order", choices=("order", "family", "genus", "species"))
+    plot.add_argument("--predictions", help="keys: a clibd identify TSV")
+    plot.add_argument("--records", help="keys: the queries' true labels (TSV/CSV/FASTA)")
+    plot.set_defaults(run=_plot)
 
     demo = commands.add_parser("demo", help="embed the shared real barcodes and photos, print nearest neighbours")
     demo.add_argument("--data-dir", default=str(shared_data_dir()), help="the shared/data folder")

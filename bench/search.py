@@ -1,0 +1,87 @@
+"""Exact top-k search throughput (queries/s) and memory over synthetic 768-d libraries, batched
+(chunked matrix products with a running top-k) versus a naive per-query loop in the same run;
+then end-to-end `identify` throughput for barcodes with a saved model.
+
+    python bench/search.py --keys 100000 1000000 --queries 512
+    python bench/search.py --keys 100000 --identify-model runs/demo/best
+
+Figures go in bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from clibd.index import topk_search
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def bench_search(n_keys: int, n_queries: int, dtype: torch.dtype, loop_queries: int) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.empty(n_keys, 768, dtype=dtype)
+    for start in range(0, n_keys, 100_000):  # build in blocks: no fp32 copy of the whole library
+        block = F.normalize(torch.randn(min(100_000, n_keys - start), 768, generator=generator), dim=-1)
+        keys[start : start + block.shape[0]] = block.to(dtype)
+    queries = F.normalize(torch.randn(n_queries, 768, generator=generator), dim=-1)
+    topk_search(queries[:8], keys, 5)  # warm-up
+    before = rss_mb()
+    start = time.perf_counter()
+    values, indices = topk_search(queries, keys, 5)
+    batched = n_queries / (time.perf_counter() - start)
+    peak = rss_mb()
+    start = time.perf_counter()
+    for q in queries[:loop_queries]:
+        naive = torch.topk((keys.float() @ q) if dtype == torch.float32 else (keys @ q.to(dtype)).float(), 5)
+    loop = loop_queries / (time.perf_counter() - start)
+    assert torch.equal(naive.indices, indices[loop_queries - 1])
+    return {"keys": n_keys, "dtype": str(dtype).replace("torch.", ""), "batched": batched, "loop": loop,
+            "library_mb": keys.numel() * keys.element_size() / 2**20, "rss_mb": peak, "rss_before_mb": before}
+
+
+def bench_identify(model_dir: str, n: int) -> float:
+    from clibd.data import read_records, shared_data_dir
+    from clibd.identify import identify
+    from clibd.index import build_index
+
+    records = read_records(shared_data_dir() / "insect_bold_coi" / "insect_bold_coi.tsv")
+    keys, queries = records[: len(records) // 2], records[len(records) // 2 :][:n]
+    with tempfile.TemporaryDirectory() as tmp:
+        build_index(model_dir, keys, "dna", f"{tmp}/refs", progress=False)
+        start = time.perf_counter()
+        identify(f"{tmp}/refs", queries, f"{tmp}/preds.tsv", progress=False)
+        return len(queries) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keys", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--queries", type=int, default=512)
+    parser.add_argument("--loop-queries", type=int, default=32)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16"])
+    parser.add_argument("--identify-model", help="a saved model: also time identify on shared barcodes")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, 768-d unit vectors, top-5")
+    print("| keys | dtype | batched q/s | loop q/s | speed-up | library MB | search working MB | process RSS MB |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for n_keys in args.keys:
+        for name in args.dtypes:
+            r = bench_search(n_keys, args.queries, getattr(torch, name), args.loop_queries)
+            print(f"| {r['keys']:,} | {r['dtype']} | {r['batched']:.0f} | {r['loop']:.1f} | "
+                  f"{r['batched'] / r['loop']:.1f}x | {r['library_mb']:.0f} | {r['rss_mb'] - r['rss_before_mb']:.0f} | "
+                  f"{r['rss_mb']:.0f} |", flush=True)
+    if args.identify_model:
+        print(f"identify (barcodes, end to end): {bench_identify(args.identify_model, 2000):.0f} queries/s")
+
+
+if __name__ == "__main__":
+    main()
