@@ -4,6 +4,7 @@ Usage:
     clibd index build --model runs/demo/best --records refs.tsv --modality dna --out refs/
     clibd index add refs/ --records new_species.fasta
     clibd identify --index refs/ --fasta queries.fasta --out preds.tsv
+    clibd convert-official bioscan-1m-image-dna-text --out clibd-1m
     clibd demo [--data-dir ../shared/data]
     clibd tokenize ACGTACGT... [--flavour compat|barcodebert]
 """
@@ -102,6 +103,16 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import convert_official
+
+    model, processor = convert_official(args.checkpoint, text_tokenizer=args.text_tokenizer)
+    model.save_pretrained(args.out)
+    processor.save_pretrained(args.out)
+    print(f"{args.out}: CLIBD model ({', '.join(model.config.modalities)}; compat tokenizer and pooling)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clibd", description="Identify insects from photos and DNA barcodes.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     ident.add_argument("--out", help="predictions TSV (default: stdout); an existing file is resumed")
     ident.add_argument("--batch-size", type=int, default=256)
     ident.set_defaults(run=_identify)
+
+    convert = commands.add_parser("convert-official", help="turn an official CLIBD best.pth into a clibd model")
+    convert.add_argument("checkpoint", help="a local .pth, a released name (bioscan-1m-image-dna-text, ...) "
+                                            "or hf://OWNER/REPO/path.pth")
+    convert.add_argument("--out", required=True, help="folder for the model and processor")
+    convert.add_argument("--text-tokenizer", default="prajjwal1/bert-small",
+                         help="tokenizer of the text tower (a Hub id or a local folder)")
+    convert.set_defaults(run=_convert)
 
     plot = commands.add_parser("plot", help="figures: UMAP of an index, accuracy by number of keys")
     plot.add_argument("kind", choices=("umap", "keys"))
