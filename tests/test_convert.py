@@ -90,12 +90,11 @@ class Official:
 
     @torch.no_grad()
     def image_embeddings(self, pixels):
-        handles = [self.vit.get_submodule(stem).register_forward_hook(lora_hook(l["linear_a_q"], l["linear_b_q"],
-                                                                                slice(0, 64)))
-                   for stem, l in self.vit_lora.items()]
-        handles += [self.vit.get_submodule(stem).register_forward_hook(lora_hook(l["linear_a_v"], l["linear_b_v"],
-                                                                                 slice(128, 192)))
-                    for stem, l in self.vit_lora.items()]
+        handles = []
+        for stem, ab in self.vit_lora.items():
+            qkv = self.vit.get_submodule(stem)
+            handles.append(qkv.register_forward_hook(lora_hook(ab["linear_a_q"], ab["linear_b_q"], slice(0, 64))))
+            handles.append(qkv.register_forward_hook(lora_hook(ab["linear_a_v"], ab["linear_b_v"], slice(128, 192))))
         out = self.vit(pixels)
         for h in handles:
             h.remove()

@@ -69,7 +69,7 @@ def _identify(args: argparse.Namespace) -> int:
     queries += image_records(args.image or [])
     if not queries:
         raise ValueError("no queries: give --records, --fasta, --dna or --image")
-    identify(args.index, queries, args.out, top_k=args.top_k, batch_size=args.batch_size)
+    identify(args.index, queries, args.out, top_k=args.top_k, batch_size=args.batch_size, model_dir=args.model)
     return 0
 
 
@@ -113,6 +113,27 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push(args: argparse.Namespace) -> int:
+    from .hub import push_run
+
+    print(push_run(args.run_dir, args.repo_id, private=args.private))
+    return 0
+
+
+def _index_push(args: argparse.Namespace) -> int:
+    from .hub import push_index
+
+    print(push_index(args.index, args.repo_id, private=args.private))
+    return 0
+
+
+def _index_pull(args: argparse.Namespace) -> int:
+    from .hub import pull_index
+
+    print(pull_index(args.repo_id, args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clibd", description="Identify insects from photos and DNA barcodes.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -133,8 +154,25 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--batch-size", type=int, default=256)
     add.set_defaults(run=_index_add)
 
+    push_idx = index_commands.add_parser("push", help="upload an index to a Hub dataset repo")
+    push_idx.add_argument("index")
+    push_idx.add_argument("repo_id")
+    push_idx.add_argument("--private", action="store_true")
+    push_idx.set_defaults(run=_index_push)
+    pull_idx = index_commands.add_parser("pull", help="download an index from a Hub dataset repo")
+    pull_idx.add_argument("repo_id")
+    pull_idx.add_argument("--out", required=True)
+    pull_idx.set_defaults(run=_index_pull)
+
+    push = commands.add_parser("push", help="upload a training run (model, processor, metrics, card) to the Hub")
+    push.add_argument("run_dir")
+    push.add_argument("repo_id")
+    push.add_argument("--private", action="store_true")
+    push.set_defaults(run=_push)
+
     ident = commands.add_parser("identify", help="identify barcodes or photos against an index")
     ident.add_argument("--index", required=True)
+    ident.add_argument("--model", help="the model folder, when it is not where the index was built (checked by hash)")
     ident.add_argument("--records", nargs="+", help="TSV/CSV files of query records")
     ident.add_argument("--fasta", nargs="+", help="FASTA files of query barcodes")
     ident.add_argument("--dna", nargs="+", help="barcode sequences given on the command line")

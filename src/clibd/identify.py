@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .data import records_to_dataset
 from .evaluation.retrieval import embed_records
-from .index import ReferenceIndex
+from .index import ReferenceIndex, model_hash
 from .modeling_clibd import CLIBDModel
 from .processing import RANKS, CLIBDProcessor
 
@@ -88,20 +88,26 @@ def _batches(items: list, size: int) -> Iterator[list]:
 
 
 def identify(index_dir: str | os.PathLike, queries: list[dict[str, str]], out: str | os.PathLike | None = None,
-             top_k: int = 5, batch_size: int = 256, progress: bool = True) -> int:
+             top_k: int = 5, batch_size: int = 256, progress: bool = True,
+             model_dir: str | os.PathLike | None = None) -> int:
     """Write predictions for `queries` (record schema) to `out` (stdout when None); return rows written.
 
     Rows are appended batch by batch and flushed, so a long run holds one batch in memory and an
     interrupted run, started again with the same `out`, skips the queries already written.
+    `model_dir` overrides where the index says its model is (an index pulled from the Hub); its
+    weights must be the ones that built the index.
     """
     index = ReferenceIndex.load(index_dir)
+    model_dir = model_dir or index.meta["model"]
+    if model_hash(model_dir) != index.meta["model_hash"]:
+        raise ValueError(f"{model_dir} is not the model that built {index_dir} (weights hash differs)")
     field = "dna" if index.modality == "dna" else "image"
     missing = [q["id"] for q in queries if not q.get(field)]
     if missing:
         raise ValueError(f"this index holds {index.modality} references; {len(missing)} queries have no {field}, "
                          f"e.g. {missing[:5]}")
-    model = CLIBDModel.from_pretrained(index.meta["model"]).eval()
-    processor = CLIBDProcessor.from_pretrained(index.meta["model"])
+    model = CLIBDModel.from_pretrained(model_dir).eval()
+    processor = CLIBDProcessor.from_pretrained(model_dir)
     columns = prediction_columns(min(top_k, len(index.records)))
     path = Path(out) if out is not None else None
     done = _done_ids(path) if path is not None else set()
@@ -110,7 +116,7 @@ def identify(index_dir: str | os.PathLike, queries: list[dict[str, str]], out: s
     try:
         if not done:
             thresholds = ", ".join(f"{r}={v:.4f}" for r, v in index.thresholds.items())
-            stream.write(f"# clibd {__version__} identify; model {index.meta['model']} "
+            stream.write(f"# clibd {__version__} identify; model {model_dir} "
                          f"(sha256 {index.meta['model_hash'][:16]}); index {Path(index_dir).resolve()} "
                          f"({index.meta['count']} {index.modality} references); thresholds {thresholds}\n")
         writer = csv.DictWriter(stream, fieldnames=columns, delimiter="\t", lineterminator="\n")

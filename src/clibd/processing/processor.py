@@ -143,13 +143,9 @@ class CLIBDProcessor(PushToHubMixin):
 
     # --- save / load ----------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
-        """Write `processor_config.json` and the text tokenizer files; optionally push to the Hub."""
+        """Write `processor_config.json` and the text tokenizer files; `push_to_hub=True` (with
+        `repo_id=`) then uploads them, as transformers processors do."""
         os.makedirs(save_directory, exist_ok=True)
-        if push_to_hub:
-            commit_message = kwargs.pop("commit_message", None)
-            repo_id = kwargs.pop("repo_id", os.path.basename(os.fspath(save_directory)))
-            repo_id = self._create_repo(repo_id, **kwargs)
-            files_timestamps = self._get_files_timestamps(save_directory)
         path = os.path.join(save_directory, PROCESSOR_CONFIG_NAME)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
@@ -158,8 +154,9 @@ class CLIBDProcessor(PushToHubMixin):
         if self.text_tokenizer is not None:
             self.text_tokenizer.save_pretrained(save_directory)
         if push_to_hub:
-            self._upload_modified_files(save_directory, repo_id, files_timestamps,
-                                        commit_message=commit_message, token=kwargs.get("token"))
+            repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
+            kwargs.pop("max_shard_size", None)
+            self.push_to_hub(repo_id, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> CLIBDProcessor:

@@ -1,0 +1,60 @@
+"""Model cards generated from a training run (the template is `templates/model_card.md`).
+
+Usage:
+    text = render_model_card("runs/demo", repo_id="me/clibd-bold-demo")
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from string import Template
+
+import yaml
+
+
+def _tower_rows(model: dict, config: dict) -> str:
+    rows = []
+    modalities = model.get("modalities", ["image", "dna", "text"])
+    if "image" in modalities:
+        image = model.get("image", {})
+        rows.append(f"| image | timm `{image.get('timm_model_name', 'vit_base_patch16_224')}` | "
+                    f"{'timm ImageNet weights' if image.get('pretrained', True) else 'random'} |")
+    if "dna" in modalities:
+        dna = model.get("dna", {})
+        size = f"{dna.get('num_hidden_layers', 12)} layers, width {dna.get('hidden_size', 768)}"
+        rows.append(f"| DNA | BERT over 5-mers ({size}) | {dna.get('pretrained_model_name_or_path') or 'random'} |")
+    if "text" in modalities:
+        text = model.get("text", {})
+        rows.append(f"| taxonomy text | BERT | {text.get('pretrained_model_name_or_path') or 'prajjwal1/bert-small'} |")
+    return "\n".join(rows)
+
+
+def render_model_card(run_dir: str | os.PathLike, repo_id: str | None = None) -> str:
+    """The model card of a run folder written by `train.py` (config.yaml, splits.md, metrics.md)."""
+    run = Path(run_dir)
+    config_path = run / "config.yaml"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{run}: no config.yaml (is this a clibd run folder?)")
+    config = yaml.safe_load(config_path.read_text())
+    model, data, train = config["model"], config["data"], config["train"]
+    metrics = (run / "metrics.md").read_text().strip() if (run / "metrics.md").exists() else "Not evaluated yet."
+    splits = (run / "splits.md").read_text().strip() if (run / "splits.md").exists() else ""
+    template = Template(resources.files("clibd").joinpath("templates/model_card.md").read_text())
+    return template.substitute(
+        title=repo_id or f"CLIBD model ({run.name})",
+        repo_hint=repo_id or "path/to/model",
+        towers=_tower_rows(model, config),
+        modalities=", ".join(model.get("modalities", [])),
+        projection_dim=model.get("projection_dim") or 768,
+        dna_flavour=model.get("dna", {}).get("tokenizer_flavour", "compat"),
+        dna_pooling=model.get("dna", {}).get("pooling", "compat"),
+        text_pooling=model.get("text", {}).get("pooling", "compat"),
+        data_path=data.get("path", ""), data_source=data.get("source", ""), data_split=data.get("split", ""),
+        split_seed=data.get("split_seed", ""), splits=splits,
+        epochs=train.get("epochs"), batch_size=train.get("batch_size"), weight_decay=train.get("weight_decay"),
+        max_lr=train.get("max_lr"), mixed_precision=train.get("mixed_precision"),
+        frozen=", ".join(train.get("freeze") or []) or "none", lora="yes" if train.get("lora") else "no",
+        metrics=metrics, max_bp=model.get("dna", {}).get("max_sequence_length", 660),
+    )
