@@ -69,6 +69,10 @@ def test_interrupted_run_resumes_to_identical_weights(data_dir, tmp_path):
         assert torch.equal(a[key], b[key]), key
     assert full.test_metrics["dna"]["dna"]["seen"]["order"]["micro_top1"] >= 0.0
     assert (tmp_path / "full" / "metrics.json").exists() and (tmp_path / "full" / "metrics.md").exists()
+    import datasets
+
+    saved = datasets.load_from_disk(str(tmp_path / "full" / "splits"))
+    assert set(saved) >= {"train_seen", "seen_keys", "val_unseen", "test_unseen_keys"} and len(saved["train_seen"]) > 0
     steps = [json.loads(line)["step"] for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, len(steps) + 1))
 

@@ -77,7 +77,13 @@ def paper_split(dataset: datasets.Dataset, seed: int = 42) -> datasets.DatasetDi
             n_queries = len(indices) // 2
             assignment[f"{prefix}_unseen"].extend(indices[:n_queries])
             assignment[f"{prefix}_unseen_keys"].extend(indices[n_queries:])
-    return datasets.DatasetDict({name: dataset.select(sorted(idx)) for name, idx in assignment.items()})
+    def part(indices: list[int]) -> datasets.Dataset:
+        if indices:
+            return dataset.select(sorted(indices))
+        # an empty selection cannot be saved to disk by datasets; an empty table with the same columns can
+        return datasets.Dataset.from_dict({c: [] for c in dataset.column_names}, features=dataset.features)
+
+    return datasets.DatasetDict({name: part(idx) for name, idx in assignment.items()})
 
 
 def split_statistics(splits: datasets.DatasetDict) -> str:

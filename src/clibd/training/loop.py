@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +139,7 @@ def train(config: ExperimentConfig, resume: bool = False, progress: bool = True)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
         table = split_statistics(splits)
         atomic_write_text(run_dir / "splits.md", table + "\n")
+        save_splits(splits, run_dir / "splits")
         accelerator.print(table)
         if "dna" in modalities:
             long = sum(len(s) > model_config.dna_config.max_sequence_length for s in train_set["dna"])
@@ -239,6 +242,15 @@ def train(config: ExperimentConfig, resume: bool = False, progress: bool = True)
     table = format_table(test_metrics)
     atomic_write_text(run_dir / "metrics.md", f"Test split, micro top-1 accuracy (%), model {best_dir.name}\n\n{table}\n")
     return TrainResult(run_dir, state.best_score, test_metrics, table)
+
+
+def save_splits(splits: datasets.DatasetDict, target: Path) -> None:
+    """The split as a DatasetDict on disk (`datasets.load_from_disk`), swapped into place when written."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    splits.save_to_disk(str(tmp))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
 
 
 def cfg_train_splits(config: ExperimentConfig, splits: datasets.DatasetDict) -> list[str]:
