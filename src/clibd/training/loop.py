@@ -245,10 +245,11 @@ def train(config: ExperimentConfig, resume: bool = False, progress: bool = True)
 
 
 def save_splits(splits: datasets.DatasetDict, target: Path) -> None:
-    """The split as a DatasetDict on disk (`datasets.load_from_disk`), swapped into place when written."""
+    """The split as a DatasetDict on disk (`datasets.load_from_disk`), swapped into place when written.
+    Empty splits are left out: datasets cannot load a saved table without rows."""
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    splits.save_to_disk(str(tmp))
+    datasets.DatasetDict({name: part for name, part in splits.items() if len(part)}).save_to_disk(str(tmp))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
 
