@@ -64,6 +64,23 @@ def placement(true: list[dict], predicted: list[dict], key_taxa: dict[str, set])
     return out
 
 
+def vote_placement(sims: np.ndarray, keys: list[dict], novel: list[dict], key_taxa: dict, k: int,
+                   temperature: float = 0.05) -> dict[str, float]:
+    """Placement by a similarity-weighted vote (weights exp(sim / temperature)) among the top-k
+    references at each rank, instead of the single nearest one (hierarchical consensus)."""
+    top = np.argsort(-sims, axis=1)[:, :k]
+    predicted = []
+    for q in range(sims.shape[0]):
+        answer = {}
+        for rank in RANKS:
+            votes: dict[str, float] = {}
+            for j in top[q]:
+                votes[keys[j][rank]] = votes.get(keys[j][rank], 0.0) + float(np.exp(sims[q, j] / temperature))
+            answer[rank] = max(votes, key=votes.get)
+        predicted.append(answer)
+    return placement(novel, predicted, key_taxa)
+
+
 def auroc(positive: list[float], negative: list[float]) -> float:
     """P(score of a random positive > score of a random negative), ties counting half."""
     pos, neg = np.asarray(positive), np.asarray(negative)
@@ -85,6 +102,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--model", help="a trained model folder; default: the config's run, trained if missing")
     parser.add_argument("--kmax", type=int, default=8)
+    parser.add_argument("--votes", action="store_true", help="also score top-k similarity-weighted votes")
     args = parser.parse_args()
 
     config = ExperimentConfig.from_yaml(args.config)
@@ -123,6 +141,25 @@ def main() -> None:
         _, novel_sims = nearest(kmer_profiles([r["dna"] for r in novel], k), key_profiles)
         baselines[k] = (placement(novel, [keys[i] for i in best], key_taxa), auroc(list(seen_sims), list(novel_sims)))
     best_k = max(baselines, key=lambda k: baselines[k][0]["genus"])
+    if args.votes:
+        from clibd import CLIBDModel, CLIBDProcessor
+        from clibd.data import records_to_dataset
+        from clibd.evaluation.retrieval import embed_records
+
+        model, processor = CLIBDModel.from_pretrained(model_dir).eval(), CLIBDProcessor.from_pretrained(model_dir)
+        learned_sims = (embed_records(model, processor, records_to_dataset(novel), "dna")
+                        @ embed_records(model, processor, records_to_dataset(keys), "dna").T).numpy()
+        sources = {"clibd": learned_sims}
+        for k in sorted({5, best_k}):
+            sources[f"{k}-mer"] = (kmer_profiles([r["dna"] for r in novel], k)
+                                   @ kmer_profiles([r["dna"] for r in keys], k).T).toarray()
+        print("| votes among top-k | " + " | ".join(f"{name} order/family/genus" for name in sources) + " |")
+        print("|---:|" + "---|" * len(sources))
+        for k in (1, 3, 5, 10, 20):
+            cells = [vote_placement(sims, keys, novel, key_taxa, k) for sims in sources.values()]
+            print(f"| {k} | " + " | ".join(f"{100 * c['order']:.1f} / {100 * c['family']:.1f} / {100 * c['genus']:.1f}"
+                                           for c in cells) + " |")
+        print()
 
     print(f"config {args.config}, model {model_dir}; {len(keys)} references ({len(key_taxa['species'])} species), "
           f"{len(novel)} novel-species queries ({len({r['species'] for r in novel})} species), {len(seen)} seen queries")
