@@ -214,3 +214,26 @@ def test_evaluation_report_writes_metrics(trained_model, data_dir, tmp_path):
     assert 0.0 <= entry["unseen"]["species"]["micro_top1"] <= 1.0
     table = (tmp_path / "eval" / "metrics.md").read_text()
     assert "| DNA -> DNA |" in table and "macro top1" in table
+
+
+def test_thresholds_calibrated_from_held_out_species():
+    """Hand-made library: records of one species at cosine ~1, of one genus ~0.8, across genera 0."""
+    from clibd.novelty import calibrate_thresholds
+
+    records, vectors = [], []
+    genus_axes = {"G1": torch.tensor([1.0, 0, 0, 0, 0, 0]), "G2": torch.tensor([0, 1.0, 0, 0, 0, 0])}
+    for genus, axis in genus_axes.items():
+        for s, species_axis in enumerate((2, 3, 4, 5)):
+            for i in range(3):
+                v = 0.8 ** 0.5 * axis
+                v[species_axis] += 0.2 ** 0.5
+                v = v + 0.01 * torch.randn(6, generator=torch.Generator().manual_seed(len(records)))
+                vectors.append(v / v.norm())
+                records.append({"id": f"{genus}{s}{i}", "order": "O", "family": "F", "genus": genus,
+                                "species": f"{genus} sp{s}"})
+    embeddings = torch.stack(vectors)
+    thresholds = calibrate_thresholds(embeddings, records)
+    within_species = float(embeddings[0] @ embeddings[1])
+    across_species = float(embeddings[0] @ embeddings[3])
+    assert across_species < thresholds["species"] < within_species
+    assert torch.isnan(torch.tensor(thresholds["order"]))  # nothing wrong to separate at order

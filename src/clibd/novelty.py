@@ -1,13 +1,16 @@
-"""Per-rank novelty thresholds, calibrated on the reference library itself by holding taxa out.
+"""Per-rank confidence thresholds, calibrated on the reference library itself by holding species out.
 
-For each rank (species, genus, family, order) and a sample of references:
-- *known*: the reference is queried against all others; its nearest neighbour's similarity counts
-  when that neighbour has the right label at this rank (its taxon has other members);
-- *novel*: every reference of its taxon at this rank is removed first, so the nearest neighbour
-  belongs to another taxon: what a specimen of an absent species (genus, ...) looks like.
-The threshold maximises balanced accuracy between the two. A query whose best similarity is below
-the species threshold is reported novel; its answer stops at the deepest rank whose threshold it
-clears (in the spirit of BOLD's 97/95/90/85 % identity cut-offs, but learned per model and library).
+A sample of references (of species with at least two references) is matched twice against the
+library: once with only itself removed (a specimen of a species the library holds) and once with
+every reference of its species removed (a specimen of a species the library does not hold, the
+novel-species case). For each rank, the nearest reference's label is right or wrong; the rank's
+threshold is the similarity that best separates right from wrong answers (balanced accuracy).
+So the species threshold separates "the library holds this species" from "it does not" (the
+`novel` flag), and the genus, family and order thresholds say from which similarity the nearest
+reference's genus, family and order can be trusted for a specimen of an absent species. `identify`
+fills the answer from order down and stops at the first rank whose threshold the query's best
+similarity does not clear (in the spirit of BOLD's 97/95/90/85 % identity cut-offs, but learned
+per model and library).
 
 Usage:
     thresholds = calibrate_thresholds(embeddings, records)   # {"species": 0.93, "genus": 0.88, ...}
@@ -39,38 +42,43 @@ def best_threshold(known: list[float], novel: list[float]) -> float:
     return float((best + lower[-1]) / 2) if lower else float(best)
 
 
-def held_out_similarities(embeddings: torch.Tensor, labels: list[str], queries: list[int],
-                          chunk_size: int = 512) -> tuple[list[float], list[float]]:
-    """(known, novel) nearest-neighbour similarities of `queries`, as the module doc describes."""
-    label_ids = {label: i for i, label in enumerate(sorted(set(labels)))}
-    key_labels = torch.tensor([label_ids.get(label, -1) for label in labels])
-    known, novel = [], []
+def nearest_held_out(embeddings: torch.Tensor, species: list[str], queries: list[int],
+                     chunk_size: int = 512) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each query reference: (similarity, index) of its nearest other reference, and of its
+    nearest reference of another species."""
+    label_ids = {label: i for i, label in enumerate(sorted(set(species)))}
+    key_species = torch.tensor([label_ids[label] for label in species])
+    parts: list[tuple[torch.Tensor, ...]] = []
     for start in range(0, len(queries), chunk_size):
         rows = torch.tensor(queries[start : start + chunk_size])
         sims = embeddings[rows] @ embeddings.T
         sims[torch.arange(len(rows)), rows] = -2.0  # a record is not its own reference
-        own = key_labels[rows].unsqueeze(1) == key_labels.unsqueeze(0)
-        top = sims.max(dim=1)
-        hit = key_labels[top.indices] == key_labels[rows]
-        known += [float(v) for v, ok in zip(top.values, hit, strict=True) if ok]
-        novel += sims.masked_fill(own, -2.0).max(dim=1).values.tolist()
-    return known, novel
+        loo = sims.max(dim=1)
+        own_species = key_species[rows].unsqueeze(1) == key_species.unsqueeze(0)
+        held_out = sims.masked_fill(own_species, -2.0).max(dim=1)
+        parts.append((loo.values, loo.indices, held_out.values, held_out.indices))
+    return tuple(torch.cat(column) for column in zip(*parts, strict=True))
 
 
 def calibrate_thresholds(embeddings: torch.Tensor, records: list[dict], max_queries: int = 2000,
                          seed: int = 0) -> dict[str, float]:
-    """Per-rank similarity thresholds (see the module doc); NaN where a rank cannot be calibrated
-    (for example a library with one order only has no held-out order)."""
-    rng = random.Random(seed)
+    """Per-rank similarity thresholds (see the module doc); NaN where a rank has no right or no
+    wrong answers to separate (it then never stops an answer)."""
+    species = [r.get("species", "") for r in records]
+    counts = Counter(label for label in species if label)
+    eligible = [i for i, label in enumerate(species) if label and counts[label] >= 2]
+    queries = random.Random(seed).sample(eligible, min(max_queries, len(eligible)))
+    if len(counts) < 2 or not queries:
+        return dict.fromkeys(RANKS, float("nan"))
+    loo_sims, loo_idx, out_sims, out_idx = nearest_held_out(embeddings, species, queries)
+    sims = torch.cat([loo_sims, out_sims]).tolist()
+    nearest = torch.cat([loo_idx, out_idx]).tolist()
     thresholds = {}
     for rank in RANKS:
-        labels = [r.get(rank, "") for r in records]
-        counts = Counter(label for label in labels if label)
-        eligible = [i for i, label in enumerate(labels) if label and counts[label] >= 2]
-        queries = rng.sample(eligible, min(max_queries, len(eligible)))
-        if len(counts) < 2 or not queries:
-            thresholds[rank] = float("nan")
-            continue
-        known, novel = held_out_similarities(embeddings, labels, queries)
-        thresholds[rank] = best_threshold(known, novel)
+        right, wrong = [], []
+        for query, sim, j in zip(queries + queries, sims, nearest, strict=True):
+            truth = records[query].get(rank, "")
+            if truth:
+                (right if records[j].get(rank, "") == truth else wrong).append(sim)
+        thresholds[rank] = best_threshold(right, wrong)
     return thresholds
