@@ -13,6 +13,9 @@ from typing import Literal
 from transformers import BertConfig, PreTrainedConfig
 
 DNA_TOKENIZER_FLAVOURS = ("compat", "barcodebert")
+# Architecture fields shared by the DNA and text sub-configs, passed on to transformers' BertConfig.
+BERT_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "max_position_embeddings", "hidden_dropout_prob", "attention_probs_dropout_prob", "layer_norm_eps")
 POOLINGS = ("compat", "mean")
 
 
@@ -97,17 +100,7 @@ class CLIBDDNAConfig(PreTrainedConfig):
         return self.max_sequence_length // self.kmer_size + (self.tokenizer_flavour == "compat")
 
     def to_bert_config(self) -> BertConfig:
-        return BertConfig(
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            intermediate_size=self.intermediate_size,
-            max_position_embeddings=self.max_position_embeddings,
-            hidden_dropout_prob=self.hidden_dropout_prob,
-            attention_probs_dropout_prob=self.attention_probs_dropout_prob,
-            layer_norm_eps=self.layer_norm_eps,
-        )
+        return BertConfig(vocab_size=self.vocab_size, **{name: getattr(self, name) for name in BERT_FIELDS})
 
 
 class CLIBDTextConfig(PreTrainedConfig):
@@ -139,18 +132,8 @@ class CLIBDTextConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
 
     def to_bert_config(self) -> BertConfig:
-        return BertConfig(
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            intermediate_size=self.intermediate_size,
-            max_position_embeddings=self.max_position_embeddings,
-            type_vocab_size=self.type_vocab_size,
-            hidden_dropout_prob=self.hidden_dropout_prob,
-            attention_probs_dropout_prob=self.attention_probs_dropout_prob,
-            layer_norm_eps=self.layer_norm_eps,
-        )
+        return BertConfig(vocab_size=self.vocab_size, type_vocab_size=self.type_vocab_size,
+                          **{name: getattr(self, name) for name in BERT_FIELDS})
 
     def update_from_bert_config(self, bert: BertConfig) -> None:
         """Copy the architecture of a pretrained BERT so that the tower can hold its weights."""

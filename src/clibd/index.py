@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import __version__
+from .atomic import atomic_directory
 from .data import records_to_dataset
 from .evaluation.retrieval import embed_records
 from .modeling_clibd import CLIBDModel
@@ -116,21 +117,13 @@ def topk_search(queries: torch.Tensor, keys: torch.Tensor, k: int, query_chunk: 
 
 def _write_index(directory: Path, meta: dict, embeddings: torch.Tensor, records: list[dict]) -> None:
     """Write all three files into a temporary folder, then swap it into place."""
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({meta["modality"]: embeddings.to(torch.float16).contiguous()}, tmp / "embeddings.safetensors")
-    with open(tmp / "records.tsv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RECORD_COLUMNS, delimiter="\t", extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({c: r.get(c, "") for c in RECORD_COLUMNS} for r in records)
-    (tmp / "index.json").write_text(json.dumps({**meta, "count": len(records)}, indent=2))
-    old = directory.with_name(f".{directory.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_directory(directory) as tmp:
+        save_file({meta["modality"]: embeddings.to(torch.float16).contiguous()}, tmp / "embeddings.safetensors")
+        with open(tmp / "records.tsv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=RECORD_COLUMNS, delimiter="\t", extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows({c: r.get(c, "") for c in RECORD_COLUMNS} for r in records)
+        (tmp / "index.json").write_text(json.dumps({**meta, "count": len(records)}, indent=2))
 
 
 def _usable(records: list[dict], modality: str) -> list[dict]:

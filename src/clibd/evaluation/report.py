@@ -11,9 +11,9 @@ import json
 import os
 from pathlib import Path
 
+from ..atomic import atomic_write_text
 from ..modeling_clibd import CLIBDModel
 from ..processing import CLIBDProcessor
-from ..training.checkpointing import atomic_write_text
 from ..training.config import ExperimentConfig
 from ..training.loop import load_splits
 from .retrieval import EmbeddingCache, evaluate_is_du, evaluate_retrieval, evaluation_pairs, format_table

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from ..atomic import atomic_directory, atomic_write_text
+
 KEEP_CHECKPOINTS = 2
 
 
@@ -34,12 +36,6 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
             setattr(self, key, value)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState) -> Path:
@@ -73,15 +69,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def save_pretrained_atomic(model, processor, target: Path, extra: dict | None = None) -> None:
     """`save_pretrained` of model and processor into `target`, replacing it only when complete."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    if extra:
-        (tmp / "training_info.json").write_text(json.dumps(extra, indent=2))
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_directory(target) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if extra:
+            (tmp / "training_info.json").write_text(json.dumps(extra, indent=2))

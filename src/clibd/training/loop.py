@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
+from ..atomic import atomic_directory, atomic_write_text
 from ..data import (
     official_splits,
     paper_split,
@@ -38,13 +37,7 @@ from ..data.collate import ContrastiveCollator, has_modalities
 from ..evaluation.retrieval import evaluate_retrieval, evaluation_pairs, format_table, selection_score
 from ..modeling_clibd import CLIBDModel
 from ..processing import CLIBDProcessor
-from .checkpointing import (
-    TrainState,
-    atomic_write_text,
-    latest_checkpoint,
-    save_checkpoint,
-    save_pretrained_atomic,
-)
+from .checkpointing import TrainState, latest_checkpoint, save_checkpoint, save_pretrained_atomic
 from .config import DataSection, ExperimentConfig
 from .grad_cache import grad_cache_step
 from .towers import configure_trainable
@@ -247,11 +240,8 @@ def train(config: ExperimentConfig, resume: bool = False, progress: bool = True)
 def save_splits(splits: datasets.DatasetDict, target: Path) -> None:
     """The split as a DatasetDict on disk (`datasets.load_from_disk`), swapped into place when written.
     Empty splits are left out: datasets cannot load a saved table without rows."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    datasets.DatasetDict({name: part for name, part in splits.items() if len(part)}).save_to_disk(str(tmp))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    with atomic_directory(target) as tmp:
+        datasets.DatasetDict({name: part for name, part in splits.items() if len(part)}).save_to_disk(str(tmp))
 
 
 def cfg_train_splits(config: ExperimentConfig, splits: datasets.DatasetDict) -> list[str]:
