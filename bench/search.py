@@ -4,6 +4,7 @@ then end-to-end `identify` throughput for barcodes with a saved model.
 
     python bench/search.py --keys 100000 1000000 --queries 512
     python bench/search.py --keys 100000 --identify-model runs/demo/best
+    python bench/search.py --keys 100000 --dtypes float32 --identify-photos 128
 
 Figures go in bench/README.md.
 """
@@ -62,6 +63,31 @@ def bench_identify(model_dir: str, n: int) -> float:
         return len(queries) / (time.perf_counter() - start)
 
 
+def bench_identify_photos(n: int) -> float:
+    """Photos end to end with a paper-size image tower (ViT-B/16, random weights: speed does not
+    depend on them): the 19 order-labelled BIOSCAN-1M photos as references, BIOSCAN photos as queries."""
+    import csv
+
+    from clibd import CLIBDConfig, CLIBDModel, CLIBDProcessor
+    from clibd.data import shared_data_dir
+    from clibd.identify import identify, image_records
+    from clibd.index import build_index
+
+    data = shared_data_dir()
+    config = CLIBDConfig(modalities=["image", "dna"], image_config={"pretrained": False})
+    with open(data / "bioscan1m_examples" / "images.csv", newline="") as f:
+        refs = [{"id": r["image_file"], "order": r["order"], "family": "", "genus": "", "species": "", "dna": "",
+                 "image": str(data / "bioscan1m_examples" / r["image_file"])} for r in csv.DictReader(f) if r["order"]]
+    queries = image_records([str(data / "bioscan_imgfilter_images" / "images")])[:n]
+    with tempfile.TemporaryDirectory() as tmp:
+        CLIBDModel(config).save_pretrained(f"{tmp}/model")
+        CLIBDProcessor.from_model_config(config).save_pretrained(f"{tmp}/model")
+        build_index(f"{tmp}/model", refs, "image", f"{tmp}/refs", progress=False, calibrate=False)
+        start = time.perf_counter()
+        identify(f"{tmp}/refs", queries, f"{tmp}/preds.tsv", batch_size=32, progress=False)
+        return len(queries) / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keys", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -69,6 +95,7 @@ def main() -> None:
     parser.add_argument("--loop-queries", type=int, default=32)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16"])
     parser.add_argument("--identify-model", help="a saved model: also time identify on shared barcodes")
+    parser.add_argument("--identify-photos", type=int, default=0, help="also time identify on this many photos")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, 768-d unit vectors, top-5")
     print("| keys | dtype | batched q/s | loop q/s | speed-up | library MB | search working MB | process RSS MB |")
@@ -81,6 +108,9 @@ def main() -> None:
                   f"{r['rss_mb']:.0f} |", flush=True)
     if args.identify_model:
         print(f"identify (barcodes, end to end): {bench_identify(args.identify_model, 2000):.0f} queries/s")
+    if args.identify_photos:
+        rate = bench_identify_photos(args.identify_photos)
+        print(f"identify (photos, ViT-B/16 on CPU, end to end): {rate:.2f} queries/s")
 
 
 if __name__ == "__main__":

@@ -75,3 +75,19 @@ def test_pairs_table_and_selection_score():
     assert selection_score(metrics) == pytest.approx(0.375)
     table = format_table(metrics)
     assert "| DNA -> DNA | 50.0 | 50.0 | 50.0 |" in table
+
+
+def test_faiss_backend_matches_exact_torch_search():
+    pytest.importorskip("faiss", reason="pip install 'clibd[faiss]' brings faiss-cpu")
+    from clibd.index import faiss_search, topk_search
+
+    torch.manual_seed(0)
+    keys = F.normalize(torch.randn(5000, 32), dim=-1).to(torch.float16)
+    queries = F.normalize(torch.randn(40, 32), dim=-1)
+    exact_values, exact_indices = topk_search(queries, keys, 5, key_block=1000, query_chunk=16)
+    brute = torch.topk(queries @ keys.float().T, 5, dim=1)
+    assert torch.equal(exact_indices, brute.indices) and torch.allclose(exact_values, brute.values, atol=1e-5)
+    faiss_values, faiss_indices = faiss_search(queries, keys, 5)
+    assert torch.equal(faiss_indices, brute.indices) and torch.allclose(faiss_values, brute.values, atol=1e-4)
+    approx_values, approx_indices = faiss_search(queries, keys, 5, nlist=16, nprobe=16)  # every cell probed
+    assert torch.equal(approx_indices, brute.indices)

@@ -69,7 +69,8 @@ def _identify(args: argparse.Namespace) -> int:
     queries += image_records(args.image or [])
     if not queries:
         raise ValueError("no queries: give --records, --fasta, --dna or --image")
-    identify(args.index, queries, args.out, top_k=args.top_k, batch_size=args.batch_size, model_dir=args.model)
+    identify(args.index, queries, args.out, top_k=args.top_k, batch_size=args.batch_size, model_dir=args.model,
+             backend=args.search)
     return 0
 
 
@@ -178,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     ident.add_argument("--dna", nargs="+", help="barcode sequences given on the command line")
     ident.add_argument("--image", nargs="+", help="photo files or folders of photos")
     ident.add_argument("--top-k", type=int, default=5)
+    ident.add_argument("--search", choices=("torch", "faiss"), default="torch",
+                       help="exact search with torch, or with faiss (pip install 'clibd[faiss]')")
     ident.add_argument("--out", help="predictions TSV (default: stdout); an existing file is resumed")
     ident.add_argument("--batch-size", type=int, default=256)
     ident.set_defaults(run=_identify)

@@ -89,7 +89,7 @@ def _batches(items: list, size: int) -> Iterator[list]:
 
 def identify(index_dir: str | os.PathLike, queries: list[dict[str, str]], out: str | os.PathLike | None = None,
              top_k: int = 5, batch_size: int = 256, progress: bool = True,
-             model_dir: str | os.PathLike | None = None) -> int:
+             model_dir: str | os.PathLike | None = None, backend: str = "torch") -> int:
     """Write predictions for `queries` (record schema) to `out` (stdout when None); return rows written.
 
     Rows are appended batch by batch and flushed, so a long run holds one batch in memory and an
@@ -125,7 +125,7 @@ def identify(index_dir: str | os.PathLike, queries: list[dict[str, str]], out: s
         written = 0
         for batch in tqdm(list(_batches(todo, batch_size)), desc="identify", disable=not progress):
             embeddings = embed_records(model, processor, records_to_dataset(batch), index.modality, batch_size)
-            sims, idx = index.search(embeddings, top_k)
+            sims, idx = index.search(embeddings, top_k, backend=backend)
             for query, s, i in zip(batch, sims.tolist(), idx.tolist(), strict=True):
                 writer.writerow({"query_id": query["id"], **predict(s, i, index)})
                 written += 1

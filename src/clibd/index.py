@@ -83,8 +83,13 @@ class ReferenceIndex:
     def labels(self, rank: str) -> list[str]:
         return [r[rank] for r in self.records]
 
-    def search(self, queries: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cosine similarities and indices [Q, k] of the k nearest references (exact)."""
+    def search(self, queries: torch.Tensor, k: int = 5, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+        """Cosine similarities and indices [Q, k] of the k nearest references: exact with torch,
+        or with faiss (`backend="faiss"`, exact inner-product index; `pip install clibd[faiss]`)."""
+        if backend == "faiss":
+            return faiss_search(queries, self.embeddings, k)
+        if backend != "torch":
+            raise ValueError(f"unknown search backend {backend!r}; use 'torch' or 'faiss'")
         return topk_search(queries, self.embeddings, k)
 
 
@@ -113,6 +118,27 @@ def topk_search(queries: torch.Tensor, keys: torch.Tensor, k: int, query_chunk: 
     if not all_values:
         return torch.empty(0, k), torch.empty(0, k, dtype=torch.long)
     return torch.cat(all_values), torch.cat(all_indices)
+
+
+def faiss_search(queries: torch.Tensor, keys: torch.Tensor, k: int, nlist: int | None = None,
+                 nprobe: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k inner products with faiss: exact (`IndexFlatIP`) by default, or approximate with an
+    inverted file of `nlist` cells searched `nprobe` at a time, for libraries of many millions."""
+    try:
+        import faiss
+    except ImportError as error:
+        raise ImportError("the faiss backend needs faiss: pip install 'clibd[faiss]'") from error
+    vectors = keys.float().numpy()
+    if nlist is None:
+        index = faiss.IndexFlatIP(vectors.shape[1])
+    else:
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(vectors.shape[1]), vectors.shape[1], nlist,
+                                   faiss.METRIC_INNER_PRODUCT)
+        index.train(vectors)
+        index.nprobe = nprobe
+    index.add(vectors)
+    values, indices = index.search(queries.float().numpy(), min(k, keys.shape[0]))
+    return torch.from_numpy(values), torch.from_numpy(indices).long()
 
 
 def _write_index(directory: Path, meta: dict, embeddings: torch.Tensor, records: list[dict]) -> None:
