@@ -74,8 +74,13 @@ def image_records(paths: list[str]) -> list[dict[str, str]]:
 
 
 def _done_ids(path: Path) -> set[str]:
+    """Ids already written to `path`; a last line cut by an interruption is removed first."""
     if not path.exists():
         return set()
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
     with open(path, newline="") as f:
         rows = csv.reader((line for line in f if not line.startswith("# ")), delimiter="\t")
         next(rows, None)
