@@ -22,8 +22,9 @@ import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
-from novel_species import auroc, kmer_profiles, placement
+from novel_species import auroc, placement
 
+from clibd.processing import kmer_profiles
 from clibd.training import ExperimentConfig, load_splits
 
 LEVELS = (("species", 1.0), ("genus", 0.5), ("family", 0.25))
@@ -58,7 +59,7 @@ def main() -> None:
     key_taxa = {rank: set(keys[rank]) for rank in ("order", "family", "genus", "species")}
 
     def profiles(dataset):
-        return torch.from_numpy(kmer_profiles(dataset["dna"], args.k).toarray())
+        return kmer_profiles(dataset["dna"], args.k)
 
     x_train, x_keys, x_novel, x_seen = profiles(train), profiles(keys), profiles(novel), profiles(seen)
     labels = {rank: torch.from_numpy(np.unique(train[rank], return_inverse=True)[1]) for rank, _ in LEVELS}

@@ -18,41 +18,22 @@ from __future__ import annotations
 
 import argparse
 import csv
-import itertools
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from scipy import sparse
+import torch
 
 from clibd.identify import identify
 from clibd.index import build_index
-from clibd.processing import RANKS
-from clibd.processing.barcodes import normalise_barcode
+from clibd.processing import RANKS, kmer_profiles
 from clibd.training import ExperimentConfig, load_splits, train
 
 
-def kmer_profiles(sequences: list[str], k: int) -> sparse.csr_matrix:
-    """Counts of overlapping k-mers over ACGT (k-mers with N skipped), rows L2-normalised."""
-    index = {"".join(p): i for i, p in enumerate(itertools.product("ACGT", repeat=k))}
-    rows, cols = [], []
-    for row, sequence in enumerate(sequences):
-        bases = normalise_barcode(sequence)
-        for i in range(len(bases) - k + 1):
-            column = index.get(bases[i : i + k])
-            if column is not None:
-                rows.append(row)
-                cols.append(column)
-    matrix = sparse.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(len(sequences), 4**k))
-    norms = np.sqrt(matrix.multiply(matrix).sum(axis=1)).A1
-    return sparse.diags(1 / np.maximum(norms, 1e-12)) @ matrix
-
-
-def nearest(queries: sparse.csr_matrix, keys: sparse.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
-    sims = (queries @ keys.T).toarray()
-    best = sims.argmax(axis=1)
-    return best, sims[np.arange(len(best)), best]
+def nearest(queries: torch.Tensor, keys: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    top = (queries @ keys.T).max(dim=1)
+    return top.indices.numpy(), top.values.numpy()
 
 
 def placement(true: list[dict], predicted: list[dict], key_taxa: dict[str, set]) -> dict[str, float]:
@@ -152,7 +133,7 @@ def main() -> None:
         sources = {"clibd": learned_sims}
         for k in sorted({5, best_k}):
             sources[f"{k}-mer"] = (kmer_profiles([r["dna"] for r in novel], k)
-                                   @ kmer_profiles([r["dna"] for r in keys], k).T).toarray()
+                                   @ kmer_profiles([r["dna"] for r in keys], k).T).numpy()
         print("| votes among top-k | " + " | ".join(f"{name} order/family/genus" for name in sources) + " |")
         print("|---:|" + "---|" * len(sources))
         for k in (1, 3, 5, 10, 20):

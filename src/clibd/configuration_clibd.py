@@ -57,6 +57,9 @@ class CLIBDDNAConfig(PreTrainedConfig):
     `pooling`: `compat` = the official head (MLM transform, Linear to the projection dim, softmax
     over features, mean over every token including padding); `mean` = attention-masked mean of the
     last hidden state then a linear projection (clibd's default for new models).
+    `encoder`: `bert` (the above) or `kmer_profile`: an MLP over the L2-normalised counts of
+    overlapping `profile_kmer_size`-mers (the tower of bench/kmer_profile_tower.py, strong on
+    species that no reference holds); the BERT fields are then unused.
     """
 
     model_type = "clibd_dna_model"
@@ -75,8 +78,12 @@ class CLIBDDNAConfig(PreTrainedConfig):
     attention_probs_dropout_prob: float = 0.1
     layer_norm_eps: float = 1e-12
     pretrained_model_name_or_path: str | None = None
+    encoder: Literal["bert", "kmer_profile"] = "bert"
+    profile_kmer_size: int = 6
+    profile_hidden_size: int = 1024
 
     def __post_init__(self, **kwargs):
+        _check_choice("dna_config.encoder", self.encoder, ("bert", "kmer_profile"))
         _check_choice("dna_config.tokenizer_flavour", self.tokenizer_flavour, DNA_TOKENIZER_FLAVOURS)
         _check_choice("dna_config.pooling", self.pooling, POOLINGS)
         if self.max_sequence_length % self.kmer_size:

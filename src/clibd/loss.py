@@ -66,3 +66,28 @@ def contrastive_loss(embeds: Mapping[str, torch.Tensor], logit_scale: torch.Tens
         terms.append(F.cross_entropy(scale * present[a] @ gathered[b].T, labels))
         terms.append(F.cross_entropy(scale * present[b] @ gathered[a].T, labels))
     return torch.stack(terms).mean()
+
+
+def supervised_contrastive_loss(embeds: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020): for each anchor, -mean log p of the other
+    records with the same label among all other records of the global batch. Labels < 0 (unknown)
+    are never positives; anchors without a positive are left out. Gathered across processes like
+    `contrastive_loss`, so the mean over processes equals the single-process loss."""
+    rank, _ = _distributed()
+    all_embeds = gather_with_grad(embeds)
+    all_labels = gather_with_grad(labels)
+    local = embeds.shape[0]
+    own = torch.arange(local, device=embeds.device) + rank * local
+    logits = (embeds @ all_embeds.T / temperature).float()
+    is_self = torch.zeros_like(logits, dtype=torch.bool)
+    is_self[torch.arange(local), own] = True
+    logits = logits.masked_fill(is_self, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positive = (labels[:, None] == all_labels[None, :]) & (labels[:, None] >= 0) & ~is_self
+    anchors = positive.any(dim=1)
+    if not anchors.any():
+        return (embeds * 0).sum()
+    summed = log_prob.masked_fill(~positive, 0.0).sum(dim=1)
+    per_anchor = summed[anchors] / positive.sum(dim=1)[anchors]
+    # Mean over this process's anchors, scaled so that averaging over processes weights every anchor alike.
+    return -per_anchor.sum() / local

@@ -68,6 +68,18 @@ class CLIBDDNATower(nn.Module):
         return self.projection(masked_mean(hidden, attention_mask))
 
 
+class CLIBDKmerProfileTower(nn.Module):
+    """MLP over L2-normalised overlapping k-mer counts (`dna_profile`, from the processor)."""
+
+    def __init__(self, config: CLIBDDNAConfig, projection_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(4**config.profile_kmer_size, config.profile_hidden_size), nn.GELU())
+        self.projection = nn.Linear(config.profile_hidden_size, projection_dim)
+
+    def forward(self, dna_profile: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.mlp(dna_profile))
+
+
 class CLIBDTextTower(nn.Module):
     """BERT over the taxonomy string, mean-pooled (unmasked in `compat` mode) and projected."""
 
@@ -125,8 +137,8 @@ class CLIBDModel(CLIBDPreTrainedModel):
     def __init__(self, config: CLIBDConfig):
         super().__init__(config)
         self.image_encoder = create_image_encoder(config) if "image" in config.modalities else None
-        self.dna_encoder = (CLIBDDNATower(config.dna_config, config.projection_dim)
-                            if "dna" in config.modalities else None)
+        dna_tower = CLIBDKmerProfileTower if config.dna_config.encoder == "kmer_profile" else CLIBDDNATower
+        self.dna_encoder = dna_tower(config.dna_config, config.projection_dim) if "dna" in config.modalities else None
         self.text_encoder = (CLIBDTextTower(config.text_config, config.projection_dim)
                              if "text" in config.modalities else None)
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
@@ -189,10 +201,22 @@ class CLIBDModel(CLIBDPreTrainedModel):
         return F.normalize(self._tower("image")(pixel_values), dim=-1)
 
     def get_dna_features(
-        self, dna_input_ids: torch.Tensor, dna_attention_mask: torch.Tensor | None = None
+        self,
+        dna_input_ids: torch.Tensor | None = None,
+        dna_attention_mask: torch.Tensor | None = None,
+        dna_profile: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """L2-normalised barcode embeddings [B, projection_dim] from k-mer ids [B, tokens]."""
-        return F.normalize(self._tower("dna")(dna_input_ids, dna_attention_mask), dim=-1)
+        """L2-normalised barcode embeddings [B, projection_dim] from k-mer ids [B, tokens] (BERT
+        tower) or k-mer count profiles [B, 4^k] (`kmer_profile` tower)."""
+        tower = self._tower("dna")
+        if isinstance(tower, CLIBDKmerProfileTower):
+            if dna_profile is None:
+                raise ValueError("this model's DNA tower reads k-mer profiles: pass dna_profile (the processor "
+                                 "of this model makes it)")
+            return F.normalize(tower(dna_profile), dim=-1)
+        if dna_input_ids is None:
+            raise ValueError("this model's DNA tower reads k-mer token ids: pass dna_input_ids")
+        return F.normalize(tower(dna_input_ids, dna_attention_mask), dim=-1)
 
     def get_text_features(
         self,
@@ -208,6 +232,7 @@ class CLIBDModel(CLIBDPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         dna_input_ids: torch.Tensor | None = None,
         dna_attention_mask: torch.Tensor | None = None,
+        dna_profile: torch.Tensor | None = None,
         text_input_ids: torch.Tensor | None = None,
         text_attention_mask: torch.Tensor | None = None,
         text_token_type_ids: torch.Tensor | None = None,
@@ -217,7 +242,8 @@ class CLIBDModel(CLIBDPreTrainedModel):
         """Embed whichever modalities are given; logits for every present pair; loss if asked."""
         embeds = {
             "image": self.get_image_features(pixel_values) if pixel_values is not None else None,
-            "dna": self.get_dna_features(dna_input_ids, dna_attention_mask) if dna_input_ids is not None else None,
+            "dna": (self.get_dna_features(dna_input_ids, dna_attention_mask, dna_profile)
+                    if dna_input_ids is not None or dna_profile is not None else None),
             "text": (self.get_text_features(text_input_ids, text_attention_mask, text_token_type_ids)
                      if text_input_ids is not None else None),
         }

@@ -32,7 +32,9 @@ class ContrastiveCollator:
     """Decode and encode a list of records. Image augmentations are seeded per (seed, epoch, record
     id), so a batch is the same whichever worker builds it and after a resume."""
 
-    def __init__(self, processor: CLIBDProcessor, modalities: list[str], train: bool = False, seed: int = 0):
+    def __init__(self, processor: CLIBDProcessor, modalities: list[str], train: bool = False, seed: int = 0,
+                 label_ranks: tuple[str, ...] = ()):
+        self.label_ranks = tuple(label_ranks)
         self.processor = processor
         self.modalities = list(modalities)
         self.train = train
@@ -58,4 +60,7 @@ class ContrastiveCollator:
             batch.update(self.processor.process_barcodes([row["dna"] for row in rows], ids, warn_truncated=False))
         if "text" in self.modalities:
             batch.update(self.processor.process_taxonomy([{r: row[r] for r in RANK_COLUMNS} for row in rows], ids))
+        for rank in self.label_ranks:  # ids equal across processes and workers; -1 = unknown
+            batch[f"labels_{rank}"] = torch.tensor([zlib.crc32(row[rank].encode()) if row[rank] else -1
+                                                    for row in rows], dtype=torch.long)
         return batch

@@ -14,6 +14,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -131,3 +132,29 @@ class BarcodeTokenizer:
             attention_mask=torch.tensor(all_masks, dtype=torch.long),
             truncated=truncated,
         )
+
+
+_BASE_CODES = np.full(256, -1, dtype=np.int64)
+for _code, _base in enumerate(BASES):
+    _BASE_CODES[ord(_base)] = _code
+
+
+def kmer_profiles(sequences: Sequence[str], k: int = 6, ids: Sequence[str] | None = None) -> torch.Tensor:
+    """L2-normalised counts of overlapping k-mers over ACGT [B, 4^k] (k-mers with N or an
+    ambiguity code are skipped). The whole barcode is used: a profile has no length limit.
+
+    Usage:
+        profiles = kmer_profiles(["ACGTAC...", ...], k=6)
+    """
+    names = [f"barcode {i!r}" for i in ids] if ids is not None else [f"barcode #{i}" for i in range(len(sequences))]
+    out = torch.zeros(len(sequences), 4**k)
+    weights = 4 ** np.arange(k - 1, -1, -1)
+    for row, (sequence, name) in enumerate(zip(sequences, names, strict=True)):
+        codes = _BASE_CODES[np.frombuffer(normalise_barcode(sequence, name).encode(), dtype=np.uint8)]
+        if len(codes) < k:
+            continue
+        windows = np.lib.stride_tricks.sliding_window_view(codes, k)
+        valid = (windows >= 0).all(axis=1)
+        counts = np.bincount(windows[valid] @ weights, minlength=4**k)
+        out[row] = torch.from_numpy(counts.astype(np.float32))
+    return torch.nn.functional.normalize(out, dim=-1)

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 from transformers.utils import PushToHubMixin, cached_file
 
 from ..configuration_clibd import CLIBDConfig
-from .barcodes import BarcodeTokenizer
+from .barcodes import BarcodeTokenizer, kmer_profiles
 from .images import ImageInput, image_transform, load_image
 from .taxonomy import taxonomy_text
 
@@ -42,8 +42,10 @@ class CLIBDProcessor(PushToHubMixin):
         text_max_length: int = 20,
         image_size: int = 224,
         resize_size: int = 256,
+        dna_profile_kmer_size: int | None = None,
     ):
         self.text_tokenizer = text_tokenizer
+        self.dna_profile_kmer_size = dna_profile_kmer_size
         self.barcode_tokenizer = BarcodeTokenizer(dna_tokenizer_flavour, kmer_size, max_sequence_length)
         self.text_max_length = text_max_length
         self.image_size = image_size
@@ -64,6 +66,8 @@ class CLIBDProcessor(PushToHubMixin):
             text_max_length=config.text_config.max_length,
             image_size=config.image_config.image_size,
             resize_size=config.image_config.resize_size,
+            dna_profile_kmer_size=(config.dna_config.profile_kmer_size
+                                   if config.dna_config.encoder == "kmer_profile" else None),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -75,6 +79,7 @@ class CLIBDProcessor(PushToHubMixin):
             "text_max_length": self.text_max_length,
             "image_size": self.image_size,
             "resize_size": self.resize_size,
+            "dna_profile_kmer_size": self.dna_profile_kmer_size,
         }
 
     def __repr__(self) -> str:
@@ -88,6 +93,8 @@ class CLIBDProcessor(PushToHubMixin):
     def process_barcodes(
         self, barcodes: Sequence[str], ids: Sequence[str] | None = None, warn_truncated: bool = True
     ) -> dict[str, torch.Tensor]:
+        if self.dna_profile_kmer_size is not None:  # a k-mer-profile DNA tower reads whole barcodes
+            return {"dna_profile": kmer_profiles(barcodes, self.dna_profile_kmer_size, ids)}
         encoded = self.barcode_tokenizer(barcodes, ids, warn_truncated=warn_truncated)
         return {"dna_input_ids": encoded.input_ids, "dna_attention_mask": encoded.attention_mask}
 

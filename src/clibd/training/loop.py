@@ -35,6 +35,7 @@ from ..data import (
 )
 from ..data.collate import ContrastiveCollator, has_modalities
 from ..evaluation.retrieval import evaluate_retrieval, evaluation_pairs, format_table, selection_score
+from ..loss import supervised_contrastive_loss
 from ..modeling_clibd import CLIBDModel
 from ..processing import CLIBDProcessor
 from .checkpointing import TrainState, latest_checkpoint, save_checkpoint, save_pretrained_atomic
@@ -142,10 +143,13 @@ def train(config: ExperimentConfig, resume: bool = False, progress: bool = True)
     model = (CLIBDModel.from_pretrained(config.model.init_from) if config.model.init_from
              else CLIBDModel.from_pretrained_towers(model_config))
     configure_trainable(model, frozen=cfg.freeze, lora_rank=cfg.lora_rank if cfg.lora else None)
+    if cfg.objective == "supcon":
+        model.logit_scale.requires_grad_(False)  # no pairwise logits: the temperature is fixed
     tokenizer_source = config.text_tokenizer_source()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source) if tokenizer_source else None
     processor = CLIBDProcessor.from_model_config(model.config, tokenizer)
-    collator = ContrastiveCollator(processor, modalities, train=True, seed=cfg.seed)
+    label_ranks = tuple(cfg.supcon_weights) if cfg.objective == "supcon" else ()
+    collator = ContrastiveCollator(processor, modalities, train=True, seed=cfg.seed, label_ranks=label_ranks)
 
     lr = cfg.max_lr * global_batch / 500
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
@@ -184,6 +188,12 @@ def train(config: ExperimentConfig, resume: bool = False, progress: bool = True)
             model.train()
             if cfg.grad_cache_chunk:
                 loss = grad_cache_step(model, batch, cfg.grad_cache_chunk, accelerator.backward, accelerator.no_sync)
+            elif cfg.objective == "supcon":
+                labels = {rank: batch.pop(f"labels_{rank}") for rank in cfg.supcon_weights}
+                dna = model(**batch).dna_embeds
+                loss = sum(weight * supervised_contrastive_loss(dna, labels[rank], cfg.supcon_temperature)
+                           for rank, weight in cfg.supcon_weights.items())
+                accelerator.backward(loss)
             else:
                 loss = model(**batch, return_loss=True).loss
                 accelerator.backward(loss)

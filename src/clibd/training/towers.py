@@ -21,7 +21,8 @@ def encoder_body(model: CLIBDModel, tower: str) -> nn.Module:
     """The pretrained part of a tower (everything but its projection to the shared space)."""
     if tower == "image":
         return model.image_encoder
-    return getattr(model, f"{tower}_encoder").bert
+    module = getattr(model, f"{tower}_encoder")
+    return module.bert if hasattr(module, "bert") else module.mlp
 
 
 def projection_parameters(model: CLIBDModel) -> list[nn.Parameter]:

@@ -1,0 +1,78 @@
+"""The k-mer-profile DNA tower and the supervised contrastive objective (configs/bold_dna.yaml)."""
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clibd import CLIBDConfig, CLIBDModel, CLIBDProcessor
+from clibd.loss import supervised_contrastive_loss
+from clibd.processing import kmer_profiles
+from clibd.training import ExperimentConfig, train
+
+
+def test_kmer_profiles_count_overlapping_kmers():
+    profile = kmer_profiles(["acgtaNacgt-a"], k=3)[0]  # lower case, a gap, an N
+    index = {"".join(p): i for i, p in enumerate(itertools.product("ACGT", repeat=3))}
+    counts = torch.zeros(64)
+    for kmer in ("ACG", "CGT", "GTA", "ACG", "CGT", "GTA"):  # "TAN", "ANA", "NAC" skipped
+        counts[index[kmer]] += 1
+    assert torch.allclose(profile, counts / counts.norm())
+    with pytest.raises(ValueError, match="barcode 'q7'"):
+        kmer_profiles(["ACGT", "AC1T"], k=3, ids=["q6", "q7"])
+
+
+def test_profile_tower_model_processor_round_trip(tmp_path):
+    config = CLIBDConfig.tiny(modalities=["dna"], dna_config={"encoder": "kmer_profile", "profile_kmer_size": 3,
+                                                              "profile_hidden_size": 16})
+    model = CLIBDModel(config).eval()
+    processor = CLIBDProcessor.from_model_config(config)
+    batch = processor(barcodes=["ACGTTGCAAGT" * 80, "TTGACCA" * 20])
+    assert set(batch) == {"dna_profile"} and batch["dna_profile"].shape == (2, 64)  # whole barcode, no 660 limit
+    features = model.get_dna_features(**batch)
+    assert torch.allclose(features.norm(dim=-1), torch.ones(2))
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    reloaded, reprocessor = CLIBDModel.from_pretrained(tmp_path).eval(), CLIBDProcessor.from_pretrained(tmp_path)
+    assert torch.equal(reloaded.get_dna_features(**reprocessor(barcodes=["ACGTTGCAAGT" * 80, "TTGACCA" * 20])),
+                       features)
+    with pytest.raises(ValueError, match="reads k-mer profiles"):
+        model.get_dna_features(dna_input_ids=torch.zeros(1, 133, dtype=torch.long))
+
+
+def test_supervised_contrastive_loss_by_hand():
+    z = F.normalize(torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]), dim=-1)
+    labels = torch.tensor([0, 0, 1])
+    t = 0.5
+    sims = z @ z.T / t
+    # anchors 0 and 1 have one positive each (each other); anchor 2 has none and adds 0
+    log_p01 = sims[0, 1] - torch.logsumexp(torch.stack([sims[0, 1], sims[0, 2]]), 0)
+    log_p10 = sims[1, 0] - torch.logsumexp(torch.stack([sims[1, 0], sims[1, 2]]), 0)
+    expected = -(log_p01 + log_p10) / 3
+    assert supervised_contrastive_loss(z, labels, t).item() == pytest.approx(expected.item(), rel=1e-6)
+    unknown = supervised_contrastive_loss(z, torch.tensor([-1, -1, 5]), t)
+    assert unknown.item() == 0.0  # unknown labels are never positives
+
+
+def test_supcon_training_run_and_config_checks(data_dir, tmp_path):
+    experiment = {
+        "model": {"preset": "tiny", "modalities": ["dna"],
+                  "dna": {"encoder": "kmer_profile", "profile_kmer_size": 4, "profile_hidden_size": 64}},
+        "data": {"path": str(data_dir / "insect_bold_coi" / "insect_bold_coi.tsv"), "limit": 1500},
+        "train": {"output_dir": str(tmp_path / "run"), "objective": "supcon", "epochs": 4, "batch_size": 128,
+                  "max_lr": 2e-3, "checkpoint_every": 1000, "eval_from_epoch": 4, "log_every": 1},
+    }
+    result = train(ExperimentConfig.from_dict(experiment), progress=False)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert result.test_metrics["dna"]["dna"]["unseen"]["genus"]["micro_top1"] > 0.5
+    assert not math.isinf(result.best_score)
+    with pytest.raises(ValueError, match="needs two or three modalities"):
+        ExperimentConfig.from_dict({**experiment, "train": {"objective": "clip"}})
+    with pytest.raises(ValueError, match="add dna"):
+        ExperimentConfig.from_dict({**experiment, "model": {"modalities": ["image", "text"]},
+                                    "train": {"objective": "supcon"}})
