@@ -238,3 +238,27 @@ def test_thresholds_calibrated_from_held_out_species():
     across_species = float(embeddings[0] @ embeddings[3])
     assert across_species < thresholds["species"] < within_species
     assert torch.isnan(torch.tensor(thresholds["order"]))  # nothing wrong to separate at order
+
+
+def test_novel_species_placed_at_genus_or_family(data_dir, library, tmp_path):
+    """With the novel-species tower (configs/bold_dna.yaml in small), barcodes of species absent from
+    the references come back novel, most with their family or genus filled, and those are right."""
+    experiment = {
+        "model": {"preset": "tiny", "modalities": ["dna"],
+                  "dna": {"encoder": "kmer_profile", "profile_kmer_size": 5, "profile_hidden_size": 256}},
+        "data": {"path": str(data_dir / "insect_bold_coi" / "insect_bold_coi.tsv")},
+        "train": {"output_dir": str(tmp_path / "run"), "objective": "supcon", "epochs": 3, "batch_size": 256,
+                  "max_lr": 1e-3, "checkpoint_every": 1000, "eval_from_epoch": 99},
+    }
+    train(ExperimentConfig.from_dict(experiment), progress=False)
+    keys, known, novel = library
+    build_index(tmp_path / "run" / "final", keys, "dna", tmp_path / "refs", progress=False)
+    identify(tmp_path / "refs", known + novel, tmp_path / "preds.tsv", progress=False)
+    rows = {row["query_id"]: row for row in read_predictions(tmp_path / "preds.tsv")[1]}
+    novel_rows = [(rows[r["id"]], r) for r in novel]
+    flagged = [(row, r) for row, r in novel_rows if row["novel"] == "true"]
+    assert len(flagged) / len(novel_rows) > 0.8
+    assert sum(rows[r["id"]]["novel"] == "true" for r in known) / len(known) < 0.3
+    placed = [(row, r) for row, r in flagged if row["family"]]
+    assert len(placed) / len(flagged) > 0.3
+    assert sum(row["family"] == r["family"] for row, r in placed) / len(placed) > 0.8
