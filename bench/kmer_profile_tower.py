@@ -48,13 +48,17 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--report-every", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--stage", choices=("val", "test"), default="test",
+                        help="val: tune on validation-unseen species (references: seen + test-unseen keys)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
 
     splits = load_splits(ExperimentConfig.from_yaml(args.config).data)
     train = splits["train_seen"]
-    keys = datasets.concatenate_datasets([splits["seen_keys"], splits["val_unseen_keys"]])
-    novel, seen = splits["test_unseen"], splits["test_seen"]
+    other = "test" if args.stage == "val" else "val"
+    keys = datasets.concatenate_datasets([splits["seen_keys"], splits[f"{other}_unseen_keys"]])
+    novel, seen = splits[f"{args.stage}_unseen"], splits[f"{args.stage}_seen"]
     key_records, novel_records = list(keys), list(novel)
     key_taxa = {rank: set(keys[rank]) for rank in ("order", "family", "genus", "species")}
 
@@ -63,7 +67,8 @@ def main() -> None:
 
     x_train, x_keys, x_novel, x_seen = profiles(train), profiles(keys), profiles(novel), profiles(seen)
     labels = {rank: torch.from_numpy(np.unique(train[rank], return_inverse=True)[1]) for rank, _ in LEVELS}
-    tower = torch.nn.Sequential(torch.nn.Linear(4**args.k, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256))
+    tower = torch.nn.Sequential(torch.nn.Linear(4**args.k, args.hidden), torch.nn.GELU(),
+                                torch.nn.Linear(args.hidden, 256))
     optimizer = torch.optim.AdamW(tower.parameters(), lr=1e-3, weight_decay=0.01)
 
     def embed(x: torch.Tensor) -> torch.Tensor:
