@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .atomic import atomic_directory
 from .data import records_to_dataset
-from .evaluation.retrieval import embed_records
+from .evaluation.retrieval import embed_records, topk_search
 from .modeling_clibd import CLIBDModel
 from .processing import RANKS, CLIBDProcessor
 
@@ -91,33 +91,6 @@ class ReferenceIndex:
         if backend != "torch":
             raise ValueError(f"unknown search backend {backend!r}; use 'torch' or 'faiss'")
         return topk_search(queries, self.embeddings, k)
-
-
-def topk_search(queries: torch.Tensor, keys: torch.Tensor, k: int, query_chunk: int = 256,
-                key_block: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k inner products, in query chunks x key blocks with a running top-k, so memory
-    stays at the keys plus one key block and one score block whatever the library size. Half
-    precision keys are widened block by block: CPUs multiply fp32 several times faster."""
-    k = min(k, keys.shape[0])
-    compute = torch.float32 if keys.device.type == "cpu" else keys.dtype
-    queries = queries.to(compute)
-    all_values, all_indices = [], []
-    for q0 in range(0, queries.shape[0], query_chunk):
-        chunk = queries[q0 : q0 + query_chunk]
-        best_values = torch.full((chunk.shape[0], 0), float("-inf"))
-        best_indices = torch.empty((chunk.shape[0], 0), dtype=torch.long)
-        for k0 in range(0, keys.shape[0], key_block):
-            scores = (chunk @ keys[k0 : k0 + key_block].to(compute).T).float()
-            top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
-            values = torch.cat([best_values, top.values], dim=1)
-            indices = torch.cat([best_indices, top.indices + k0], dim=1)
-            keep = torch.topk(values, min(k, values.shape[1]), dim=1)
-            best_values, best_indices = keep.values, indices.gather(1, keep.indices)
-        all_values.append(best_values)
-        all_indices.append(best_indices)
-    if not all_values:
-        return torch.empty(0, k), torch.empty(0, k, dtype=torch.long)
-    return torch.cat(all_values), torch.cat(all_indices)
 
 
 def faiss_search(queries: torch.Tensor, keys: torch.Tensor, k: int, nlist: int | None = None,
