@@ -1,8 +1,10 @@
 """Exact top-k search throughput (queries/s) and memory over synthetic 768-d libraries, batched
 (chunked matrix products with a running top-k) versus a naive per-query loop in the same run;
-then end-to-end `identify` throughput for barcodes with a saved model.
+approximate search (faiss inverted file over 8-bit codes, `--search faiss-ivf`) with its recall
+against exact search; then end-to-end `identify` throughput for barcodes with a saved model.
 
     python bench/search.py --keys 100000 1000000 --queries 512
+    python bench/search.py --keys 1000000 --dtypes --approximate --queries 2000
     python bench/search.py --keys 100000 --identify-model runs/demo/best
     python bench/search.py --keys 100000 --dtypes float32 --identify-photos 128
 
@@ -49,6 +51,58 @@ def bench_search(n_keys: int, n_queries: int, dtype: torch.dtype, loop_queries: 
             "library_mb": keys.numel() * keys.element_size() / 2**20, "rss_mb": peak, "rss_before_mb": before}
 
 
+def clustered_library(n_keys: int, n_queries: int, dim: int = 768, species: int = 50_000,
+                      block: int = 100_000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit vectors shaped like a reference library: 5,000 "genera" of 10 "species", specimens
+    scattered around their species (fp16 keys, built in blocks), and queries that are new
+    specimens of random species. Nearest-neighbour structure, unlike uniform random vectors."""
+    generator = torch.Generator().manual_seed(0)
+    genera = torch.randn(species // 10, dim, generator=generator)
+    centres = genera.repeat_interleave(10, dim=0) + 0.7 * torch.randn(species, dim, generator=generator)
+
+    def specimens(n: int) -> torch.Tensor:
+        of = torch.randint(0, species, (n,), generator=generator)
+        return F.normalize(centres[of] + 0.5 * torch.randn(n, dim, generator=generator), dim=-1)
+
+    keys = torch.empty(n_keys, dim, dtype=torch.float16)
+    for start in range(0, n_keys, block):
+        keys[start : start + block] = specimens(min(block, n_keys - start)).half()
+    return keys, specimens(n_queries)
+
+
+def bench_approximate(n_keys: int, n_queries: int, nprobes: list[int]) -> list[dict]:
+    """faiss IVF-SQ8 as `ReferenceIndex.search(backend="faiss-ivf")` builds it (sqrt(N) cells),
+    against exact search on the same keys: queries/s, recall of the exact top-1 and top-5, memory."""
+    import gc
+
+    import faiss
+
+    from clibd.index import faiss_index, faiss_search
+
+    keys, queries = clustered_library(n_keys, n_queries)
+    exact = topk_search(queries, keys, 5)[1]
+    nlist = int(n_keys**0.5)
+    start = time.perf_counter()
+    before = rss_mb()
+    index = faiss_index(keys, nlist=nlist, encoding="SQ8")
+    build_s = time.perf_counter() - start
+    del keys
+    gc.collect()
+    index_mb = (index.sa_code_size() * index.ntotal + 8 * index.ntotal + 4 * nlist * 768) / 2**20
+    rows = []
+    for nprobe in nprobes:
+        faiss.extract_index_ivf(index).nprobe = nprobe
+        faiss_search(queries[:16], index, 5)  # warm-up
+        start = time.perf_counter()
+        _, found = faiss_search(queries, index, 5)
+        rate = n_queries / (time.perf_counter() - start)
+        top1 = (found[:, 0] == exact[:, 0]).float().mean().item()
+        top5 = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, exact, strict=True)) / exact.numel()
+        rows.append({"keys": n_keys, "nlist": nlist, "nprobe": nprobe, "qps": rate, "recall1": top1, "recall5": top5,
+                     "index_mb": index_mb, "rss_mb": rss_mb(), "rss_before_mb": before, "build_s": build_s})
+    return rows
+
+
 def bench_identify(model_dir: str, n: int) -> float:
     from clibd.data import read_records, shared_data_dir
     from clibd.identify import identify
@@ -93,7 +147,10 @@ def main() -> None:
     parser.add_argument("--keys", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--queries", type=int, default=512)
     parser.add_argument("--loop-queries", type=int, default=32)
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16", "float16"])
+    parser.add_argument("--approximate", action="store_true",
+                        help="also faiss IVF-SQ8 (approximate) over clustered synthetic keys, with recall")
+    parser.add_argument("--nprobe", type=int, nargs="+", default=[1, 4, 8, 16, 32])
     parser.add_argument("--identify-model", help="a saved model: also time identify on shared barcodes")
     parser.add_argument("--identify-photos", type=int, default=0, help="also time identify on this many photos")
     args = parser.parse_args()
@@ -106,6 +163,14 @@ def main() -> None:
             print(f"| {r['keys']:,} | {r['dtype']} | {r['batched']:.0f} | {r['loop']:.1f} | "
                   f"{r['batched'] / r['loop']:.1f}x | {r['library_mb']:.0f} | {r['rss_mb'] - r['rss_before_mb']:.0f} | "
                   f"{r['rss_mb']:.0f} |", flush=True)
+    if args.approximate:
+        print("\n| keys | cells | cells probed | q/s | recall@1 | recall@5 | index MB | process RSS MB | build s |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for n_keys in args.keys:
+            for r in bench_approximate(n_keys, args.queries, args.nprobe):
+                print(f"| {r['keys']:,} | {r['nlist']} | {r['nprobe']} | {r['qps']:.0f} | {100 * r['recall1']:.1f} | "
+                      f"{100 * r['recall5']:.1f} | {r['index_mb']:.0f} | {r['rss_mb']:.0f} | {r['build_s']:.0f} |",
+                      flush=True)
     if args.identify_model:
         print(f"identify (barcodes, end to end): {bench_identify(args.identify_model, 2000):.0f} queries/s")
     if args.identify_photos:

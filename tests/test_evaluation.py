@@ -79,7 +79,7 @@ def test_pairs_table_and_selection_score():
 
 def test_faiss_backend_matches_exact_torch_search():
     pytest.importorskip("faiss", reason="pip install 'clibd[faiss]' brings faiss-cpu")
-    from clibd.index import faiss_search, topk_search
+    from clibd.index import faiss_index, faiss_search, topk_search
 
     torch.manual_seed(0)
     keys = F.normalize(torch.randn(5000, 32), dim=-1).to(torch.float16)
@@ -87,7 +87,11 @@ def test_faiss_backend_matches_exact_torch_search():
     exact_values, exact_indices = topk_search(queries, keys, 5, key_block=1000, query_chunk=16)
     brute = torch.topk(queries @ keys.float().T, 5, dim=1)
     assert torch.equal(exact_indices, brute.indices) and torch.allclose(exact_values, brute.values, atol=1e-5)
-    faiss_values, faiss_indices = faiss_search(queries, keys, 5)
+    faiss_values, faiss_indices = faiss_search(queries, faiss_index(keys, block=1024), 5)
     assert torch.equal(faiss_indices, brute.indices) and torch.allclose(faiss_values, brute.values, atol=1e-4)
-    approx_values, approx_indices = faiss_search(queries, keys, 5, nlist=16, nprobe=16)  # every cell probed
-    assert torch.equal(approx_indices, brute.indices)
+    every_cell = faiss_index(keys, nlist=16, nprobe=16)
+    assert torch.equal(faiss_search(queries, every_cell, 5)[1], brute.indices)
+    one_cell = faiss_index(keys, nlist=16, nprobe=1)  # approximate: misses neighbours in other cells
+    assert not torch.equal(faiss_search(queries, one_cell, 5)[1], brute.indices)
+    quantised = faiss_index(keys, nlist=16, encoding="SQ8", nprobe=16)  # 8-bit codes: near-exact ranking
+    assert (faiss_search(queries, quantised, 1)[1][:, 0] == brute.indices[:, 0]).float().mean() >= 0.9

@@ -197,6 +197,21 @@ def test_cli_index_and_identify(trained_model, library, tmp_path, capsys):
     assert "query_id\torder\tfamily\tgenus\tspecies\tsimilarity\tnovel" in out and "\ndna1\t" in out
     assert cli(["identify", "--index", str(tmp_path / "refs"), "--dna", "ACGT?"]) == 2
 
+    pytest.importorskip("faiss", reason="pip install 'clibd[faiss]' brings faiss-cpu")
+    queries = tmp_path / "queries.fasta"
+    queries.write_text("".join(f">{r['id']}\n{r['dna']}\n" for r in known))
+    answers = {}
+    for backend in ("torch", "faiss", "faiss-ivf"):
+        assert cli(["identify", "--index", str(tmp_path / "refs"), "--fasta", str(queries), "--search", backend,
+                    "--out", str(tmp_path / f"{backend}.tsv")]) == 0
+        rows = read_predictions(tmp_path / f"{backend}.tsv")[1]
+        assert [r["query_id"] for r in rows] == [r["id"] for r in known]
+        answers[backend] = torch.tensor([float(r["similarity"]) for r in rows])
+    # (the nearest reference itself may differ between equally similar duplicates)
+    assert torch.allclose(answers["faiss"], answers["torch"], atol=1e-3)  # exact search: the same best match
+    # approximate search: nearly always as good a match, up to the 8-bit quantisation of the keys
+    assert ((answers["faiss-ivf"] - answers["torch"]).abs() < 0.01).float().mean() >= 0.9
+
 
 def test_evaluation_report_writes_metrics(trained_model, data_dir, tmp_path):
     import json

@@ -179,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     ident.add_argument("--dna", nargs="+", help="barcode sequences given on the command line")
     ident.add_argument("--image", nargs="+", help="photo files or folders of photos")
     ident.add_argument("--top-k", type=int, default=5)
-    ident.add_argument("--search", choices=("torch", "faiss"), default="torch",
-                       help="exact search with torch, or with faiss (pip install 'clibd[faiss]')")
+    ident.add_argument("--search", choices=("torch", "faiss", "faiss-ivf"), default="torch",
+                       help="exact search with torch or faiss, or approximate with a faiss inverted file "
+                            "(libraries of millions; pip install 'clibd[faiss]')")
     ident.add_argument("--out", help="predictions TSV (default: stdout); an existing file is resumed")
     ident.add_argument("--batch-size", type=int, default=256)
     ident.set_defaults(run=_identify)

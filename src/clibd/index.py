@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -56,6 +56,7 @@ class ReferenceIndex:
     meta: dict
     embeddings: torch.Tensor  # [N, D] fp16, L2-normalised
     records: list[dict[str, str]]
+    _faiss: tuple | None = field(default=None, repr=False, compare=False)  # (backend, faiss index), built on use
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> ReferenceIndex:
@@ -84,33 +85,54 @@ class ReferenceIndex:
         return [r[rank] for r in self.records]
 
     def search(self, queries: torch.Tensor, k: int = 5, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
-        """Cosine similarities and indices [Q, k] of the k nearest references: exact with torch,
-        or with faiss (`backend="faiss"`, exact inner-product index; `pip install clibd[faiss]`)."""
-        if backend == "faiss":
-            return faiss_search(queries, self.embeddings, k)
-        if backend != "torch":
-            raise ValueError(f"unknown search backend {backend!r}; use 'torch' or 'faiss'")
-        return topk_search(queries, self.embeddings, k)
+        """Cosine similarities and indices [Q, k] of the k nearest references.
+
+        `backend`: "torch" (exact, chunked matrix products), "faiss" (exact, `IndexFlatIP`) or
+        "faiss-ivf" (approximate: an inverted file over 8-bit scalar-quantised vectors, for
+        libraries of millions; about 1/4 of the memory of fp32 keys). The faiss index is built on
+        first use and kept for later calls. faiss: `pip install 'clibd[faiss]'`.
+        """
+        if backend == "torch":
+            return topk_search(queries, self.embeddings, k)
+        if backend not in ("faiss", "faiss-ivf"):
+            raise ValueError(f"unknown search backend {backend!r}; use 'torch', 'faiss' or 'faiss-ivf'")
+        if self._faiss is None or self._faiss[0] != backend:
+            n = self.embeddings.shape[0]
+            ivf = {"nlist": max(1, int(n**0.5)), "encoding": "SQ8"} if backend == "faiss-ivf" else {}
+            self._faiss = (backend, faiss_index(self.embeddings, **ivf))
+        return faiss_search(queries, self._faiss[1], k)
 
 
-def faiss_search(queries: torch.Tensor, keys: torch.Tensor, k: int, nlist: int | None = None,
-                 nprobe: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k inner products with faiss: exact (`IndexFlatIP`) by default, or approximate with an
-    inverted file of `nlist` cells searched `nprobe` at a time, for libraries of many millions."""
+def faiss_index(keys: torch.Tensor, nlist: int | None = None, encoding: str = "Flat", nprobe: int = 16,
+                block: int = 65_536, seed: int = 0):
+    """A faiss inner-product index over `keys` [N, D]: exact (`IndexFlatIP`) by default; with
+    `nlist`, an inverted file of `nlist` cells, `nprobe` of them searched per query, the vectors
+    stored as `encoding` (a faiss code: "Flat", "SQ8" one byte per dimension, "SQfp16", "PQ64").
+    Keys are added in blocks, so no fp32 copy of the whole library is made.
+
+    Usage:
+        index = faiss_index(keys, nlist=1000, encoding="SQ8"); faiss_search(queries, index, k=5)
+    """
     try:
         import faiss
     except ImportError as error:
         raise ImportError("the faiss backend needs faiss: pip install 'clibd[faiss]'") from error
-    vectors = keys.float().numpy()
-    if nlist is None:
-        index = faiss.IndexFlatIP(vectors.shape[1])
-    else:
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(vectors.shape[1]), vectors.shape[1], nlist,
-                                   faiss.METRIC_INNER_PRODUCT)
-        index.train(vectors)
-        index.nprobe = nprobe
-    index.add(vectors)
-    values, indices = index.search(queries.float().numpy(), min(k, keys.shape[0]))
+    n, dim = keys.shape
+    index = faiss.index_factory(dim, "Flat" if nlist is None else f"IVF{nlist},{encoding}", faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        # faiss asks for >= 39 training points per cell; more only slows k-means down
+        sample = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: 64 * (nlist or 1)]
+        index.train(keys[sample.sort().values].float().numpy())
+    for start in range(0, n, block):
+        index.add(keys[start : start + block].float().numpy())
+    if nlist is not None:
+        faiss.extract_index_ivf(index).nprobe = min(nprobe, nlist)
+    return index
+
+
+def faiss_search(queries: torch.Tensor, index, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k inner products [Q, k] (values, indices) of `queries` in a `faiss_index`."""
+    values, indices = index.search(queries.float().numpy(), min(k, index.ntotal))
     return torch.from_numpy(values), torch.from_numpy(indices).long()
 
 
