@@ -49,6 +49,18 @@ def test_model_card_filled_from_run(run_dir):
     assert "# me/clibd-demo" in card and "| DNA -> DNA | 98.6 |" in card and "| train_seen | 14855 |" in card
     assert "frozen encoders: text" in card and "BarcodeBERT" in card and "CC BY 3.0" in card
     assert "$" not in card.split("## Licences")[0]  # every placeholder filled
+    assert "| DNA | BERT over 5-mers (2 layers, width 32)" in card and "CLIP-style contrastive loss" in card
+
+
+def test_model_card_of_a_kmer_profile_run(run_dir):
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["model"] = {"preset": "paper", "modalities": ["dna"], "dna": {
+        "encoder": "kmer_profile", "profile_kmer_size": 7, "profile_hidden_size": 1024, "profile_sketch_dim": 1024}}
+    config["train"].update(objective="supcon", supcon_weights={"species": 1.0, "genus": 0.5})
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    card = render_model_card(run_dir)
+    assert "| DNA | MLP over overlapping 7-mer counts (hidden 1024) + a fixed 1024-d random projection" in card
+    assert "BERT over" not in card and "supervised contrastive loss" in card
 
 
 def test_push_run_uploads_model_processor_metrics_and_card(run_dir, monkeypatch):

@@ -43,6 +43,33 @@ def test_profile_tower_model_processor_round_trip(tmp_path):
         model.get_dna_features(dna_input_ids=torch.zeros(1, 133, dtype=torch.long))
 
 
+def test_profile_sketch_mixes_learned_and_raw_profile_cosines(tmp_path):
+    dna = {"encoder": "kmer_profile", "profile_kmer_size": 4, "profile_hidden_size": 16,
+           "profile_sketch_dim": 4096, "profile_sketch_weight": 0.5}
+    config = CLIBDConfig.tiny(modalities=["dna"], dna_config=dna)
+    model = CLIBDModel(config).eval()
+    processor = CLIBDProcessor.from_model_config(config)
+    barcodes = ["ACGTTGCAAGTCCA" * 40, "ACGTTGCAAGTCCT" * 40, "TTGACCAGGA" * 50]
+    batch = processor(barcodes=barcodes)
+    with torch.no_grad():
+        retrieval = model.get_dna_features(**batch)
+        learned = model.get_dna_features(**batch, with_sketch=False)
+        trained_on = model(**batch).dna_embeds
+    assert retrieval.shape == (3, 32 + 4096) and learned.shape == (3, 32)
+    assert torch.allclose(retrieval.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert torch.equal(trained_on, learned)  # the losses see the learned part only
+    # retrieval cosine = (learned cosine + 0.5 x sketch cosine) / 1.5, the sketch ~ raw profile cosine
+    raw = kmer_profiles(barcodes, 4) @ kmer_profiles(barcodes, 4).T
+    sketch_cosine = (1.5 * retrieval @ retrieval.T - learned @ learned.T) / 0.5
+    assert torch.allclose(sketch_cosine, raw, atol=0.05)
+    model.save_pretrained(tmp_path)  # the sketch is a saved buffer: same embeddings after reload
+    assert torch.equal(CLIBDModel.from_pretrained(tmp_path).eval().get_dna_features(**batch), retrieval)
+    with pytest.raises(ValueError, match="only for DNA-only models"):
+        CLIBDConfig.tiny(modalities=["dna", "text"], dna_config=dna)
+    with pytest.raises(ValueError, match="needs encoder: kmer_profile"):
+        CLIBDConfig.tiny(modalities=["dna"], dna_config={"profile_sketch_dim": 8})
+
+
 def test_supervised_contrastive_loss_by_hand():
     z = F.normalize(torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]), dim=-1)
     labels = torch.tensor([0, 0, 1])

@@ -59,7 +59,12 @@ class CLIBDDNAConfig(PreTrainedConfig):
     last hidden state then a linear projection (clibd's default for new models).
     `encoder`: `bert` (the above) or `kmer_profile`: an MLP over the L2-normalised counts of
     overlapping `profile_kmer_size`-mers (the tower of bench/kmer_profile_tower.py, strong on
-    species that no reference holds); the BERT fields are then unused.
+    species that no reference holds); the BERT fields are then unused. With `profile_sketch_dim`
+    > 0 its retrieval embedding also carries a fixed random projection of the profile to that many
+    dimensions (a sketch whose cosines approximate raw k-mer-profile cosines), weighted by
+    `profile_sketch_weight` against the learned part: the learned part places a barcode among
+    genera and families, the sketch keeps the fine alignment-free similarity between close
+    barcodes. Only for DNA-only models (the retrieval embedding is wider than `projection_dim`).
     """
 
     model_type = "clibd_dna_model"
@@ -81,9 +86,15 @@ class CLIBDDNAConfig(PreTrainedConfig):
     encoder: Literal["bert", "kmer_profile"] = "bert"
     profile_kmer_size: int = 6
     profile_hidden_size: int = 1024
+    profile_sketch_dim: int = 0
+    profile_sketch_weight: float = 1.0
 
     def __post_init__(self, **kwargs):
         _check_choice("dna_config.encoder", self.encoder, ("bert", "kmer_profile"))
+        if self.profile_sketch_dim < 0 or self.profile_sketch_weight < 0:
+            raise ValueError("dna_config.profile_sketch_dim and profile_sketch_weight must be >= 0")
+        if self.profile_sketch_dim and self.encoder != "kmer_profile":
+            raise ValueError("dna_config.profile_sketch_dim needs encoder: kmer_profile")
         _check_choice("dna_config.tokenizer_flavour", self.tokenizer_flavour, DNA_TOKENIZER_FLAVOURS)
         _check_choice("dna_config.pooling", self.pooling, POOLINGS)
         if self.max_sequence_length % self.kmer_size:
@@ -179,6 +190,9 @@ class CLIBDConfig(PreTrainedConfig):
         if unknown or not self.modalities:
             raise ValueError(f"modalities must be a non-empty subset of image, dna, text; got {self.modalities}")
         super().__post_init__(**kwargs)
+        if self.dna_config.profile_sketch_dim and self.modalities != ["dna"]:
+            raise ValueError(f"dna_config.profile_sketch_dim widens the DNA retrieval embedding beyond "
+                             f"projection_dim: only for DNA-only models, not modalities {self.modalities}")
 
     @classmethod
     def tiny(cls, **overrides) -> CLIBDConfig:

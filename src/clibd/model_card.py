@@ -6,6 +6,7 @@ Usage:
 
 from __future__ import annotations
 
+import json
 import os
 from importlib import resources
 from pathlib import Path
@@ -23,8 +24,15 @@ def _tower_rows(model: dict, config: dict) -> str:
                     f"{'timm ImageNet weights' if image.get('pretrained', True) else 'random'} |")
     if "dna" in modalities:
         dna = model.get("dna", {})
-        size = f"{dna.get('num_hidden_layers', 12)} layers, width {dna.get('hidden_size', 768)}"
-        rows.append(f"| DNA | BERT over 5-mers ({size}) | {dna.get('pretrained_model_name_or_path') or 'random'} |")
+        if dna.get("encoder") == "kmer_profile":
+            sketch = dna.get("profile_sketch_dim", 0)
+            rows.append(f"| DNA | MLP over overlapping {dna.get('profile_kmer_size', 6)}-mer counts (hidden "
+                        f"{dna.get('profile_hidden_size', 1024)})"
+                        + (f" + a fixed {sketch}-d random projection of the counts" if sketch else "") + " | random |")
+        else:
+            size = f"{dna.get('num_hidden_layers', 12)} layers, width {dna.get('hidden_size', 768)}"
+            rows.append(f"| DNA | BERT over {dna.get('kmer_size', 5)}-mers ({size}) | "
+                        f"{dna.get('pretrained_model_name_or_path') or 'random'} |")
     if "text" in modalities:
         text = model.get("text", {})
         rows.append(f"| taxonomy text | BERT | {text.get('pretrained_model_name_or_path') or 'prajjwal1/bert-small'} |")
@@ -39,6 +47,11 @@ def render_model_card(run_dir: str | os.PathLike, repo_id: str | None = None) ->
         raise FileNotFoundError(f"{run}: no config.yaml (is this a clibd run folder?)")
     config = yaml.safe_load(config_path.read_text())
     model, data, train = config["model"], config["data"], config["train"]
+    saved = run / "best" / "config.json"  # the resolved sizes, where the YAML names a preset
+    if saved.exists():
+        resolved = json.loads(saved.read_text())
+        for tower in ("image", "dna", "text"):
+            model[tower] = {**resolved.get(f"{tower}_config", {}), **(model.get(tower) or {})}
     metrics = (run / "metrics.md").read_text().strip() if (run / "metrics.md").exists() else "Not evaluated yet."
     splits = (run / "splits.md").read_text().strip() if (run / "splits.md").exists() else ""
     template = Template(resources.files("clibd").joinpath("templates/model_card.md").read_text())
@@ -53,6 +66,8 @@ def render_model_card(run_dir: str | os.PathLike, repo_id: str | None = None) ->
         text_pooling=model.get("text", {}).get("pooling", "compat"),
         data_path=data.get("path", ""), data_source=data.get("source", ""), data_split=data.get("split", ""),
         split_seed=data.get("split_seed", ""), splits=splits,
+        objective=(f"supervised contrastive loss on the DNA embeddings (rank weights {train.get('supcon_weights')})"
+                   if train.get("objective") == "supcon" else "CLIP-style contrastive loss over every pair of modalities"),
         epochs=train.get("epochs"), batch_size=train.get("batch_size"), weight_decay=train.get("weight_decay"),
         max_lr=train.get("max_lr"), mixed_precision=train.get("mixed_precision"),
         frozen=", ".join(train.get("freeze") or []) or "none", lora="yes" if train.get("lora") else "no",

@@ -69,15 +69,30 @@ class CLIBDDNATower(nn.Module):
 
 
 class CLIBDKmerProfileTower(nn.Module):
-    """MLP over L2-normalised overlapping k-mer counts (`dna_profile`, from the processor)."""
+    """MLP over L2-normalised overlapping k-mer counts (`dna_profile`, from the processor), and an
+    optional fixed random projection of the counts (`profile_sketch_dim`; a saved buffer, never trained)."""
 
     def __init__(self, config: CLIBDDNAConfig, projection_dim: int):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(4**config.profile_kmer_size, config.profile_hidden_size), nn.GELU())
         self.projection = nn.Linear(config.profile_hidden_size, projection_dim)
+        self.sketch_weight = config.profile_sketch_weight
+        sketch = None
+        if config.profile_sketch_dim:
+            generator = torch.Generator().manual_seed(0)
+            sketch = torch.randn(4**config.profile_kmer_size, config.profile_sketch_dim, generator=generator)
+        self.register_buffer("sketch", sketch)
 
     def forward(self, dna_profile: torch.Tensor) -> torch.Tensor:
         return self.projection(self.mlp(dna_profile))
+
+    def retrieval_embedding(self, dna_profile: torch.Tensor) -> torch.Tensor:
+        """Unit vectors whose cosines are (learned cosine + w * sketch cosine) / (1 + w)."""
+        learned = F.normalize(self(dna_profile), dim=-1)
+        if self.sketch is None:
+            return learned
+        sketch = F.normalize(dna_profile @ self.sketch.to(dna_profile.dtype), dim=-1)
+        return torch.cat([learned, self.sketch_weight**0.5 * sketch], dim=-1) / (1 + self.sketch_weight) ** 0.5
 
 
 class CLIBDTextTower(nn.Module):
@@ -205,15 +220,22 @@ class CLIBDModel(CLIBDPreTrainedModel):
         dna_input_ids: torch.Tensor | None = None,
         dna_attention_mask: torch.Tensor | None = None,
         dna_profile: torch.Tensor | None = None,
+        with_sketch: bool = True,
     ) -> torch.Tensor:
         """L2-normalised barcode embeddings [B, projection_dim] from k-mer ids [B, tokens] (BERT
-        tower) or k-mer count profiles [B, 4^k] (`kmer_profile` tower)."""
+        tower) or k-mer count profiles [B, 4^k] (`kmer_profile` tower). A `kmer_profile` tower with
+        a sketch (`profile_sketch_dim`) returns [B, projection_dim + profile_sketch_dim] for
+        retrieval, or the learned part alone with `with_sketch=False` (what training sees).
+
+        Usage:
+            embeds = model.get_dna_features(**processor(barcodes=["ACGT..."]))
+        """
         tower = self._tower("dna")
         if isinstance(tower, CLIBDKmerProfileTower):
             if dna_profile is None:
                 raise ValueError("this model's DNA tower reads k-mer profiles: pass dna_profile (the processor "
                                  "of this model makes it)")
-            return F.normalize(tower(dna_profile), dim=-1)
+            return tower.retrieval_embedding(dna_profile) if with_sketch else F.normalize(tower(dna_profile), dim=-1)
         if dna_input_ids is None:
             raise ValueError("this model's DNA tower reads k-mer token ids: pass dna_input_ids")
         return F.normalize(tower(dna_input_ids, dna_attention_mask), dim=-1)
@@ -242,7 +264,7 @@ class CLIBDModel(CLIBDPreTrainedModel):
         """Embed whichever modalities are given; logits for every present pair; loss if asked."""
         embeds = {
             "image": self.get_image_features(pixel_values) if pixel_values is not None else None,
-            "dna": (self.get_dna_features(dna_input_ids, dna_attention_mask, dna_profile)
+            "dna": (self.get_dna_features(dna_input_ids, dna_attention_mask, dna_profile, with_sketch=False)
                     if dna_input_ids is not None or dna_profile is not None else None),
             "text": (self.get_text_features(text_input_ids, text_attention_mask, text_token_type_ids)
                      if text_input_ids is not None else None),

@@ -135,7 +135,7 @@ def train(config: ExperimentConfig, resume: bool = False, progress: bool = True)
         atomic_write_text(run_dir / "splits.md", table + "\n")
         save_splits(splits, run_dir / "splits")
         accelerator.print(table)
-        if "dna" in modalities:
+        if "dna" in modalities and model_config.dna_config.encoder == "bert":  # profiles read the whole barcode
             long = sum(len(s) > model_config.dna_config.max_sequence_length for s in train_set["dna"])
             accelerator.print(f"{long} of {len(train_set)} training barcodes are longer than "
                               f"{model_config.dna_config.max_sequence_length} bp and are truncated")
