@@ -1,16 +1,18 @@
-"""Experiment for the novel-species goal: a DNA tower over k-mer count profiles, trained with a
+"""Experiments for the novel-species goal: a DNA tower over k-mer count profiles, trained with a
 hierarchical supervised contrastive loss (species, genus and family labels of the seen species).
 
-    python bench/kmer_profile_tower.py --k 6 --epochs 30
-    python bench/kmer_profile_tower.py --k 5 --epochs 20
+    python bench/kmer_profile_tower.py --stage val --k 7 --epochs 20 --sketch 1024
+    python bench/kmer_profile_tower.py --stage val --k 7 --mutate 0.05 --weights species=1,genus=1,family=0.5
 
-Same split and scoring as bench/novel_species.py (the demo config's paper split; references = seen
-keys + validation-unseen keys; novel queries = test-unseen species, in no reference and never
-trained on). The tower: L2-normalised overlapping k-mer counts -> Linear(4^k, 1024) -> GELU ->
-Linear(1024, 256) -> L2 norm. The loss, per batch of 512 seen-species records: supervised
-contrastive (temperature 0.1; every other record with the same label is a positive) at the species
-(weight 1), genus (0.5) and family (0.25) levels. Not yet a clibd tower: this script measures the
-idea before it is built into CLIBDModel.
+Same split and scoring as bench/novel_species.py (the demo config's paper split). `--stage test`:
+references = seen keys + validation-unseen keys, novel queries = test-unseen species; `--stage
+val` (for choosing settings): references = seen keys + test-unseen keys, queries = the
+validation-unseen species. The tower: L2-normalised overlapping k-mer counts -> Linear(4^k,
+hidden) -> GELU -> Linear(hidden, 256) -> L2 norm, trained on batches of 512 seen-species
+records. Besides 1-NN placement it scores, on the same embeddings, the nearest label centroid and
+the learned cosine mixed with the raw profile cosine or with that of a random projection of the
+profile (the sketch of `dna_config.profile_sketch_dim`). The shipped tower is clibd's
+`dna_config.encoder: kmer_profile` (configs/bold_dna.yaml); this script is the quick test bed.
 """
 
 from __future__ import annotations
@@ -27,32 +29,72 @@ from novel_species import auroc, placement
 from clibd.processing import kmer_profiles
 from clibd.training import ExperimentConfig, load_splits
 
-LEVELS = (("species", 1.0), ("genus", 0.5), ("family", 0.25))
 
-
-def supervised_contrastive(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-    """Mean over anchors with a positive of -mean log p(positive | anchor) among the other records."""
+def supervised_contrastive(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1,
+                           excluded: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over anchors with a positive of -mean log p(positive | anchor) among the other records;
+    pairs in `excluded` are never positives (they stay in the denominator)."""
     eye = torch.eye(z.shape[0], dtype=torch.bool)
     logits = (z @ z.T / temperature).masked_fill(eye, float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
     positive = (labels[:, None] == labels[None, :]) & ~eye
+    if excluded is not None:
+        positive &= ~excluded
     anchors = positive.any(dim=1)
     summed = log_prob.masked_fill(~positive, 0.0).sum(dim=1)
     return -(summed[anchors] / positive.sum(dim=1)[anchors]).mean()
 
 
+def centroid_placement(queries: torch.Tensor, keys: torch.Tensor, key_records: list[dict],
+                       query_records: list[dict], key_taxa: dict) -> dict[str, float]:
+    """Per rank, the label whose mean reference embedding (normalised) is nearest the query."""
+    predicted = [{} for _ in query_records]
+    for rank in ("order", "family", "genus", "species"):
+        names, index = np.unique([r[rank] for r in key_records], return_inverse=True)
+        centroids = torch.zeros(len(names), keys.shape[1]).index_add_(0, torch.from_numpy(index), keys)
+        best = (queries @ F.normalize(centroids, dim=-1).T).argmax(dim=1).tolist()
+        for answer, j in zip(predicted, best, strict=True):
+            answer[rank] = names[j]
+    return placement(query_records, predicted, key_taxa)
+
+
+def mutate(sequences: list[str], max_rate: float, generator: np.random.Generator) -> list[str]:
+    """Each sequence with a fraction of its bases (uniform in [0, max_rate]) replaced by random bases:
+    a stand-in for the divergence between a species and its congeners."""
+    out = []
+    for sequence in sequences:
+        bases = np.frombuffer(sequence.upper().encode(), dtype=np.uint8).copy()
+        hits = generator.random(len(bases)) < generator.uniform(0, max_rate)
+        bases[hits] = np.frombuffer(b"ACGT", dtype=np.uint8)[generator.integers(0, 4, hits.sum())]
+        out.append(bases.tobytes().decode())
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--k", type=int, default=6)
+    parser.add_argument("--k", type=int, nargs="+", default=[6], help="several: concatenated profiles")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--report-every", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--weights", default="species=1,genus=0.5,family=0.25",
+                        help="supervised contrastive levels and weights, e.g. species=1,genus=1,family=0.5,order=0.25")
+    parser.add_argument("--other-species", action="store_true",
+                        help="above species, only records of another species are positives (leave-species-out)")
+    parser.add_argument("--mutate", type=float, default=0.0,
+                        help="each epoch, substitute up to this fraction of each training barcode's bases")
+    parser.add_argument("--temperature", type=float, default=0.1)
+    parser.add_argument("--mix", type=float, nargs="+", default=[0.5, 1.0],
+                        help="weights of the raw-profile or sketch cosine added to the learned cosine")
+    parser.add_argument("--sketch", type=int, nargs="*", default=[],
+                        help="also score mixing in the cosine of a random projection of the profile to these sizes")
     parser.add_argument("--stage", choices=("val", "test"), default="test",
                         help="val: tune on validation-unseen species (references: seen + test-unseen keys)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
+    generator = np.random.default_rng(args.seed)
+    levels = [(rank, float(weight)) for rank, weight in (item.split("=") for item in args.weights.split(","))]
 
     splits = load_splits(ExperimentConfig.from_yaml(args.config).data)
     train = splits["train_seen"]
@@ -62,12 +104,14 @@ def main() -> None:
     key_records, novel_records = list(keys), list(novel)
     key_taxa = {rank: set(keys[rank]) for rank in ("order", "family", "genus", "species")}
 
-    def profiles(dataset):
-        return kmer_profiles(dataset["dna"], args.k)
+    def profiles(sequences) -> torch.Tensor:
+        return torch.cat([kmer_profiles(sequences, k) for k in args.k], dim=1) / len(args.k) ** 0.5
 
-    x_train, x_keys, x_novel, x_seen = profiles(train), profiles(keys), profiles(novel), profiles(seen)
-    labels = {rank: torch.from_numpy(np.unique(train[rank], return_inverse=True)[1]) for rank, _ in LEVELS}
-    tower = torch.nn.Sequential(torch.nn.Linear(4**args.k, args.hidden), torch.nn.GELU(),
+    train_dna = list(train["dna"])
+    x_train, x_keys, x_novel, x_seen = (profiles(d["dna"]) for d in (train, keys, novel, seen))
+    labels = {rank: torch.from_numpy(np.unique(train[rank], return_inverse=True)[1])
+              for rank in {"species", *(rank for rank, _ in levels)}}
+    tower = torch.nn.Sequential(torch.nn.Linear(x_train.shape[1], args.hidden), torch.nn.GELU(),
                                 torch.nn.Linear(args.hidden, 256))
     optimizer = torch.optim.AdamW(tower.parameters(), lr=1e-3, weight_decay=0.01)
 
@@ -75,17 +119,31 @@ def main() -> None:
         with torch.no_grad():
             return F.normalize(tower(x), dim=-1)
 
-    print(f"k={args.k}: {len(train)} training records, {len(keys)} references, {len(novel)} novel queries")
+    def sketched(dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cosines of a fixed random projection of the profiles (novel and seen vs references)."""
+        projection = torch.randn(x_keys.shape[1], dim, generator=torch.Generator().manual_seed(0))
+        keys_, novel_, seen_ = (F.normalize(x @ projection, dim=-1) for x in (x_keys, x_novel, x_seen))
+        return novel_ @ keys_.T, seen_ @ keys_.T
+
+    print(f"k={args.k}, {args}: {len(train)} training records, {len(keys)} references, {len(novel)} novel queries")
     print("| epoch | order | family | genus | AUROC seen vs novel | seconds |")
     print("|---:|---:|---:|---:|---:|---:|")
     start = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
         tower.train()
+        if args.mutate > 0:
+            x_train = profiles(mutate(train_dna, args.mutate, generator))
         order = torch.randperm(len(x_train))
         for i in range(0, len(order) - 511, 512):
             batch = order[i : i + 512]
             z = F.normalize(tower(x_train[batch]), dim=-1)
-            loss = sum(weight * supervised_contrastive(z, labels[rank][batch]) for rank, weight in LEVELS)
+            species = labels["species"][batch]
+            same_species = species[:, None] == species[None, :] if args.other_species else None
+            loss = sum(
+                weight * supervised_contrastive(z, labels[rank][batch], args.temperature,
+                                                None if rank == "species" else same_species)
+                for rank, weight in levels
+            )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -99,6 +157,20 @@ def main() -> None:
                          novel_sims.max(dim=1).values.tolist())
             print(f"| {epoch} | {100 * placed['order']:.1f} | {100 * placed['family']:.1f} | "
                   f"{100 * placed['genus']:.1f} | {area:.3f} | {time.perf_counter() - start:.0f} |", flush=True)
+            by_centroid = centroid_placement(embed(x_novel), references, key_records, novel_records, key_taxa)
+            seen_sims = embed(x_seen) @ references.T
+            for name, raw, raw_seen in (("raw profile", x_novel @ x_keys.T, x_seen @ x_keys.T),
+                                        *((f"{d}-d sketch", *sketched(d)) for d in args.sketch)):
+                for mix in args.mix:
+                    mixed_sims = novel_sims + mix * raw
+                    best = mixed_sims.argmax(dim=1).tolist()
+                    mixed = placement(novel_records, [key_records[j] for j in best], key_taxa)
+                    area = auroc((seen_sims + mix * raw_seen).max(dim=1).values.tolist(),
+                                 mixed_sims.max(dim=1).values.tolist())
+                    print(f"| {epoch} (+{mix} x {name} cosine) | {100 * mixed['order']:.1f} | "
+                          f"{100 * mixed['family']:.1f} | {100 * mixed['genus']:.1f} | {area:.3f} | |", flush=True)
+            print(f"| {epoch} (centroids) | {100 * by_centroid['order']:.1f} | {100 * by_centroid['family']:.1f} | "
+                  f"{100 * by_centroid['genus']:.1f} | | |", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python bench/novel_species.py                                   # trains configs/demo.yaml if needed
     python bench/novel_species.py --model runs/demo/best --config configs/demo.yaml
+    python bench/novel_species.py --config configs/bold_dna.yaml --split-seed 1   # another species split
 
 The species split is the config's (the paper's, by species, seeded). References: the seen species'
 keys plus the validation-unseen keys (species absent from training but present in the library).
@@ -84,9 +85,14 @@ def main() -> None:
     parser.add_argument("--model", help="a trained model folder; default: the config's run, trained if missing")
     parser.add_argument("--kmax", type=int, default=8)
     parser.add_argument("--votes", action="store_true", help="also score top-k similarity-weighted votes")
+    parser.add_argument("--split-seed", type=int,
+                        help="another species split than the config's (trained into OUTPUT_DIR-splitN if missing)")
     args = parser.parse_args()
 
     config = ExperimentConfig.from_yaml(args.config)
+    if args.split_seed is not None:
+        config.data.split_seed = args.split_seed
+        config.train.output_dir = f"{config.train.output_dir}-split{args.split_seed}"
     model_dir = Path(args.model) if args.model else Path(config.train.output_dir) / "best"
     if not model_dir.exists():
         print(f"{model_dir} not found: training {args.config} first", file=sys.stderr)
@@ -142,7 +148,7 @@ def main() -> None:
                                            for c in cells) + " |")
         print()
 
-    print(f"config {args.config}, model {model_dir}; {len(keys)} references ({len(key_taxa['species'])} species), "
+    print(f"config {args.config} (split seed {config.data.split_seed}), model {model_dir}; {len(keys)} references ({len(key_taxa['species'])} species), "
           f"{len(novel)} novel-species queries ({len({r['species'] for r in novel})} species), {len(seen)} seen queries")
     print(f"thresholds: {', '.join(f'{r}={v:.3f}' for r, v in index.thresholds.items())}\n")
     print("| method | order | family | genus | AUROC seen vs novel |")
