@@ -97,6 +97,8 @@ def main() -> None:
     if not model_dir.exists():
         print(f"{model_dir} not found: training {args.config} first", file=sys.stderr)
         train(config, resume=True)
+        if not model_dir.exists():  # a run that never evaluated on validation keeps its last epoch only
+            model_dir = model_dir.with_name("final")
     splits = load_splits(config.data)
     keys = list(splits["seen_keys"]) + list(splits["val_unseen_keys"])
     novel, seen = list(splits["test_unseen"]), list(splits["test_seen"])
