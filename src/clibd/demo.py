@@ -14,30 +14,12 @@ from pathlib import Path
 from typing import TextIO
 
 import torch
-from tqdm.auto import tqdm
 
 from .configuration_clibd import CLIBDConfig
-from .data import read_records
+from .data import read_records, records_to_dataset
+from .evaluation.retrieval import embed_records
 from .modeling_clibd import CLIBDModel
 from .processing import RANKS, CLIBDProcessor
-
-
-@torch.no_grad()
-def embed_in_batches(model: CLIBDModel, processor: CLIBDProcessor, modality: str, items: list,
-                     ids: list[str] | None = None, batch_size: int = 64, progress: bool = True) -> torch.Tensor:
-    """L2-normalised embeddings of barcodes (`modality="dna"`) or images (`"image"`), batch by batch."""
-    chunks = []
-    for start in tqdm(range(0, len(items), batch_size), desc=f"embed {modality}", disable=not progress):
-        part = items[start : start + batch_size]
-        part_ids = ids[start : start + batch_size] if ids is not None else None
-        if modality == "dna":
-            batch = processor.process_barcodes(part, part_ids)
-            chunks.append(model.get_dna_features(batch["dna_input_ids"], batch["dna_attention_mask"]))
-        elif modality == "image":
-            chunks.append(model.get_image_features(processor.process_images(part)))
-        else:
-            raise ValueError(f"unknown modality {modality!r}; use 'dna' or 'image'")
-    return torch.cat(chunks)
 
 
 def nearest_other(embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +42,7 @@ def run_demo(data_dir: Path, out: TextIO, limit: int | None = None, show: int = 
     processor = CLIBDProcessor.from_model_config(config)
 
     records = read_records(barcode_file, limit=limit)
-    dna = embed_in_batches(model, processor, "dna", [r["dna"] for r in records], [r["id"] for r in records])
+    dna = embed_records(model, processor, records_to_dataset(records), "dna", batch_size=64, progress=True)
     neighbour_sim, neighbour = nearest_other(dna)
     out.write(f"\nUntrained tiny CLIBD (seed {seed}), {len(records)} real BOLD barcodes from {barcode_file.name}\n")
     out.write(f"{'query':<16} {'species':<28} {'nearest':<16} {'its species':<28} {'cosine':>6}\n")
@@ -77,7 +59,9 @@ def run_demo(data_dir: Path, out: TextIO, limit: int | None = None, show: int = 
         with open(photo_dir / "images.csv", newline="") as f:
             photos = [row for row in csv.DictReader(f) if row["order"]]
     if photos:
-        images = embed_in_batches(model, processor, "image", [str(photo_dir / p["image_file"]) for p in photos])
+        photo_records = [{"id": p["image_file"], "image": str(photo_dir / p["image_file"])} for p in photos]
+        images = embed_records(model, processor, records_to_dataset(photo_records), "image", batch_size=64,
+                               progress=True)
         image_sim, image_neighbour = nearest_other(images)
         out.write(f"\n{len(photos)} order-labelled BIOSCAN-1M photos, nearest other photo:\n")
         for i, photo in enumerate(photos[:show]):
