@@ -82,6 +82,8 @@ def main() -> None:
                         help="supervised contrastive levels and weights, e.g. species=1,genus=1,family=0.5,order=0.25")
     parser.add_argument("--other-species", action="store_true",
                         help="above species, only records of another species are positives (leave-species-out)")
+    parser.add_argument("--genus-grouped", action="store_true",
+                        help="half of each batch drawn genus by genus (many congeneric positives)")
     parser.add_argument("--mutate", type=float, default=0.0,
                         help="each epoch, substitute up to this fraction of each training barcode's bases")
     parser.add_argument("--temperature", type=float, default=0.1)
@@ -134,8 +136,13 @@ def main() -> None:
         if args.mutate > 0:
             x_train = profiles(mutate(train_dna, args.mutate, generator))
         order = torch.randperm(len(x_train))
+        if args.genus_grouped:  # half of each batch: consecutive records of a few whole genera
+            genus_rank = torch.randperm(int(labels["genus"].max()) + 1)[labels["genus"]]
+            grouped = torch.argsort(genus_rank * len(order) + torch.randperm(len(order)))
         for i in range(0, len(order) - 511, 512):
             batch = order[i : i + 512]
+            if args.genus_grouped:
+                batch = torch.unique(torch.cat([grouped[i : i + 256], order[i : i + 256]]))
             z = F.normalize(tower(x_train[batch]), dim=-1)
             species = labels["species"][batch]
             same_species = species[:, None] == species[None, :] if args.other_species else None
