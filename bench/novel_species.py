@@ -46,6 +46,22 @@ def placement(true: list[dict], predicted: list[dict], key_taxa: dict[str, set])
     return out
 
 
+def genus_by_trained_congeners(true: list[dict], predicted: list[dict], key_taxa: dict[str, set],
+                               trained: list[dict]) -> dict[str, tuple[float, int, int]]:
+    """Genus placement split by how many species of the query's genus the model was trained on
+    (0, 1, 2+): {group: (accuracy, queries, species)}, over queries whose genus has references."""
+    trained_species: dict[str, set] = {}
+    for r in trained:
+        trained_species.setdefault(r["genus"], set()).add(r["species"])
+    groups: dict[str, list] = {"0": [], "1": [], "2+": []}
+    for t, p in zip(true, predicted, strict=True):
+        if t["genus"] in key_taxa["genus"]:
+            n = len(trained_species.get(t["genus"], ()))
+            groups["2+" if n >= 2 else str(n)].append((t["species"], t["genus"] == p["genus"]))
+    return {name: (sum(ok for _, ok in rows) / len(rows) if rows else float("nan"), len(rows),
+                   len({species for species, _ in rows})) for name, rows in groups.items()}
+
+
 def vote_placement(sims: np.ndarray, keys: list[dict], novel: list[dict], key_taxa: dict, k: int,
                    temperature: float = 0.05) -> dict[str, float]:
     """Placement by a similarity-weighted vote (weights exp(sim / temperature)) among the top-k
@@ -112,7 +128,8 @@ def main() -> None:
             rows = {r["query_id"]: r for r in csv.DictReader((x for x in f if not x.startswith("# ")), delimiter="\t")}
     # per-rank answer of the nearest reference (1-NN), as the k-mer baseline is scored
     id_to_key = {k["id"]: k for k in keys}
-    learned = placement(novel, [id_to_key[rows[r["id"]]["hit1_id"]] for r in novel], key_taxa)
+    learned_hits = [id_to_key[rows[r["id"]]["hit1_id"]] for r in novel]
+    learned = placement(novel, learned_hits, key_taxa)
     learned_auroc = auroc([float(rows[r["id"]]["similarity"]) for r in seen],
                           [float(rows[r["id"]]["similarity"]) for r in novel])
     flagged = sum(rows[r["id"]]["novel"] == "true" for r in novel) / len(novel)
@@ -128,7 +145,8 @@ def main() -> None:
         best, _ = nearest(kmer_profiles([r["dna"] for r in novel], k), key_profiles)
         _, seen_sims = nearest(kmer_profiles([r["dna"] for r in seen], k), key_profiles)
         _, novel_sims = nearest(kmer_profiles([r["dna"] for r in novel], k), key_profiles)
-        baselines[k] = (placement(novel, [keys[i] for i in best], key_taxa), auroc(list(seen_sims), list(novel_sims)))
+        baselines[k] = (placement(novel, [keys[i] for i in best], key_taxa), auroc(list(seen_sims), list(novel_sims)),
+                        [keys[i] for i in best])
     best_k = max(baselines, key=lambda k: baselines[k][0]["genus"])
     if args.votes:
         from clibd import CLIBDModel, CLIBDProcessor
@@ -158,13 +176,20 @@ def main() -> None:
     print(f"| clibd (learned DNA tower, 1-NN) | {100 * learned['order']:.1f} | {100 * learned['family']:.1f} | "
           f"{100 * learned['genus']:.1f} | {learned_auroc:.3f} |")
     for k in sorted({5, best_k}):
-        place, area = baselines[k]
+        place, area, _ = baselines[k]
         print(f"| raw {k}-mer counts, 1-NN{' (best k)' if k == best_k else ''} | {100 * place['order']:.1f} | "
               f"{100 * place['family']:.1f} | {100 * place['genus']:.1f} | {area:.3f} |")
     print(f"\nclibd identify on the novel queries: {100 * flagged:.1f} % flagged novel "
           f"(seen queries flagged: {100 * false_alarms:.1f} %); deepest rank given: "
           + ", ".join(f"{r} {100 * deepest[r]:.1f} %" for r in RANKS)
           + "; correct when given: " + ", ".join(f"{r} {100 * given_right[r]:.1f} %" for r in RANKS[:3]))
+    train_records = [r for name in config.data.train_splits if name in splits for r in splits[name]]
+    ours = genus_by_trained_congeners(novel, learned_hits, key_taxa, train_records)
+    theirs = genus_by_trained_congeners(novel, baselines[best_k][2], key_taxa, train_records)
+    print("\n| species of the query's genus in training | queries (species) | clibd genus | "
+          f"raw {best_k}-mer genus |\n|---|---:|---:|---:|")
+    for group, (accuracy, n, species) in ours.items():
+        print(f"| {group} | {n} ({species}) | {100 * accuracy:.1f} | {100 * theirs[group][0]:.1f} |")
 
 
 if __name__ == "__main__":

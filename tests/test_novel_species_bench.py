@@ -36,4 +36,5 @@ def test_novel_species_bench_prints_the_table(data_dir, tmp_path):
     assert rows["clibd (learned DNA tower, 1-NN)"][3] > 0.9  # AUROC: novel species are told from known ones
     flagged = float(re.search(r"clibd identify on the novel queries: ([\d.]+) % flagged novel", out).group(1))
     assert flagged >= 80
+    assert "| species of the query's genus in training | queries (species) | clibd genus |" in out
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
