@@ -79,6 +79,8 @@ def test_pairs_table_and_selection_score():
 
 def test_faiss_backend_matches_exact_torch_search():
     pytest.importorskip("faiss", reason="pip install 'clibd[faiss]' brings faiss-cpu")
+    import faiss
+
     from clibd.index import faiss_index, faiss_search, topk_search
 
     torch.manual_seed(0)
@@ -95,3 +97,9 @@ def test_faiss_backend_matches_exact_torch_search():
     assert not torch.equal(faiss_search(queries, one_cell, 5)[1], brute.indices)
     quantised = faiss_index(keys, nlist=16, encoding="SQ8", nprobe=16)  # 8-bit codes: near-exact ranking
     assert (faiss_search(queries, quantised, 1)[1][:, 0] == brute.indices[:, 0]).float().mean() >= 0.9
+    # 200 cells of ~25 keys, one probed: top-100 needs more keys than the probed cell holds
+    sparse = faiss_index(keys, nlist=200, nprobe=1)
+    values, indices = faiss_search(queries, sparse, 100)
+    assert (indices >= 0).all() and torch.isfinite(values).all()
+    assert torch.equal(indices, torch.topk(queries @ keys.float().T, 100, dim=1).indices)  # every cell searched
+    assert faiss.extract_index_ivf(sparse).nprobe == 1  # the index is left as it was

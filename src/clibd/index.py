@@ -131,8 +131,22 @@ def faiss_index(keys: torch.Tensor, nlist: int | None = None, encoding: str = "F
 
 
 def faiss_search(queries: torch.Tensor, index, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k inner products [Q, k] (values, indices) of `queries` in a `faiss_index`."""
-    values, indices = index.search(queries.float().numpy(), min(k, index.ntotal))
+    """Top-k inner products [Q, k] (values, indices) of `queries` in a `faiss_index`. An inverted
+    file whose probed cells hold fewer than k keys for some query (faiss pads with -1) is searched
+    again over every cell for those queries, so every returned index is a real key."""
+    vectors = queries.float().numpy()
+    k = min(k, index.ntotal)
+    values, indices = index.search(vectors, k)
+    short = (indices < 0).any(axis=1)
+    if short.any():
+        import faiss
+
+        ivf = faiss.extract_index_ivf(index)
+        nprobe, ivf.nprobe = ivf.nprobe, ivf.nlist
+        try:
+            values[short], indices[short] = index.search(vectors[short], k)
+        finally:
+            ivf.nprobe = nprobe
     return torch.from_numpy(values), torch.from_numpy(indices).long()
 
 
