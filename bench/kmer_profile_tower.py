@@ -82,6 +82,9 @@ def main() -> None:
                         help="supervised contrastive levels and weights, e.g. species=1,genus=1,family=0.5,order=0.25")
     parser.add_argument("--other-species", action="store_true",
                         help="above species, only records of another species are positives (leave-species-out)")
+    parser.add_argument("--csls", type=float, nargs="*", default=[],
+                        help="also score subtracting these multiples of each reference's mean similarity to its "
+                             "10 nearest references (hubness correction, as CSLS)")
     parser.add_argument("--genus-grouped", action="store_true",
                         help="half of each batch drawn genus by genus (many congeneric positives)")
     parser.add_argument("--mutate", type=float, default=0.0,
@@ -164,6 +167,19 @@ def main() -> None:
                          novel_sims.max(dim=1).values.tolist())
             print(f"| {epoch} | {100 * placed['order']:.1f} | {100 * placed['family']:.1f} | "
                   f"{100 * placed['genus']:.1f} | {area:.3f} | {time.perf_counter() - start:.0f} |", flush=True)
+            if args.csls:  # hubness correction: subtract each reference's mean similarity to its 10 nearest
+                base_novel = novel_sims + (sketched(args.sketch[0])[0] if args.sketch else 0)
+                base_keys = embed(x_keys) @ embed(x_keys).T
+                if args.sketch:
+                    projection = torch.randn(x_keys.shape[1], args.sketch[0], generator=torch.Generator().manual_seed(0))
+                    sk = F.normalize(x_keys @ projection, dim=-1)
+                    base_keys = base_keys + sk @ sk.T
+                density = base_keys.fill_diagonal_(float("-inf")).topk(10, dim=1).values.mean(dim=1)
+                for alpha in args.csls:
+                    best = (base_novel - alpha * density).argmax(dim=1).tolist()
+                    adjusted = placement(novel_records, [key_records[j] for j in best], key_taxa)
+                    print(f"| {epoch} (sketch x1, - {alpha} x reference density) | {100 * adjusted['order']:.1f} | "
+                          f"{100 * adjusted['family']:.1f} | {100 * adjusted['genus']:.1f} | | |", flush=True)
             by_centroid = centroid_placement(embed(x_novel), references, key_records, novel_records, key_taxa)
             seen_sims = embed(x_seen) @ references.T
             for name, raw, raw_seen in (("raw profile", x_novel @ x_keys.T, x_seen @ x_keys.T),
