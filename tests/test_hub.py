@@ -61,6 +61,7 @@ def test_model_card_of_a_kmer_profile_run(run_dir):
     card = render_model_card(run_dir)
     assert "| DNA | MLP over overlapping 7-mer counts (hidden 1024) + a fixed 1024-d random projection" in card
     assert "BERT over" not in card and "supervised contrastive loss" in card
+    assert "DNA tokenizer `none (k-mer count profiles)`" in card
 
 
 def test_push_run_uploads_model_processor_metrics_and_card(run_dir, monkeypatch):

@@ -56,6 +56,7 @@ def test_profile_sketch_mixes_learned_and_raw_profile_cosines(tmp_path):
         learned = model.get_dna_features(**batch, with_sketch=False)
         trained_on = model(**batch).dna_embeds
     assert retrieval.shape == (3, 32 + 4096) and learned.shape == (3, 32)
+    assert model.embedding_dim("dna") == 32 + 4096 and model.embedding_dim("image") == 32
     assert torch.allclose(retrieval.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert torch.equal(trained_on, learned)  # the losses see the learned part only
     # retrieval cosine = (learned cosine + 0.5 x sketch cosine) / 1.5, the sketch ~ raw profile cosine

@@ -194,7 +194,7 @@ def embed_in_shards(model: CLIBDModel, processor: CLIBDProcessor, records: list[
                   tmp)
         os.replace(tmp, shard)
         parts.append(embeddings)
-    return torch.cat(parts) if parts else torch.empty(0, model.config.projection_dim, dtype=torch.float16)
+    return torch.cat(parts) if parts else torch.empty(0, model.embedding_dim(modality), dtype=torch.float16)
 
 
 def build_index(model_dir: str | os.PathLike, records: list[dict], modality: str, out: str | os.PathLike,

@@ -52,6 +52,8 @@ def render_model_card(run_dir: str | os.PathLike, repo_id: str | None = None) ->
         resolved = json.loads(saved.read_text())
         for tower in ("image", "dna", "text"):
             model[tower] = {**resolved.get(f"{tower}_config", {}), **(model.get(tower) or {})}
+    dna = model.get("dna") or {}
+    profile_tower = dna.get("encoder") == "kmer_profile"
     metrics = (run / "metrics.md").read_text().strip() if (run / "metrics.md").exists() else "Not evaluated yet."
     splits = (run / "splits.md").read_text().strip() if (run / "splits.md").exists() else ""
     template = Template(resources.files("clibd").joinpath("templates/model_card.md").read_text())
@@ -61,8 +63,8 @@ def render_model_card(run_dir: str | os.PathLike, repo_id: str | None = None) ->
         towers=_tower_rows(model, config),
         modalities=", ".join(model.get("modalities", [])),
         projection_dim=model.get("projection_dim") or 768,
-        dna_flavour=model.get("dna", {}).get("tokenizer_flavour", "compat"),
-        dna_pooling=model.get("dna", {}).get("pooling", "compat"),
+        dna_flavour="none (k-mer count profiles)" if profile_tower else dna.get("tokenizer_flavour", "compat"),
+        dna_pooling="none" if profile_tower else dna.get("pooling", "compat"),
         text_pooling=model.get("text", {}).get("pooling", "compat"),
         data_path=data.get("path", ""), data_source=data.get("source", ""), data_split=data.get("split", ""),
         split_seed=data.get("split_seed", ""), splits=splits,

@@ -205,6 +205,12 @@ class CLIBDModel(CLIBDPreTrainedModel):
         return (model, info) if wants_info else model
 
     # --- features -------------------------------------------------------------------------------
+    def embedding_dim(self, modality: str) -> int:
+        """Width of `get_<modality>_features`: `projection_dim`, plus the sketch of a k-mer-profile
+        DNA tower with `profile_sketch_dim`."""
+        sketch = self.config.dna_config.profile_sketch_dim if modality == "dna" else 0
+        return self.config.projection_dim + sketch
+
     def _tower(self, name: str) -> nn.Module:
         tower = getattr(self, f"{name}_encoder")
         if tower is None:

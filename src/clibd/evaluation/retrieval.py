@@ -41,9 +41,8 @@ def embed_records(
     chunks = []
     for batch in tqdm(loader, desc=f"embed {modality}", disable=not progress):
         chunks.append(feature_fn(**{k: v.to(device) for k, v in batch.items()}).float().cpu())
-    if not chunks:  # a k-mer-profile DNA tower's sketch widens its embeddings
-        width = model.config.projection_dim + (model.config.dna_config.profile_sketch_dim if modality == "dna" else 0)
-        return torch.empty(0, width)
+    if not chunks:
+        return torch.empty(0, model.embedding_dim(modality))
     return torch.cat(chunks)
 
 
