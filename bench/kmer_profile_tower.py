@@ -124,11 +124,16 @@ def main() -> None:
         with torch.no_grad():
             return F.normalize(tower(x), dim=-1)
 
-    def sketched(dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cosines of a fixed random projection of the profiles (novel and seen vs references)."""
+    def sketch(dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A fixed random projection of the reference, novel and seen profiles (unit vectors)."""
         projection = torch.randn(x_keys.shape[1], dim, generator=torch.Generator().manual_seed(0))
-        keys_, novel_, seen_ = (F.normalize(x @ projection, dim=-1) for x in (x_keys, x_novel, x_seen))
-        return novel_ @ keys_.T, seen_ @ keys_.T
+        return tuple(F.normalize(x @ projection, dim=-1) for x in (x_keys, x_novel, x_seen))
+
+    # cosines that do not depend on training: computed once
+    untrained = {"raw profile": (x_novel @ x_keys.T, x_seen @ x_keys.T, x_keys @ x_keys.T)}
+    for dim in args.sketch:
+        keys_, novel_, seen_ = sketch(dim)
+        untrained[f"{dim}-d sketch"] = (novel_ @ keys_.T, seen_ @ keys_.T, keys_ @ keys_.T)
 
     print(f"k={args.k}, {args}: {len(train)} training records, {len(keys)} references, {len(novel)} novel queries")
     print("| epoch | order | family | genus | AUROC seen vs novel | seconds |")
@@ -168,22 +173,19 @@ def main() -> None:
             print(f"| {epoch} | {100 * placed['order']:.1f} | {100 * placed['family']:.1f} | "
                   f"{100 * placed['genus']:.1f} | {area:.3f} | {time.perf_counter() - start:.0f} |", flush=True)
             if args.csls:  # hubness correction: subtract each reference's mean similarity to its 10 nearest
-                base_novel = novel_sims + (sketched(args.sketch[0])[0] if args.sketch else 0)
-                base_keys = embed(x_keys) @ embed(x_keys).T
+                base_novel, base_keys = novel_sims, references @ references.T
                 if args.sketch:
-                    projection = torch.randn(x_keys.shape[1], args.sketch[0], generator=torch.Generator().manual_seed(0))
-                    sk = F.normalize(x_keys @ projection, dim=-1)
-                    base_keys = base_keys + sk @ sk.T
+                    sketch_novel, _, sketch_keys = untrained[f"{args.sketch[0]}-d sketch"]
+                    base_novel, base_keys = base_novel + sketch_novel, base_keys + sketch_keys
                 density = base_keys.fill_diagonal_(float("-inf")).topk(10, dim=1).values.mean(dim=1)
                 for alpha in args.csls:
                     best = (base_novel - alpha * density).argmax(dim=1).tolist()
                     adjusted = placement(novel_records, [key_records[j] for j in best], key_taxa)
-                    print(f"| {epoch} (sketch x1, - {alpha} x reference density) | {100 * adjusted['order']:.1f} | "
+                    print(f"| {epoch} ({'sketch x1, ' if args.sketch else ''}- {alpha} x reference density) | {100 * adjusted['order']:.1f} | "
                           f"{100 * adjusted['family']:.1f} | {100 * adjusted['genus']:.1f} | | |", flush=True)
             by_centroid = centroid_placement(embed(x_novel), references, key_records, novel_records, key_taxa)
             seen_sims = embed(x_seen) @ references.T
-            for name, raw, raw_seen in (("raw profile", x_novel @ x_keys.T, x_seen @ x_keys.T),
-                                        *((f"{d}-d sketch", *sketched(d)) for d in args.sketch)):
+            for name, (raw, raw_seen, _) in untrained.items():
                 for mix in args.mix:
                     mixed_sims = novel_sims + mix * raw
                     best = mixed_sims.argmax(dim=1).tolist()

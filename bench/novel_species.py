@@ -62,6 +62,23 @@ def genus_by_trained_congeners(true: list[dict], predicted: list[dict], key_taxa
                    len({species for species, _ in rows})) for name, rows in groups.items()}
 
 
+def species_misses(true: list[dict], predicted: list[dict], other: list[dict], keys: list[dict],
+                   rank: str) -> list[tuple[str, int, int, int, int]]:
+    """Novel species with a query placed at the wrong `rank`: (species, queries, wrong, wrong by
+    `other`, references of its taxon at that rank), most misses first."""
+    references: dict[str, int] = {}
+    for key in keys:
+        references[key[rank]] = references.get(key[rank], 0) + 1
+    by_species: dict[str, list[int]] = {}
+    for t, p, o in zip(true, predicted, other, strict=True):
+        if t[rank] in references:
+            row = by_species.setdefault(t["species"], [0, 0, 0, references[t[rank]]])
+            row[0] += 1
+            row[1] += p[rank] != t[rank]
+            row[2] += o[rank] != t[rank]
+    return sorted(((name, *row) for name, row in by_species.items() if row[1]), key=lambda r: -r[2])
+
+
 def vote_placement(sims: np.ndarray, keys: list[dict], novel: list[dict], key_taxa: dict, k: int,
                    temperature: float = 0.05) -> dict[str, float]:
     """Placement by a similarity-weighted vote (weights exp(sim / temperature)) among the top-k
@@ -101,6 +118,8 @@ def main() -> None:
     parser.add_argument("--model", help="a trained model folder; default: the config's run, trained if missing")
     parser.add_argument("--kmax", type=int, default=8)
     parser.add_argument("--votes", action="store_true", help="also score top-k similarity-weighted votes")
+    parser.add_argument("--misses", action="store_true",
+                        help="also list the novel species placed at the wrong order or genus")
     parser.add_argument("--split-seed", type=int,
                         help="another species split than the config's (trained into OUTPUT_DIR-splitN if missing)")
     args = parser.parse_args()
@@ -190,6 +209,14 @@ def main() -> None:
           f"raw {best_k}-mer genus |\n|---|---:|---:|---:|")
     for group, (accuracy, n, species) in ours.items():
         print(f"| {group} | {n} ({species}) | {100 * accuracy:.1f} | {100 * theirs[group][0]:.1f} |")
+    if args.misses:
+        for rank in ("order", "genus"):
+            misses = species_misses(novel, learned_hits, baselines[best_k][2], keys, rank)
+            print(f"\nNovel species placed at the wrong {rank} by clibd: {len(misses)} species, "
+                  f"{sum(m[2] for m in misses)} queries\n| species | queries | clibd wrong | raw {best_k}-mer wrong | "
+                  f"references of its {rank} |\n|---|---:|---:|---:|---:|")
+            for name, n, wrong, other_wrong, refs in misses:
+                print(f"| {name} | {n} | {wrong} | {other_wrong} | {refs} |")
 
 
 if __name__ == "__main__":
