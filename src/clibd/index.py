@@ -97,9 +97,8 @@ class ReferenceIndex:
         if backend not in ("faiss", "faiss-ivf"):
             raise ValueError(f"unknown search backend {backend!r}; use 'torch', 'faiss' or 'faiss-ivf'")
         if self._faiss is None or self._faiss[0] != backend:
-            n = self.embeddings.shape[0]
-            ivf = {"nlist": max(1, int(n**0.5)), "encoding": "SQ8"} if backend == "faiss-ivf" else {}
-            self._faiss = (backend, faiss_index(self.embeddings, **ivf))
+            built = approximate_faiss_index(self.embeddings) if backend == "faiss-ivf" else faiss_index(self.embeddings)
+            self._faiss = (backend, built)
         return faiss_search(queries, self._faiss[1], k)
 
 
@@ -128,6 +127,11 @@ def faiss_index(keys: torch.Tensor, nlist: int | None = None, encoding: str = "F
     if nlist is not None:
         faiss.extract_index_ivf(index).nprobe = min(nprobe, nlist)
     return index
+
+
+def approximate_faiss_index(keys: torch.Tensor):
+    """The `faiss-ivf` backend's index: sqrt(N) cells, 16 probed per query, 8-bit scalar-quantised keys."""
+    return faiss_index(keys, nlist=max(1, int(keys.shape[0] ** 0.5)), encoding="SQ8", nprobe=16)
 
 
 def faiss_search(queries: torch.Tensor, index, k: int) -> tuple[torch.Tensor, torch.Tensor]:
