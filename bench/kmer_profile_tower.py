@@ -45,6 +45,15 @@ def supervised_contrastive(z: torch.Tensor, labels: torch.Tensor, temperature: f
     return -(summed[anchors] / positive.sum(dim=1)[anchors]).mean()
 
 
+def stage_datasets(splits: dict, stage: str) -> tuple[datasets.Dataset, ...]:
+    """(training, references, novel queries, seen queries) of a stage: `test` scores the
+    test-unseen species against seen + validation-unseen keys; `val` (for choosing settings)
+    scores the validation-unseen species against seen + test-unseen keys."""
+    other = "test" if stage == "val" else "val"
+    keys = datasets.concatenate_datasets([splits["seen_keys"], splits[f"{other}_unseen_keys"]])
+    return splits["train_seen"], keys, splits[f"{stage}_unseen"], splits[f"{stage}_seen"]
+
+
 def centroid_placement(queries: torch.Tensor, keys: torch.Tensor, key_records: list[dict],
                        query_records: list[dict], key_taxa: dict) -> dict[str, float]:
     """Per rank, the label whose mean reference embedding (normalised) is nearest the query."""
@@ -101,11 +110,7 @@ def main() -> None:
     generator = np.random.default_rng(args.seed)
     levels = [(rank, float(weight)) for rank, weight in (item.split("=") for item in args.weights.split(","))]
 
-    splits = load_splits(ExperimentConfig.from_yaml(args.config).data)
-    train = splits["train_seen"]
-    other = "test" if args.stage == "val" else "val"
-    keys = datasets.concatenate_datasets([splits["seen_keys"], splits[f"{other}_unseen_keys"]])
-    novel, seen = splits[f"{args.stage}_unseen"], splits[f"{args.stage}_seen"]
+    train, keys, novel, seen = stage_datasets(load_splits(ExperimentConfig.from_yaml(args.config).data), args.stage)
     key_records, novel_records = list(keys), list(novel)
     key_taxa = {rank: set(keys[rank]) for rank in ("order", "family", "genus", "species")}
 

@@ -139,6 +139,11 @@ for _code, _base in enumerate(BASES):
     _BASE_CODES[ord(_base)] = _code
 
 
+def base_codes(sequence: str, record: str = "record") -> np.ndarray:
+    """The normalised barcode as codes 0-3 for A, C, G, T and -1 for N (`normalise_barcode` errors)."""
+    return _BASE_CODES[np.frombuffer(normalise_barcode(sequence, record).encode(), dtype=np.uint8)]
+
+
 def kmer_profiles(sequences: Sequence[str], k: int = 6, ids: Sequence[str] | None = None) -> torch.Tensor:
     """L2-normalised counts of overlapping k-mers over ACGT [B, 4^k] (k-mers with N or an
     ambiguity code are skipped). The whole barcode is used: a profile has no length limit.
@@ -150,7 +155,7 @@ def kmer_profiles(sequences: Sequence[str], k: int = 6, ids: Sequence[str] | Non
     out = torch.zeros(len(sequences), 4**k)
     weights = 4 ** np.arange(k - 1, -1, -1)
     for row, (sequence, name) in enumerate(zip(sequences, names, strict=True)):
-        codes = _BASE_CODES[np.frombuffer(normalise_barcode(sequence, name).encode(), dtype=np.uint8)]
+        codes = base_codes(sequence, name)
         if len(codes) < k:
             continue
         windows = np.lib.stride_tricks.sliding_window_view(codes, k)
