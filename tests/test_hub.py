@@ -61,7 +61,10 @@ def test_model_card_of_a_kmer_profile_run(run_dir):
     card = render_model_card(run_dir)
     assert "| DNA | MLP over overlapping 7-mer counts (hidden 1024) + a fixed 1024-d random projection" in card
     assert "BERT over" not in card and "supervised contrastive loss" in card
-    assert "DNA tokenizer `none (k-mer count profiles)`" in card
+    assert "DNA tokenizer `none (k-mer count profiles)`" in card and "positional model" not in card
+    config["model"]["dna"]["profile_aligned"] = True
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    assert "+ an MLP and a positional model over the barcode aligned to the COI-5P region" in render_model_card(run_dir)
 
 
 def test_push_run_uploads_model_processor_metrics_and_card(run_dir, monkeypatch):

@@ -104,3 +104,57 @@ def test_supcon_training_run_and_config_checks(data_dir, tmp_path):
     with pytest.raises(ValueError, match="add dna"):
         ExperimentConfig.from_dict({**experiment, "model": {"modalities": ["image", "text"]},
                                     "train": {"objective": "supcon"}})
+
+
+def test_aligned_branches_widen_the_embedding_and_train_one_loss_each(data_dir, tmp_path):
+    from clibd.data import read_records
+    from clibd.processing import INSECT_COI5P_CONSENSUS, aligned_onehot
+
+    dna = {"encoder": "kmer_profile", "profile_kmer_size": 3, "profile_hidden_size": 16,
+           "profile_sketch_dim": 64, "profile_aligned": True}
+    config = CLIBDConfig.tiny(modalities=["dna"], dna_config=dna)
+    model = CLIBDModel(config).eval()
+    processor = CLIBDProcessor.from_model_config(config)
+    records = read_records(data_dir / "insect_bold_coi" / "insect_bold_coi_small.tsv")[:4]
+    barcodes = [r["dna"] for r in records]
+    batch = processor(barcodes=barcodes)
+    assert set(batch) == {"dna_profile", "dna_aligned"} and batch["dna_aligned"].shape == (4, 4 * 658)
+    assert torch.equal(batch["dna_aligned"], aligned_onehot(barcodes).flatten(1))
+    with torch.no_grad():
+        retrieval, trained_on = model.get_dna_features(**batch), model(**batch).dna_embeds
+    assert retrieval.shape == (4, model.embedding_dim("dna")) == (4, 32 + 64 + 32 + 4 * 658)
+    assert torch.allclose(retrieval.norm(dim=-1), torch.ones(4), atol=1e-5)
+    kmer, aligned, positional = model.split_dna_embeds(trained_on)
+    assert [b.shape[1] for b in (kmer, aligned, positional)] == [32, 32, 4 * 658]
+    assert all(torch.allclose(b.norm(dim=-1), torch.ones(4), atol=1e-5) for b in (kmer, aligned, positional))
+    # an untrained positional branch is the plain cosine of the aligned one-hot
+    onehot = F.normalize(batch["dna_aligned"], dim=-1)
+    assert torch.allclose(positional @ positional.T, onehot @ onehot.T, atol=1e-5)
+    # the consensus sits on its own positions; a barcode is nearest to itself
+    consensus = processor(barcodes=[INSECT_COI5P_CONSENSUS])["dna_aligned"].view(658, 4)
+    assert consensus.sum() == 658 and (consensus.argmax(dim=1) == torch.tensor(["ACGT".index(b) for b in
+                                                                                    INSECT_COI5P_CONSENSUS])).all()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    reloaded = CLIBDModel.from_pretrained(tmp_path).eval()
+    assert torch.equal(reloaded.get_dna_features(**CLIBDProcessor.from_pretrained(tmp_path)(barcodes=barcodes)),
+                       retrieval)
+    with pytest.raises(ValueError, match="pass dna_aligned"):
+        model.get_dna_features(dna_profile=batch["dna_profile"])
+    with pytest.raises(ValueError, match="only for DNA-only models"):
+        CLIBDConfig.tiny(modalities=["dna", "text"], dna_config=dna)
+    with pytest.raises(ValueError, match="profile_aligned needs encoder: kmer_profile"):
+        CLIBDConfig.tiny(modalities=["dna"], dna_config={"profile_aligned": True})
+
+    experiment = {
+        "model": {"preset": "tiny", "modalities": ["dna"], "dna": {**dna, "profile_kmer_size": 4,
+                                                                    "profile_hidden_size": 64}},
+        "data": {"path": str(data_dir / "insect_bold_coi" / "insect_bold_coi.tsv"), "limit": 1500},
+        "train": {"output_dir": str(tmp_path / "run"), "objective": "supcon", "epochs": 3, "batch_size": 128,
+                  "max_lr": 2e-3, "checkpoint_every": 1000, "eval_from_epoch": 3, "log_every": 1},
+    }
+    result = train(ExperimentConfig.from_dict(experiment), progress=False)
+    trained = CLIBDModel.from_pretrained(tmp_path / "run" / "final")
+    assert not torch.equal(trained.dna_encoder.positional.log_weight, torch.zeros(658))  # every branch learns
+    assert not torch.equal(trained.dna_encoder.positional.base_map, torch.eye(4).repeat(3, 1, 1))
+    assert result.test_metrics["dna"]["dna"]["unseen"]["genus"]["micro_top1"] > 0.5

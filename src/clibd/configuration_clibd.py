@@ -65,6 +65,12 @@ class CLIBDDNAConfig(PreTrainedConfig):
     `profile_sketch_weight` against the learned part: the learned part places a barcode among
     genera and families, the sketch keeps the fine alignment-free similarity between close
     barcodes. Only for DNA-only models (the retrieval embedding is wider than `projection_dim`).
+    With `profile_aligned` the tower also reads the barcode placed on the 658 positions of the
+    COI-5P region (`clibd.processing.aligned_onehot`) through two more branches, each trained with
+    its own loss: an MLP (`profile_hidden_size` wide) and a positional model (a learned weight per
+    position and a 4 x 4 base map per codon position, whose cosine is its embedding); the
+    retrieval embedding is then the four parts with equal weight (bench/README.md, idea 5: better
+    at genus and family for species that no reference holds, weaker at telling them new).
     """
 
     model_type = "clibd_dna_model"
@@ -88,6 +94,7 @@ class CLIBDDNAConfig(PreTrainedConfig):
     profile_hidden_size: int = 1024
     profile_sketch_dim: int = 0
     profile_sketch_weight: float = 1.0
+    profile_aligned: bool = False
 
     def __post_init__(self, **kwargs):
         _check_choice("dna_config.encoder", self.encoder, ("bert", "kmer_profile"))
@@ -95,6 +102,8 @@ class CLIBDDNAConfig(PreTrainedConfig):
             raise ValueError("dna_config.profile_sketch_dim and profile_sketch_weight must be >= 0")
         if self.profile_sketch_dim and self.encoder != "kmer_profile":
             raise ValueError("dna_config.profile_sketch_dim needs encoder: kmer_profile")
+        if self.profile_aligned and self.encoder != "kmer_profile":
+            raise ValueError("dna_config.profile_aligned needs encoder: kmer_profile")
         _check_choice("dna_config.tokenizer_flavour", self.tokenizer_flavour, DNA_TOKENIZER_FLAVOURS)
         _check_choice("dna_config.pooling", self.pooling, POOLINGS)
         if self.max_sequence_length % self.kmer_size:
@@ -190,9 +199,10 @@ class CLIBDConfig(PreTrainedConfig):
         if unknown or not self.modalities:
             raise ValueError(f"modalities must be a non-empty subset of image, dna, text; got {self.modalities}")
         super().__post_init__(**kwargs)
-        if self.dna_config.profile_sketch_dim and self.modalities != ["dna"]:
-            raise ValueError(f"dna_config.profile_sketch_dim widens the DNA retrieval embedding beyond "
-                             f"projection_dim: only for DNA-only models, not modalities {self.modalities}")
+        for wider in ("profile_sketch_dim", "profile_aligned"):
+            if getattr(self.dna_config, wider) and self.modalities != ["dna"]:
+                raise ValueError(f"dna_config.{wider} widens the DNA embedding beyond projection_dim: only "
+                                 f"for DNA-only models, not modalities {self.modalities}")
 
     @classmethod
     def tiny(cls, **overrides) -> CLIBDConfig:

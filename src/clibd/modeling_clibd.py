@@ -22,6 +22,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_clibd import CLIBDConfig, CLIBDDNAConfig, CLIBDTextConfig
 from .loss import contrastive_loss, modality_pairs
+from .processing.alignment import COI_BARCODE_LENGTH
 
 
 @dataclass
@@ -68,9 +69,28 @@ class CLIBDDNATower(nn.Module):
         return self.projection(masked_mean(hidden, attention_mask))
 
 
+class CLIBDPositionalBranch(nn.Module):
+    """Cosine of an aligned barcode's one-hot with a learned weight per position and a 4 x 4 base
+    map per codon position: few parameters, so it learns what separates genera in general rather
+    than memorising the genera it was trained on."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_weight = nn.Parameter(torch.zeros(COI_BARCODE_LENGTH))
+        self.base_map = nn.Parameter(torch.eye(4).repeat(3, 1, 1))  # 1st, 2nd, 3rd base of a codon
+
+    def forward(self, dna_aligned: torch.Tensor) -> torch.Tensor:
+        onehot = dna_aligned.view(-1, COI_BARCODE_LENGTH, 4)
+        # the region starts with the last base of a codon
+        codon_position = (torch.arange(COI_BARCODE_LENGTH, device=onehot.device) - 1) % 3
+        mapped = torch.einsum("bpi,pij->bpj", onehot, self.base_map[codon_position])
+        return F.normalize((mapped * self.log_weight.exp()[None, :, None]).flatten(1), dim=-1)
+
+
 class CLIBDKmerProfileTower(nn.Module):
-    """MLP over L2-normalised overlapping k-mer counts (`dna_profile`, from the processor), and an
-    optional fixed random projection of the counts (`profile_sketch_dim`; a saved buffer, never trained)."""
+    """MLP over L2-normalised overlapping k-mer counts (`dna_profile`, from the processor), an
+    optional fixed random projection of the counts (`profile_sketch_dim`; a saved buffer, never
+    trained) and, with `profile_aligned`, two branches over the aligned barcode (`dna_aligned`)."""
 
     def __init__(self, config: CLIBDDNAConfig, projection_dim: int):
         super().__init__()
@@ -82,17 +102,41 @@ class CLIBDKmerProfileTower(nn.Module):
             generator = torch.Generator().manual_seed(0)
             sketch = torch.randn(4**config.profile_kmer_size, config.profile_sketch_dim, generator=generator)
         self.register_buffer("sketch", sketch)
+        self.aligned_mlp = self.positional = None
+        if config.profile_aligned:
+            self.aligned_mlp = nn.Sequential(nn.Linear(4 * COI_BARCODE_LENGTH, config.profile_hidden_size), nn.GELU(),
+                                             nn.Linear(config.profile_hidden_size, projection_dim))
+            self.positional = CLIBDPositionalBranch()
 
     def forward(self, dna_profile: torch.Tensor) -> torch.Tensor:
         return self.projection(self.mlp(dna_profile))
 
-    def retrieval_embedding(self, dna_profile: torch.Tensor) -> torch.Tensor:
-        """Unit vectors whose cosines are (learned cosine + w * sketch cosine) / (1 + w)."""
-        learned = F.normalize(self(dna_profile), dim=-1)
-        if self.sketch is None:
-            return learned
-        sketch = F.normalize(dna_profile @ self.sketch.to(dna_profile.dtype), dim=-1)
-        return torch.cat([learned, self.sketch_weight**0.5 * sketch], dim=-1) / (1 + self.sketch_weight) ** 0.5
+    def branch_widths(self, projection_dim: int) -> list[int]:
+        """Widths of the learned branches, in the order of `branches`."""
+        return [projection_dim] + ([projection_dim, 4 * COI_BARCODE_LENGTH] if self.positional is not None else [])
+
+    def branches(self, dna_profile: torch.Tensor, dna_aligned: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Each learned branch's unit embedding: the k-mer MLP, then the aligned MLP and the positional model."""
+        parts = [F.normalize(self(dna_profile), dim=-1)]
+        if self.positional is not None:
+            if dna_aligned is None:
+                raise ValueError("this model's DNA tower also reads aligned barcodes: pass dna_aligned (the "
+                                 "processor of this model makes it)")
+            parts += [F.normalize(self.aligned_mlp(F.normalize(dna_aligned, dim=-1)), dim=-1),
+                      self.positional(dna_aligned)]
+        return parts
+
+    def retrieval_embedding(self, dna_profile: torch.Tensor, dna_aligned: torch.Tensor | None = None) -> torch.Tensor:
+        """Unit vectors whose cosines are the weighted mean of the parts' cosines: the learned
+        branches (weight 1 each) and the sketch (`profile_sketch_weight`)."""
+        parts = self.branches(dna_profile, dna_aligned)
+        weights = [1.0] * len(parts)
+        if self.sketch is not None:
+            parts.insert(1, F.normalize(dna_profile @ self.sketch.to(dna_profile.dtype), dim=-1))
+            weights.insert(1, self.sketch_weight)
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([w**0.5 * part for w, part in zip(weights, parts, strict=True)], dim=-1) / sum(weights) ** 0.5
 
 
 class CLIBDTextTower(nn.Module):
@@ -139,6 +183,9 @@ class CLIBDPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, CLIBDModel):
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+        if isinstance(module, CLIBDPositionalBranch):  # start as the plain one-hot cosine
+            init.zeros_(module.log_weight)
+            init.copy_(module.base_map, torch.eye(4).repeat(3, 1, 1))
 
 
 class CLIBDModel(CLIBDPreTrainedModel):
@@ -206,10 +253,18 @@ class CLIBDModel(CLIBDPreTrainedModel):
 
     # --- features -------------------------------------------------------------------------------
     def embedding_dim(self, modality: str) -> int:
-        """Width of `get_<modality>_features`: `projection_dim`, plus the sketch of a k-mer-profile
-        DNA tower with `profile_sketch_dim`."""
-        sketch = self.config.dna_config.profile_sketch_dim if modality == "dna" else 0
-        return self.config.projection_dim + sketch
+        """Width of `get_<modality>_features`: `projection_dim`, plus the sketch and the aligned
+        branches of a k-mer-profile DNA tower that has them."""
+        if modality != "dna" or not isinstance(self.dna_encoder, CLIBDKmerProfileTower):
+            return self.config.projection_dim
+        return sum(self.dna_encoder.branch_widths(self.config.projection_dim)) + self.config.dna_config.profile_sketch_dim
+
+    def split_dna_embeds(self, dna_embeds: torch.Tensor) -> list[torch.Tensor]:
+        """The training-time DNA embeddings (`forward`'s `dna_embeds`) cut into the tower's learned
+        branches, each a unit vector with its own loss: one part except for `profile_aligned`."""
+        if not isinstance(self.dna_encoder, CLIBDKmerProfileTower):
+            return [dna_embeds]
+        return list(dna_embeds.split(self.dna_encoder.branch_widths(self.config.projection_dim), dim=-1))
 
     def _tower(self, name: str) -> nn.Module:
         tower = getattr(self, f"{name}_encoder")
@@ -226,12 +281,15 @@ class CLIBDModel(CLIBDPreTrainedModel):
         dna_input_ids: torch.Tensor | None = None,
         dna_attention_mask: torch.Tensor | None = None,
         dna_profile: torch.Tensor | None = None,
+        dna_aligned: torch.Tensor | None = None,
         with_sketch: bool = True,
     ) -> torch.Tensor:
         """L2-normalised barcode embeddings [B, projection_dim] from k-mer ids [B, tokens] (BERT
         tower) or k-mer count profiles [B, 4^k] (`kmer_profile` tower). A `kmer_profile` tower with
         a sketch (`profile_sketch_dim`) returns [B, projection_dim + profile_sketch_dim] for
-        retrieval, or the learned part alone with `with_sketch=False` (what training sees).
+        retrieval, or the learned part alone with `with_sketch=False` (what training sees). With
+        `profile_aligned` it also reads `dna_aligned` [B, 4 x 658] and both widen by the aligned
+        branches (`embedding_dim`; `split_dna_embeds` cuts the training-time one into branches).
 
         Usage:
             embeds = model.get_dna_features(**processor(barcodes=["ACGT..."]))
@@ -241,7 +299,9 @@ class CLIBDModel(CLIBDPreTrainedModel):
             if dna_profile is None:
                 raise ValueError("this model's DNA tower reads k-mer profiles: pass dna_profile (the processor "
                                  "of this model makes it)")
-            return tower.retrieval_embedding(dna_profile) if with_sketch else F.normalize(tower(dna_profile), dim=-1)
+            if with_sketch:
+                return tower.retrieval_embedding(dna_profile, dna_aligned)
+            return torch.cat(tower.branches(dna_profile, dna_aligned), dim=-1)
         if dna_input_ids is None:
             raise ValueError("this model's DNA tower reads k-mer token ids: pass dna_input_ids")
         return F.normalize(tower(dna_input_ids, dna_attention_mask), dim=-1)
@@ -261,6 +321,7 @@ class CLIBDModel(CLIBDPreTrainedModel):
         dna_input_ids: torch.Tensor | None = None,
         dna_attention_mask: torch.Tensor | None = None,
         dna_profile: torch.Tensor | None = None,
+        dna_aligned: torch.Tensor | None = None,
         text_input_ids: torch.Tensor | None = None,
         text_attention_mask: torch.Tensor | None = None,
         text_token_type_ids: torch.Tensor | None = None,
@@ -270,7 +331,7 @@ class CLIBDModel(CLIBDPreTrainedModel):
         """Embed whichever modalities are given; logits for every present pair; loss if asked."""
         embeds = {
             "image": self.get_image_features(pixel_values) if pixel_values is not None else None,
-            "dna": (self.get_dna_features(dna_input_ids, dna_attention_mask, dna_profile, with_sketch=False)
+            "dna": (self.get_dna_features(dna_input_ids, dna_attention_mask, dna_profile, dna_aligned, with_sketch=False)
                     if dna_input_ids is not None or dna_profile is not None else None),
             "text": (self.get_text_features(text_input_ids, text_attention_mask, text_token_type_ids)
                      if text_input_ids is not None else None),

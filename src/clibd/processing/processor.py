@@ -18,6 +18,7 @@ from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 from transformers.utils import PushToHubMixin, cached_file
 
 from ..configuration_clibd import CLIBDConfig
+from .alignment import aligned_onehot
 from .barcodes import BarcodeTokenizer, kmer_profiles
 from .images import ImageInput, image_transform, load_image
 from .taxonomy import taxonomy_text
@@ -43,9 +44,11 @@ class CLIBDProcessor(PushToHubMixin):
         image_size: int = 224,
         resize_size: int = 256,
         dna_profile_kmer_size: int | None = None,
+        dna_aligned: bool = False,
     ):
         self.text_tokenizer = text_tokenizer
         self.dna_profile_kmer_size = dna_profile_kmer_size
+        self.dna_aligned = dna_aligned
         self.barcode_tokenizer = BarcodeTokenizer(dna_tokenizer_flavour, kmer_size, max_sequence_length)
         self.text_max_length = text_max_length
         self.image_size = image_size
@@ -68,6 +71,7 @@ class CLIBDProcessor(PushToHubMixin):
             resize_size=config.image_config.resize_size,
             dna_profile_kmer_size=(config.dna_config.profile_kmer_size
                                    if config.dna_config.encoder == "kmer_profile" else None),
+            dna_aligned=config.dna_config.profile_aligned,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,6 +84,7 @@ class CLIBDProcessor(PushToHubMixin):
             "image_size": self.image_size,
             "resize_size": self.resize_size,
             "dna_profile_kmer_size": self.dna_profile_kmer_size,
+            "dna_aligned": self.dna_aligned,
         }
 
     def __repr__(self) -> str:
@@ -94,7 +99,10 @@ class CLIBDProcessor(PushToHubMixin):
         self, barcodes: Sequence[str], ids: Sequence[str] | None = None, warn_truncated: bool = True
     ) -> dict[str, torch.Tensor]:
         if self.dna_profile_kmer_size is not None:  # a k-mer-profile DNA tower reads whole barcodes
-            return {"dna_profile": kmer_profiles(barcodes, self.dna_profile_kmer_size, ids)}
+            out = {"dna_profile": kmer_profiles(barcodes, self.dna_profile_kmer_size, ids)}
+            if self.dna_aligned:  # ... and, with aligned branches, barcodes on the COI-5P positions
+                out["dna_aligned"] = aligned_onehot(barcodes, ids=ids).flatten(1)
+            return out
         encoded = self.barcode_tokenizer(barcodes, ids, warn_truncated=warn_truncated)
         return {"dna_input_ids": encoded.input_ids, "dna_attention_mask": encoded.attention_mask}
 

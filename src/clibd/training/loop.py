@@ -190,9 +190,9 @@ def train(config: ExperimentConfig, resume: bool = False, progress: bool = True)
                 loss = grad_cache_step(model, batch, cfg.grad_cache_chunk, accelerator.backward, accelerator.no_sync)
             elif cfg.objective == "supcon":
                 labels = {rank: batch.pop(f"labels_{rank}") for rank in cfg.supcon_weights}
-                dna = model(**batch).dna_embeds
-                loss = sum(weight * supervised_contrastive_loss(dna, labels[rank], cfg.supcon_temperature)
-                           for rank, weight in cfg.supcon_weights.items())
+                branches = accelerator.unwrap_model(model).split_dna_embeds(model(**batch).dna_embeds)
+                loss = sum(weight * supervised_contrastive_loss(branch, labels[rank], cfg.supcon_temperature)
+                           for branch in branches for rank, weight in cfg.supcon_weights.items())
                 accelerator.backward(loss)
             else:
                 loss = model(**batch, return_loss=True).loss
