@@ -76,14 +76,23 @@ class CLIBDPositionalBranch(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.log_weight = nn.Parameter(torch.zeros(COI_BARCODE_LENGTH))
-        self.base_map = nn.Parameter(torch.eye(4).repeat(3, 1, 1))  # 1st, 2nd, 3rd base of a codon
+        self.log_weight = nn.Parameter(torch.empty(COI_BARCODE_LENGTH))
+        self.base_map = nn.Parameter(torch.empty(3, 4, 4))  # for the 1st, 2nd, 3rd base of a codon
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Start as the plain cosine of the one-hot: every weight 1, every base map the identity."""
+        init.zeros_(self.log_weight)
+        init.copy_(self.base_map, torch.eye(4).repeat(3, 1, 1))
+
+    @staticmethod
+    def codon_positions(device: torch.device | None = None) -> torch.Tensor:
+        """[658] 0, 1, 2 for the 1st, 2nd, 3rd base of a codon (the region starts with the last base of one)."""
+        return (torch.arange(COI_BARCODE_LENGTH, device=device) - 1) % 3
 
     def forward(self, dna_aligned: torch.Tensor) -> torch.Tensor:
         onehot = dna_aligned.view(-1, COI_BARCODE_LENGTH, 4)
-        # the region starts with the last base of a codon
-        codon_position = (torch.arange(COI_BARCODE_LENGTH, device=onehot.device) - 1) % 3
-        mapped = torch.einsum("bpi,pij->bpj", onehot, self.base_map[codon_position])
+        mapped = torch.einsum("bpi,pij->bpj", onehot, self.base_map[self.codon_positions(onehot.device)])
         return F.normalize((mapped * self.log_weight.exp()[None, :, None]).flatten(1), dim=-1)
 
 
@@ -111,9 +120,10 @@ class CLIBDKmerProfileTower(nn.Module):
     def forward(self, dna_profile: torch.Tensor) -> torch.Tensor:
         return self.projection(self.mlp(dna_profile))
 
-    def branch_widths(self, projection_dim: int) -> list[int]:
+    def branch_widths(self) -> list[int]:
         """Widths of the learned branches, in the order of `branches`."""
-        return [projection_dim] + ([projection_dim, 4 * COI_BARCODE_LENGTH] if self.positional is not None else [])
+        width = self.projection.out_features
+        return [width] + ([width, 4 * COI_BARCODE_LENGTH] if self.positional is not None else [])
 
     def branches(self, dna_profile: torch.Tensor, dna_aligned: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Each learned branch's unit embedding: the k-mer MLP, then the aligned MLP and the positional model."""
@@ -183,9 +193,8 @@ class CLIBDPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, CLIBDModel):
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
-        if isinstance(module, CLIBDPositionalBranch):  # start as the plain one-hot cosine
-            init.zeros_(module.log_weight)
-            init.copy_(module.base_map, torch.eye(4).repeat(3, 1, 1))
+        if isinstance(module, CLIBDPositionalBranch):
+            module.reset_parameters()
 
 
 class CLIBDModel(CLIBDPreTrainedModel):
@@ -257,14 +266,14 @@ class CLIBDModel(CLIBDPreTrainedModel):
         branches of a k-mer-profile DNA tower that has them."""
         if modality != "dna" or not isinstance(self.dna_encoder, CLIBDKmerProfileTower):
             return self.config.projection_dim
-        return sum(self.dna_encoder.branch_widths(self.config.projection_dim)) + self.config.dna_config.profile_sketch_dim
+        return sum(self.dna_encoder.branch_widths()) + self.config.dna_config.profile_sketch_dim
 
     def split_dna_embeds(self, dna_embeds: torch.Tensor) -> list[torch.Tensor]:
         """The training-time DNA embeddings (`forward`'s `dna_embeds`) cut into the tower's learned
         branches, each a unit vector with its own loss: one part except for `profile_aligned`."""
         if not isinstance(self.dna_encoder, CLIBDKmerProfileTower):
             return [dna_embeds]
-        return list(dna_embeds.split(self.dna_encoder.branch_widths(self.config.projection_dim), dim=-1))
+        return list(dna_embeds.split(self.dna_encoder.branch_widths(), dim=-1))
 
     def _tower(self, name: str) -> nn.Module:
         tower = getattr(self, f"{name}_encoder")
