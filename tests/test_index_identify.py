@@ -174,6 +174,12 @@ def test_predict_stops_at_the_deepest_confident_rank(tmp_path):
     assert row["species"] == "Aedes sp2" and row["novel"] == "false"
     row = predict([0.6, 0.5, 0.2], [2, 1, 0], index)
     assert (row["order"], row["family"]) == ("Diptera", "")
+    # a model that scores novelty apart: the species (and the flag) follow the novelty similarity
+    row = predict([0.95, 0.5, 0.2], [2, 1, 0], index, novelty_similarity=0.6)
+    assert (row["genus"], row["species"], row["novel"]) == ("Aedes", "", "true")
+    assert (row["similarity"], row["novelty_similarity"]) == ("0.9500", "0.6000")
+    row = predict([0.75, 0.5, 0.2], [2, 1, 0], index, novelty_similarity=0.99)
+    assert (row["family"], row["genus"], row["species"], row["novel"]) == ("Culicidae", "", "", "false")
 
 
 def test_best_threshold_separates():
@@ -234,7 +240,7 @@ def test_evaluation_report_writes_metrics(trained_model, data_dir, tmp_path):
 
 def test_thresholds_calibrated_from_held_out_species():
     """Hand-made library: records of one species at cosine ~1, of one genus ~0.8, across genera 0."""
-    from clibd.novelty import calibrate_thresholds
+    from clibd.novelty import calibrate_thresholds, novelty_part
 
     records, vectors = [], []
     genus_axes = {"G1": torch.tensor([1.0, 0, 0, 0, 0, 0]), "G2": torch.tensor([0, 1.0, 0, 0, 0, 0])}
@@ -253,6 +259,16 @@ def test_thresholds_calibrated_from_held_out_species():
     across_species = float(embeddings[0] @ embeddings[3])
     assert across_species < thresholds["species"] < within_species
     assert torch.isnan(torch.tensor(thresholds["order"]))  # nothing wrong to separate at order
+
+    # Novelty scored on the leading dimensions: the species threshold is the one of that part
+    # alone, the other ranks keep the whole embedding's.
+    noisy = torch.cat([embeddings, torch.randn(len(records), 6, generator=torch.Generator().manual_seed(1))], dim=1)
+    noisy = noisy / noisy.norm(dim=1, keepdim=True)
+    apart = calibrate_thresholds(noisy, records, novelty_dim=6)
+    assert apart["species"] == calibrate_thresholds(novelty_part(noisy, 6), records)["species"]
+    assert apart["genus"] == calibrate_thresholds(noisy, records)["genus"]
+    assert apart["species"] != calibrate_thresholds(noisy, records)["species"]
+    assert novelty_part(noisy, 12) is noisy and torch.allclose(novelty_part(noisy, 6).norm(dim=1), torch.ones(24))
 
 
 def test_novel_species_placed_at_genus_or_family(data_dir, library, tmp_path):

@@ -1,5 +1,6 @@
 """The k-mer-profile DNA tower and the supervised contrastive objective (configs/bold_dna.yaml)."""
 
+import csv
 import itertools
 import json
 import math
@@ -158,3 +159,41 @@ def test_aligned_branches_widen_the_embedding_and_train_one_loss_each(data_dir, 
     assert not torch.equal(trained.dna_encoder.positional.log_weight, torch.zeros(658))  # every branch learns
     assert not torch.equal(trained.dna_encoder.positional.base_map, torch.eye(4).repeat(3, 1, 1))
     assert result.test_metrics["dna"]["dna"]["unseen"]["genus"]["micro_top1"] > 0.5
+
+
+def test_aligned_model_scores_novelty_on_the_kmer_parts(data_dir, tmp_path):
+    """An index of a profile_aligned model judges novelty on the k-mer parts alone: identify's
+    novelty_similarity is the best cosine of those parts, re-normalised; similarity is the whole."""
+    from clibd.data import read_records
+    from clibd.identify import identify
+    from clibd.index import build_index
+    from clibd.novelty import novelty_part
+
+    dna = {"encoder": "kmer_profile", "profile_kmer_size": 3, "profile_hidden_size": 16,
+           "profile_sketch_dim": 64, "profile_aligned": True}
+    config = CLIBDConfig.tiny(modalities=["dna"], dna_config=dna)
+    model = CLIBDModel(config).eval()
+    assert model.novelty_dim("dna") == 32 + 64 < model.embedding_dim("dna")
+    assert CLIBDModel(CLIBDConfig.tiny(modalities=["dna"], dna_config={**dna, "profile_aligned": False})
+                      ).novelty_dim("dna") == 32 + 64
+    model.save_pretrained(tmp_path / "model")
+    processor = CLIBDProcessor.from_model_config(config)
+    processor.save_pretrained(tmp_path / "model")
+    records = read_records(data_dir / "insect_bold_coi" / "insect_bold_coi_small.tsv")[:60]
+    keys, queries = records[:50], records[50:]
+    index = build_index(tmp_path / "model", keys, "dna", tmp_path / "refs", progress=False)
+    assert index.novelty_dim == 96 and json.loads((tmp_path / "refs" / "index.json").read_text())["novelty_dim"] == 96
+    identify(tmp_path / "refs", queries, tmp_path / "preds.tsv", top_k=3, progress=False)
+    with open(tmp_path / "preds.tsv") as f:
+        rows = list(csv.DictReader((line for line in f if not line.startswith("# ")), delimiter="\t"))
+    with torch.no_grad():
+        embed = lambda rs: model.get_dna_features(**processor(barcodes=[r["dna"] for r in rs]))  # noqa: E731
+        query_embeds, key_embeds = embed(queries), embed(keys)
+    whole = (query_embeds @ key_embeds.T).max(dim=1).values
+    novelty = (novelty_part(query_embeds, 96) @ novelty_part(key_embeds, 96).T).max(dim=1).values
+    got_whole = torch.tensor([float(r["similarity"]) for r in rows])
+    got_novelty = torch.tensor([float(r["novelty_similarity"]) for r in rows])
+    assert torch.allclose(got_whole, whole, atol=2e-3) and torch.allclose(got_novelty, novelty, atol=2e-3)
+    assert not torch.allclose(got_whole, got_novelty, atol=1e-2)
+    species = index.thresholds["species"]
+    assert all((r["novel"] == "true") == (float(r["novelty_similarity"]) < species) for r in rows)

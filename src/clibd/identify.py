@@ -2,9 +2,12 @@
 
 Columns (fixed): query_id, order, family, genus, species, similarity, novel, then
 order_support ... species_support (the fraction of the top-k references that agree with the
-answer at that rank, like SINTAX's per-rank bootstrap), then hit1_id, hit1_species,
-hit1_similarity, ... for the top-k references. A query whose best similarity is below the index's
-species threshold is `novel`: its answer stops at the deepest rank whose threshold it clears,
+answer at that rank, like SINTAX's per-rank bootstrap), then novelty_similarity, then hit1_id,
+hit1_species, hit1_similarity, ... for the top-k references. `similarity` is the best cosine,
+which places the query; `novelty_similarity` is the best cosine on the part of the embedding
+that scores novelty (the same number unless the model scores novelty apart:
+`CLIBDModel.novelty_dim`). A query whose novelty similarity is below the index's species
+threshold is `novel`; its answer stops at the deepest rank whose threshold its similarity clears,
 deeper ranks are empty. Lines starting with `# ` are provenance.
 
 Usage:
@@ -35,25 +38,30 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 
 def prediction_columns(top_k: int) -> list[str]:
     hits = [f"hit{i}_{field}" for i in range(1, top_k + 1) for field in ("id", "species", "similarity")]
-    return ["query_id", *RANKS, "similarity", "novel", *(f"{rank}_support" for rank in RANKS), *hits]
+    return ["query_id", *RANKS, "similarity", "novel", *(f"{rank}_support" for rank in RANKS),
+            "novelty_similarity", *hits]
 
 
-def predict(similarities: list[float], indices: list[int], index: ReferenceIndex) -> dict[str, str]:
-    """The answer for one query from its top-k references (nearest first)."""
+def predict(similarities: list[float], indices: list[int], index: ReferenceIndex,
+            novelty_similarity: float | None = None) -> dict[str, str]:
+    """The answer for one query from its top-k references (nearest first) and its novelty
+    similarity (`ReferenceIndex.novelty_similarity`; the best similarity when None)."""
     thresholds = index.thresholds
     best = index.records[indices[0]]
-    row: dict[str, str] = {"similarity": f"{similarities[0]:.4f}"}
+    novelty_similarity = similarities[0] if novelty_similarity is None else novelty_similarity
+    row: dict[str, str] = {"similarity": f"{similarities[0]:.4f}", "novelty_similarity": f"{novelty_similarity:.4f}"}
     confident = True
     for rank in RANKS:
         threshold = thresholds.get(rank, float("nan"))
+        score = novelty_similarity if rank == "species" else similarities[0]
         # A rank with no calibrated threshold (NaN) does not stop the answer.
-        confident = confident and (math.isnan(threshold) or similarities[0] >= threshold)
+        confident = confident and (math.isnan(threshold) or score >= threshold)
         label = best[rank] if confident else ""
         row[rank] = label
         agree = sum(index.records[j][rank] == best[rank] for j in indices)
         row[f"{rank}_support"] = f"{agree / len(indices):.2f}"
     species_threshold = thresholds.get("species", float("nan"))
-    row["novel"] = str(not math.isnan(species_threshold) and similarities[0] < species_threshold).lower()
+    row["novel"] = str(not math.isnan(species_threshold) and novelty_similarity < species_threshold).lower()
     for i, (j, sim) in enumerate(zip(indices, similarities, strict=True), start=1):
         row[f"hit{i}_id"] = index.records[j]["id"]
         row[f"hit{i}_species"] = index.records[j]["species"]
@@ -131,8 +139,10 @@ def identify(index_dir: str | os.PathLike, queries: list[dict[str, str]], out: s
         for batch in tqdm(list(_batches(todo, batch_size)), desc="identify", disable=not progress):
             embeddings = embed_records(model, processor, records_to_dataset(batch), index.modality, batch_size)
             sims, idx = index.search(embeddings, top_k, backend=backend)
-            for query, s, i in zip(batch, sims.tolist(), idx.tolist(), strict=True):
-                writer.writerow({"query_id": query["id"], **predict(s, i, index)})
+            novelty = (index.novelty_similarity(embeddings, backend) if index.novelty_dim < embeddings.shape[1]
+                       else sims[:, 0])
+            for query, s, i, n in zip(batch, sims.tolist(), idx.tolist(), novelty.tolist(), strict=True):
+                writer.writerow({"query_id": query["id"], **predict(s, i, index, n)})
                 written += 1
             stream.flush()
     finally:

@@ -29,6 +29,7 @@ from .atomic import atomic_directory
 from .data import records_to_dataset
 from .evaluation.retrieval import embed_records, topk_search
 from .modeling_clibd import CLIBDModel
+from .novelty import calibrate_thresholds, novelty_part
 from .processing import RANKS, CLIBDProcessor
 
 RECORD_COLUMNS = ("id", *RANKS, "source")
@@ -56,7 +57,9 @@ class ReferenceIndex:
     meta: dict
     embeddings: torch.Tensor  # [N, D] fp16, L2-normalised
     records: list[dict[str, str]]
-    _faiss: tuple | None = field(default=None, repr=False, compare=False)  # (backend, faiss index), built on use
+    # built on first use: faiss indexes by (keys, backend); the novelty part of the keys
+    _faiss: dict = field(default_factory=dict, repr=False, compare=False)
+    _keys: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> ReferenceIndex:
@@ -81,6 +84,11 @@ class ReferenceIndex:
     def thresholds(self) -> dict[str, float]:
         return self.meta.get("thresholds", {})
 
+    @property
+    def novelty_dim(self) -> int:
+        """Leading dimensions whose cosine scores novelty (`CLIBDModel.novelty_dim`); all by default."""
+        return self.meta.get("novelty_dim", self.embeddings.shape[1])
+
     def labels(self, rank: str) -> list[str]:
         return [r[rank] for r in self.records]
 
@@ -92,14 +100,25 @@ class ReferenceIndex:
         libraries of millions; about 1/4 of the memory of fp32 keys). The faiss index is built on
         first use and kept for later calls. faiss: `pip install 'clibd[faiss]'`.
         """
+        return self._search("embeddings", self.embeddings, queries, k, backend)
+
+    def novelty_similarity(self, queries: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+        """Each query's best cosine [Q] to any reference on the novelty part of the embedding
+        (`novelty_part` of the first `novelty_dim` dimensions). `queries`: whole embeddings [Q, D]."""
+        if "novelty" not in self._keys:
+            self._keys["novelty"] = novelty_part(self.embeddings, self.novelty_dim).to(torch.float16)
+        queries = novelty_part(queries, self.novelty_dim)
+        return self._search("novelty", self._keys["novelty"], queries, 1, backend)[0][:, 0]
+
+    def _search(self, name: str, keys: torch.Tensor, queries: torch.Tensor, k: int,
+                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
         if backend == "torch":
-            return topk_search(queries, self.embeddings, k)
+            return topk_search(queries, keys, k)
         if backend not in ("faiss", "faiss-ivf"):
             raise ValueError(f"unknown search backend {backend!r}; use 'torch', 'faiss' or 'faiss-ivf'")
-        if self._faiss is None or self._faiss[0] != backend:
-            built = approximate_faiss_index(self.embeddings) if backend == "faiss-ivf" else faiss_index(self.embeddings)
-            self._faiss = (backend, built)
-        return faiss_search(queries, self._faiss[1], k)
+        if (name, backend) not in self._faiss:
+            self._faiss[(name, backend)] = approximate_faiss_index(keys) if backend == "faiss-ivf" else faiss_index(keys)
+        return faiss_search(queries, self._faiss[(name, backend)], k)
 
 
 def faiss_index(keys: torch.Tensor, nlist: int | None = None, encoding: str = "Flat", nprobe: int = 16,
@@ -204,8 +223,6 @@ def embed_in_shards(model: CLIBDModel, processor: CLIBDProcessor, records: list[
 def build_index(model_dir: str | os.PathLike, records: list[dict], modality: str, out: str | os.PathLike,
                 batch_size: int = 256, calibrate: bool = True, progress: bool = True) -> ReferenceIndex:
     """Embed labelled records with the model saved in `model_dir` into a new index at `out`."""
-    from .novelty import calibrate_thresholds
-
     if modality not in ("dna", "image"):
         raise ValueError(f"an index holds dna or image embeddings, not {modality!r}")
     out = Path(out)
@@ -217,9 +234,9 @@ def build_index(model_dir: str | os.PathLike, records: list[dict], modality: str
     embeddings = embed_in_shards(model, processor, records, modality, work_dir, batch_size, progress)
     records = [{**r, "source": r.get("source", "")} for r in records]
     meta = {"clibd_version": __version__, "model": str(Path(model_dir).resolve()), "model_hash": model_hash(model_dir),
-            "modality": modality, "dim": int(embeddings.shape[1])}
+            "modality": modality, "dim": int(embeddings.shape[1]), "novelty_dim": model.novelty_dim(modality)}
     if calibrate:
-        meta["thresholds"] = calibrate_thresholds(embeddings.float(), records)
+        meta["thresholds"] = calibrate_thresholds(embeddings.float(), records, novelty_dim=meta["novelty_dim"])
     _write_index(out, meta, embeddings, records)
     shutil.rmtree(work_dir, ignore_errors=True)
     return ReferenceIndex.load(out)
@@ -240,8 +257,6 @@ def _reject_duplicates(new: list[dict], existing: list[dict]) -> None:
 def add_to_index(directory: str | os.PathLike, records: list[dict], replace: bool = False,
                  batch_size: int = 256, recalibrate: bool = True, progress: bool = True) -> ReferenceIndex:
     """Embed new labelled records with the index's own model and add them (new species included)."""
-    from .novelty import calibrate_thresholds
-
     index = ReferenceIndex.load(directory)
     model_dir = index.meta["model"]
     if model_hash(model_dir) != index.meta["model_hash"]:
@@ -263,7 +278,7 @@ def add_to_index(directory: str | os.PathLike, records: list[dict], replace: boo
     embeddings = torch.cat([kept, new])
     meta = dict(index.meta)
     if recalibrate:
-        meta["thresholds"] = calibrate_thresholds(embeddings.float(), all_records)
+        meta["thresholds"] = calibrate_thresholds(embeddings.float(), all_records, novelty_dim=meta.get("novelty_dim"))
     _write_index(Path(directory), meta, embeddings, all_records)
     shutil.rmtree(work_dir, ignore_errors=True)
     return ReferenceIndex.load(directory)

@@ -268,6 +268,17 @@ class CLIBDModel(CLIBDPreTrainedModel):
             return self.config.projection_dim
         return sum(self.dna_encoder.branch_widths()) + self.config.dna_config.profile_sketch_dim
 
+    def novelty_dim(self, modality: str) -> int:
+        """How many leading dimensions of `get_<modality>_features` score novelty ("does the
+        library hold this species?"); all of them except with `profile_aligned`, where only the
+        k-mer parts (learned k-mer branch and sketch) do. The aligned branches place a new species
+        better but score partly covered barcodes of known species low (their missing positions
+        cost cosine), so they would blur the novel flag. Cut, then re-normalise (`novelty_part`)."""
+        if modality == "dna" and isinstance(self.dna_encoder, CLIBDKmerProfileTower) \
+                and self.dna_encoder.positional is not None:
+            return self.config.projection_dim + self.config.dna_config.profile_sketch_dim
+        return self.embedding_dim(modality)
+
     def split_dna_embeds(self, dna_embeds: torch.Tensor) -> list[torch.Tensor]:
         """The training-time DNA embeddings (`forward`'s `dna_embeds`) cut into the tower's learned
         branches, each a unit vector with its own loss: one part except for `profile_aligned`."""

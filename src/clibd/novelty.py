@@ -12,6 +12,10 @@ fills the answer from order down and stops at the first rank whose threshold the
 similarity does not clear (in the spirit of BOLD's 97/95/90/85 % identity cut-offs, but learned
 per model and library).
 
+The species rank (and with it the novel flag) may be judged on a part of the embedding: its
+leading `novelty_dim` dimensions, re-normalised (`CLIBDModel.novelty_dim`; the k-mer parts of a
+`profile_aligned` DNA tower). The other ranks are judged on the whole embedding, which places.
+
 Usage:
     thresholds = calibrate_thresholds(embeddings, records)   # {"species": 0.93, "genus": 0.88, ...}
 """
@@ -22,8 +26,17 @@ import random
 from collections import Counter
 
 import torch
+import torch.nn.functional as F
 
 from .processing import RANKS
+
+
+def novelty_part(embeddings: torch.Tensor, novelty_dim: int | None) -> torch.Tensor:
+    """The unit vectors whose cosine scores novelty: the leading `novelty_dim` dimensions of
+    `embeddings` re-normalised (fp32), or `embeddings` itself when that is all of them (or None)."""
+    if novelty_dim is None or novelty_dim >= embeddings.shape[1]:
+        return embeddings
+    return F.normalize(embeddings[:, :novelty_dim].float(), dim=-1)
 
 
 def best_threshold(known: list[float], novel: list[float]) -> float:
@@ -61,20 +74,24 @@ def nearest_held_out(embeddings: torch.Tensor, species: list[str], queries: list
 
 
 def calibrate_thresholds(embeddings: torch.Tensor, records: list[dict], max_queries: int = 2000,
-                         seed: int = 0) -> dict[str, float]:
+                         seed: int = 0, novelty_dim: int | None = None) -> dict[str, float]:
     """Per-rank similarity thresholds (see the module doc); NaN where a rank has no right or no
-    wrong answers to separate (it then never stops an answer)."""
+    wrong answers to separate (it then never stops an answer). The species threshold is on the
+    cosine of `novelty_part(embeddings, novelty_dim)`."""
     species = [r.get("species", "") for r in records]
     counts = Counter(label for label in species if label)
     eligible = [i for i, label in enumerate(species) if label and counts[label] >= 2]
     queries = random.Random(seed).sample(eligible, min(max_queries, len(eligible)))
     if len(counts) < 2 or not queries:
         return dict.fromkeys(RANKS, float("nan"))
-    loo_sims, loo_idx, out_sims, out_idx = nearest_held_out(embeddings, species, queries)
-    sims = torch.cat([loo_sims, out_sims]).tolist()
-    nearest = torch.cat([loo_idx, out_idx]).tolist()
+    placing = nearest_held_out(embeddings, species, queries)
+    scoring = novelty_part(embeddings, novelty_dim)
+    novelty = placing if scoring is embeddings else nearest_held_out(scoring, species, queries)
     thresholds = {}
     for rank in RANKS:
+        loo_sims, loo_idx, out_sims, out_idx = novelty if rank == "species" else placing
+        sims = torch.cat([loo_sims, out_sims]).tolist()
+        nearest = torch.cat([loo_idx, out_idx]).tolist()
         right, wrong = [], []
         for query, sim, j in zip(queries + queries, sims, nearest, strict=True):
             truth = records[query].get(rank, "")
