@@ -121,6 +121,8 @@ def test_aligned_branches_widen_the_embedding_and_train_one_loss_each(data_dir, 
     batch = processor(barcodes=barcodes)
     assert set(batch) == {"dna_profile", "dna_aligned"} and batch["dna_aligned"].shape == (4, 4 * 658)
     assert torch.equal(batch["dna_aligned"], aligned_onehot(barcodes).flatten(1))
+    again = processor(barcodes=barcodes[::-1] + [barcodes[0]])["dna_aligned"]  # placed once, remembered
+    assert torch.equal(again, aligned_onehot(barcodes[::-1] + [barcodes[0]]).flatten(1))
     with torch.no_grad():
         retrieval, trained_on = model.get_dna_features(**batch), model(**batch).dna_embeds
     assert retrieval.shape == (4, model.embedding_dim("dna")) == (4, 32 + 64 + 32 + 4 * 658)

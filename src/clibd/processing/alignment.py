@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .barcodes import base_codes
+from .barcodes import barcode_names, base_codes
 
 COI_BARCODE_LENGTH = 658
 # The most frequent base at each position of the full-length barcodes in the shared BOLD insect
@@ -38,10 +38,6 @@ INSECT_COI5P_CONSENSUS = (
 _USUAL_START = [0, 0, 1]  # A A C
 
 
-def _names(count: int, ids: Sequence[str] | None) -> list[str]:
-    return [f"barcode {i!r}" for i in ids] if ids is not None else [f"barcode #{i}" for i in range(count)]
-
-
 def coi_base_profile(sequences: Sequence[str], ids: Sequence[str] | None = None) -> np.ndarray:
     """[658, 4] A/C/G/T frequencies at each position, over the full-length barcodes (658 bases,
     starting AAC) among `sequences`; the others are ignored.
@@ -51,7 +47,7 @@ def coi_base_profile(sequences: Sequence[str], ids: Sequence[str] | None = None)
     """
     counts = np.zeros((COI_BARCODE_LENGTH, 4))
     positions = np.arange(COI_BARCODE_LENGTH)
-    for sequence, name in zip(sequences, _names(len(sequences), ids), strict=True):
+    for sequence, name in zip(sequences, barcode_names(len(sequences), ids), strict=True):
         codes = base_codes(sequence, name)
         if len(codes) == COI_BARCODE_LENGTH and codes[:3].tolist() == _USUAL_START:
             known = codes >= 0
@@ -91,6 +87,25 @@ def consensus_profile(consensus: str = INSECT_COI5P_CONSENSUS) -> np.ndarray:
     return np.eye(4)[base_codes(consensus, "consensus")]
 
 
+def aligned_codes(sequences: Sequence[str], profile: np.ndarray | None = None,
+                  ids: Sequence[str] | None = None) -> np.ndarray:
+    """[B, 658] int8 base codes of the aligned barcodes (`align_barcode`, -1 where no base);
+    `profile` defaults to the insect COI-5P consensus."""
+    profile = consensus_profile() if profile is None else profile
+    if not sequences:
+        return np.zeros((0, len(profile)), dtype=np.int8)
+    return np.stack([align_barcode(s, profile, name).astype(np.int8)
+                     for s, name in zip(sequences, barcode_names(len(sequences), ids), strict=True)])
+
+
+def onehot_codes(codes: np.ndarray) -> torch.Tensor:
+    """[B, L, 4] float one-hot of [B, L] base codes; all zeros where a code is -1."""
+    onehot = np.zeros((*codes.shape, 4), dtype=np.float32)
+    rows, positions = np.nonzero(codes >= 0)
+    onehot[rows, positions, codes[rows, positions]] = 1
+    return torch.from_numpy(onehot)
+
+
 def aligned_onehot(sequences: Sequence[str], profile: np.ndarray | None = None,
                    ids: Sequence[str] | None = None) -> torch.Tensor:
     """[B, 658, 4] one-hot bases of the aligned barcodes (all zeros where a barcode has no base);
@@ -99,10 +114,4 @@ def aligned_onehot(sequences: Sequence[str], profile: np.ndarray | None = None,
     Usage:
         onehot = aligned_onehot(["AACATTATATTTTATTTTTGG...", ...], ids=["BIOUG001-A01", ...])
     """
-    profile = consensus_profile() if profile is None else profile
-    codes = np.stack([align_barcode(s, profile, name) for s, name in zip(sequences, _names(len(sequences), ids),
-                                                                          strict=True)])
-    onehot = np.zeros((len(codes), len(profile), 4), dtype=np.float32)
-    rows, positions = np.nonzero(codes >= 0)
-    onehot[rows, positions, codes[rows, positions]] = 1
-    return torch.from_numpy(onehot)
+    return onehot_codes(aligned_codes(sequences, profile, ids))

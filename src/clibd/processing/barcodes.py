@@ -144,6 +144,11 @@ def base_codes(sequence: str, record: str = "record") -> np.ndarray:
     return _BASE_CODES[np.frombuffer(normalise_barcode(sequence, record).encode(), dtype=np.uint8)]
 
 
+def barcode_names(count: int, ids: Sequence[str] | None = None) -> list[str]:
+    """How errors name `count` barcodes: by id when given, else by position."""
+    return [f"barcode {i!r}" for i in ids] if ids is not None else [f"barcode #{i}" for i in range(count)]
+
+
 def kmer_profiles(sequences: Sequence[str], k: int = 6, ids: Sequence[str] | None = None) -> torch.Tensor:
     """L2-normalised counts of overlapping k-mers over ACGT [B, 4^k] (k-mers with N or an
     ambiguity code are skipped). The whole barcode is used: a profile has no length limit.
@@ -151,7 +156,7 @@ def kmer_profiles(sequences: Sequence[str], k: int = 6, ids: Sequence[str] | Non
     Usage:
         profiles = kmer_profiles(["ACGTAC...", ...], k=6)
     """
-    names = [f"barcode {i!r}" for i in ids] if ids is not None else [f"barcode #{i}" for i in range(len(sequences))]
+    names = barcode_names(len(sequences), ids)
     out = torch.zeros(len(sequences), 4**k)
     weights = 4 ** np.arange(k - 1, -1, -1)
     for row, (sequence, name) in enumerate(zip(sequences, names, strict=True)):

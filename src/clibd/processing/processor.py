@@ -13,17 +13,19 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 from transformers.utils import PushToHubMixin, cached_file
 
 from ..configuration_clibd import CLIBDConfig
-from .alignment import aligned_onehot
-from .barcodes import BarcodeTokenizer, kmer_profiles
+from .alignment import align_barcode, consensus_profile, onehot_codes
+from .barcodes import BarcodeTokenizer, barcode_names, kmer_profiles
 from .images import ImageInput, image_transform, load_image
 from .taxonomy import taxonomy_text
 
 PROCESSOR_CONFIG_NAME = "processor_config.json"
+ALIGNMENT_MEMO_SIZE = 100_000  # barcodes whose COI-5P placement a processor remembers (~1.4 kB each)
 
 
 class CLIBDProcessor(PushToHubMixin):
@@ -49,6 +51,10 @@ class CLIBDProcessor(PushToHubMixin):
         self.text_tokenizer = text_tokenizer
         self.dna_profile_kmer_size = dna_profile_kmer_size
         self.dna_aligned = dna_aligned
+        # Training meets the same barcodes every epoch; placing one costs more than the rest of its
+        # processing, so it is done once (a pure function of the barcode: no effect on outputs).
+        self._alignment_memo: dict[str, np.ndarray] = {}
+        self._coi_profile = consensus_profile()
         self.barcode_tokenizer = BarcodeTokenizer(dna_tokenizer_flavour, kmer_size, max_sequence_length)
         self.text_max_length = text_max_length
         self.image_size = image_size
@@ -101,10 +107,19 @@ class CLIBDProcessor(PushToHubMixin):
         if self.dna_profile_kmer_size is not None:  # a k-mer-profile DNA tower reads whole barcodes
             out = {"dna_profile": kmer_profiles(barcodes, self.dna_profile_kmer_size, ids)}
             if self.dna_aligned:  # ... and, with aligned branches, barcodes on the COI-5P positions
-                out["dna_aligned"] = aligned_onehot(barcodes, ids=ids).flatten(1)
+                out["dna_aligned"] = onehot_codes(self._aligned_codes(barcodes, ids)).flatten(1)
             return out
         encoded = self.barcode_tokenizer(barcodes, ids, warn_truncated=warn_truncated)
         return {"dna_input_ids": encoded.input_ids, "dna_attention_mask": encoded.attention_mask}
+
+    def _aligned_codes(self, barcodes: Sequence[str], ids: Sequence[str] | None) -> np.ndarray:
+        placed = {}
+        for barcode, name in zip(barcodes, barcode_names(len(barcodes), ids), strict=True):
+            if barcode not in self._alignment_memo and barcode not in placed:
+                placed[barcode] = align_barcode(barcode, self._coi_profile, name).astype(np.int8)
+        if len(self._alignment_memo) + len(placed) <= ALIGNMENT_MEMO_SIZE:
+            self._alignment_memo.update(placed)
+        return np.stack([placed[b] if b in placed else self._alignment_memo[b] for b in barcodes])
 
     def process_taxonomy(self, taxonomy: Sequence[Any], ids: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         if self.text_tokenizer is None:
