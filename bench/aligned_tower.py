@@ -16,7 +16,8 @@ bench/kmer_profile_tower.py (`--stage`), this script trains and scores:
   position and a learned 4 x 4 base map per codon position, cosine of the weighted, mapped
   one-hot; same loss, 10 epochs;
 - the 7-mer tower of configs/bold_dna.yaml (`--kmer-tower`) with its 1024-d sketch, for reference;
-- raw cosines (aligned one-hot, 7-mer counts) and sums of the learned cosines.
+- raw cosines (aligned one-hot, 7-mer counts) and sums of the learned cosines;
+- with `--codon12`, positional models that see 1st and 2nd codon positions only.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def crop(onehot: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def train(model: torch.nn.Module, x: torch.Tensor, labels: dict, epochs: int, lr: float, weight_decay: float,
-          augment=None) -> None:
+          augment=None, levels: tuple[tuple[str, float], ...] = LEVELS) -> None:
     """AdamW, batches of 512, the hierarchical supcon loss on each of the model's outputs (one
     tensor, or a tuple of branches each with its own loss)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -60,7 +61,7 @@ def train(model: torch.nn.Module, x: torch.Tensor, labels: dict, epochs: int, lr
             batch = order[i : i + 512]
             out = model(augment(x[batch]) if augment else x[batch])
             loss = sum(weight * supervised_contrastive(F.normalize(z, dim=-1), labels[rank][batch])
-                       for z in (out if isinstance(out, tuple) else (out,)) for rank, weight in LEVELS)
+                       for z in (out if isinstance(out, tuple) else (out,)) for rank, weight in levels)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -75,6 +76,9 @@ def main() -> None:
                         help="val: tune on validation-unseen species (references: seen + test-unseen keys)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-kmer-tower", action="store_true", help="skip the 7-mer tower (4 CPU minutes)")
+    parser.add_argument("--codon12", action="store_true",
+                        help="also: positional models on 1st and 2nd codon positions only (species- or "
+                             "family-weighted loss), alone and added to the four-part sum")
     parser.add_argument("--variants", action="store_true",
                         help="also: the aligned MLP trained on cropped barcodes; both aligned towers trained "
                              "with one loss on their concatenated embedding")
@@ -88,7 +92,8 @@ def main() -> None:
     key_records, novel_records = list(keys), list(novel)
     key_taxa = {rank: set(keys[rank]) for rank in ("order", "family", "genus", "species")}
     trained = list(training.select_columns(["genus", "species"]))
-    labels = {rank: torch.from_numpy(np.unique(training[rank], return_inverse=True)[1]) for rank, _ in LEVELS}
+    labels = {rank: torch.from_numpy(np.unique(training[rank], return_inverse=True)[1])
+              for rank in ("order", "family", "genus", "species")}
     print(f"split seed {data_config.split_seed}, stage {args.stage}: {len(training)} training records, "
           f"{len(keys)} references, {len(novel)} novel queries", flush=True)
 
@@ -147,6 +152,15 @@ def main() -> None:
         train(joint, x_train, labels, epochs=20, lr=1e-3, weight_decay=0.01)
         add("aligned MLP and positional, one loss on both", joint)
 
+    if args.codon12:
+        first_two = (CLIBDPositionalBranch.codon_positions() < 2).float()[None, :, None]
+        for name, levels in (("codon-1/2 positional", LEVELS),
+                             ("codon-1/2 positional, deep loss", (("genus", 0.5), ("family", 1.0), ("order", 0.5)))):
+            branch = CLIBDPositionalBranch()
+            train(branch, x_train * first_two, labels, epochs=10, lr=1e-2, weight_decay=0.0, levels=levels)
+            add(name, lambda x, branch=branch: branch(x * first_two))
+        add("raw codon-1/2 one-hot", lambda x: (x * first_two).flatten(1))
+
     if not args.no_kmer_tower:
         start = time.perf_counter()
         p_train, p_keys, p_novel, p_seen = (kmer_profiles(d["dna"], 7) for d in (training, keys, novel, seen))
@@ -165,6 +179,9 @@ def main() -> None:
     if not args.no_kmer_tower:
         rows += [["7-mer tower", "7-mer sketch"], ["aligned MLP", "positional", "7-mer tower"],
                  ["aligned MLP", "positional", "7-mer tower", "7-mer sketch"]]
+        if args.codon12:
+            rows += [["aligned MLP", "positional", "7-mer tower", "7-mer sketch", name]
+                     for name in ("codon-1/2 positional", "codon-1/2 positional, deep loss")]
     print("| cosine (sum of) | order | family | genus | genus by trained congeners 0 / 1 / 2+ | AUROC seen vs novel |")
     print("|---|---:|---:|---:|---|---:|")
     for names in rows:

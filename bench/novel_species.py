@@ -21,6 +21,7 @@ import argparse
 import csv
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -62,21 +63,24 @@ def genus_by_trained_congeners(true: list[dict], predicted: list[dict], key_taxa
                    len({species for species, _ in rows})) for name, rows in groups.items()}
 
 
-def species_misses(true: list[dict], predicted: list[dict], other: list[dict], keys: list[dict],
-                   rank: str) -> list[tuple[str, int, int, int, int]]:
+def species_misses(true: list[dict], predicted: list[dict], other: list[dict], answered: list[dict],
+                   keys: list[dict], rank: str) -> list[tuple]:
     """Novel species with a query placed at the wrong `rank`: (species, queries, wrong, wrong by
-    `other`, references of its taxon at that rank), most misses first."""
-    references: dict[str, int] = {}
-    for key in keys:
-        references[key[rank]] = references.get(key[rank], 0) + 1
-    by_species: dict[str, list[int]] = {}
-    for t, p, o in zip(true, predicted, other, strict=True):
+    `other`, wrong in `identify`'s answer (which may leave the rank empty), references of its
+    taxon at that rank, the commonest wrong answer), most misses first."""
+    references = Counter(key[rank] for key in keys)
+    by_species: dict[str, list] = {}
+    for t, p, o, a in zip(true, predicted, other, answered, strict=True):
         if t[rank] in references:
-            row = by_species.setdefault(t["species"], [0, 0, 0, references[t[rank]]])
+            row = by_species.setdefault(t["species"], [0, 0, 0, 0, references[t[rank]], Counter()])
             row[0] += 1
             row[1] += p[rank] != t[rank]
             row[2] += o[rank] != t[rank]
-    return sorted(((name, *row) for name, row in by_species.items() if row[1]), key=lambda r: -r[2])
+            row[3] += bool(a[rank]) and a[rank] != t[rank]
+            if p[rank] != t[rank]:
+                row[5][p[rank]] += 1
+    return sorted(((name, *row[:5], row[5].most_common(1)[0][0]) for name, row in by_species.items() if row[1]),
+                  key=lambda r: -r[2])
 
 
 def vote_placement(sims: np.ndarray, keys: list[dict], novel: list[dict], key_taxa: dict, k: int,
@@ -94,6 +98,79 @@ def vote_placement(sims: np.ndarray, keys: list[dict], novel: list[dict], key_ta
             answer[rank] = max(votes, key=votes.get)
         predicted.append(answer)
     return placement(novel, predicted, key_taxa)
+
+
+def learned_similarities(model_dir: Path, queries: list[dict], keys: list[dict]) -> np.ndarray:
+    """[Q, K] cosine of the model's DNA embeddings (what the index searches)."""
+    from clibd import CLIBDModel, CLIBDProcessor
+    from clibd.data import records_to_dataset
+    from clibd.evaluation.retrieval import embed_records
+
+    model, processor = CLIBDModel.from_pretrained(model_dir).eval(), CLIBDProcessor.from_pretrained(model_dir)
+    return (embed_records(model, processor, records_to_dataset(queries), "dna")
+            @ embed_records(model, processor, records_to_dataset(keys), "dna").T).numpy()
+
+
+def taxon_placement(sims: np.ndarray, keys: list[dict], novel: list[dict], key_taxa: dict, best: int) -> dict:
+    """Placement at each rank by the taxon whose `best` highest similarities have the highest mean
+    (average linkage to the taxon's nearest references instead of the single nearest one)."""
+    out = {}
+    for rank in RANKS[:3]:
+        labels = sorted(key_taxa[rank])
+        members = np.array([labels.index(key[rank]) for key in keys])
+        scores = np.full((sims.shape[0], len(labels)), -np.inf)
+        for i in range(len(labels)):
+            top = -np.sort(-sims[:, members == i], axis=1)[:, :best]
+            scores[:, i] = np.concatenate([top, np.repeat(top[:, -1:], best - top.shape[1], axis=1)], axis=1).mean(1)
+        predicted = [{rank: labels[j]} for j in scores.argmax(axis=1)]
+        pairs = [(t[rank], p[rank]) for t, p in zip(novel, predicted, strict=True) if t[rank] in key_taxa[rank]]
+        out[rank] = sum(a == b for a, b in pairs) / len(pairs)
+    return out
+
+
+def codon12_similarities(queries: list[dict], keys: list[dict]) -> np.ndarray:
+    """[Q, K] cosine of the aligned one-hot barcodes at 1st and 2nd codon positions only (the
+    conserved ones: a raw, unlearned view of the amino-acid sequence)."""
+    from clibd.modeling_clibd import CLIBDPositionalBranch
+    from clibd.processing import aligned_onehot
+
+    keep = (CLIBDPositionalBranch.codon_positions() < 2)[None, :, None]
+
+    def embed(records: list[dict]) -> torch.Tensor:
+        return torch.nn.functional.normalize((aligned_onehot([r["dna"] for r in records]) * keep).flatten(1), dim=-1)
+
+    return (embed(queries) @ embed(keys).T).numpy()
+
+
+def rank_variants(learned: np.ndarray, keys: list[dict], novel: list[dict], key_taxa: dict,
+                  learned_hits: list[dict], order_threshold: float) -> None:
+    """Print placement by other read-outs of the same similarities (ideas tried for order)."""
+    codon12 = codon12_similarities(novel, keys)
+    rows = {"clibd, nearest reference": placement(novel, learned_hits, key_taxa)}
+    for best in (3, 5):
+        rows[f"clibd, best {best} per taxon"] = taxon_placement(learned, keys, novel, key_taxa, best)
+    rows["codon-1/2 cosine alone"] = placement(novel, [keys[j] for j in codon12.argmax(1)], key_taxa)
+    for weight in (0.0625, 0.125, 0.25):
+        mixed = learned + weight * codon12
+        rows[f"clibd + {weight} x codon-1/2 cosine"] = placement(novel, [keys[j] for j in mixed.argmax(1)], key_taxa)
+    far = learned.max(1) < order_threshold  # queries whose order identify would not give
+    routed = np.where(far, codon12.argmax(1), learned.argmax(1))
+    rows[f"codon-1/2 cosine where clibd's best < the order threshold ({far.sum()} queries)"] = placement(
+        novel, [keys[j] for j in routed], key_taxa)
+    print("| read-out | order | family | genus |\n|---|---:|---:|---:|")
+    for name, cells in rows.items():
+        print(f"| {name} | {100 * cells['order']:.1f} | {100 * cells['family']:.1f} | {100 * cells['genus']:.1f} |")
+    nearest = codon12.argmax(1)
+    missed = sorted({t["species"] for t, p in zip(novel, learned_hits, strict=True) if t["order"] != p["order"]})
+    print("\nNovel species clibd places in a wrong order, and where the codon-1/2 cosine puts them:")
+    for species in missed:
+        answers = Counter((keys[j]["order"], keys[j]["family"]) for t, j in zip(novel, nearest, strict=True)
+                          if t["species"] == species)
+        truth = next(t for t in novel if t["species"] == species)
+        family_references = sum(key["family"] == truth["family"] for key in keys)
+        print(f"- {species} ({truth['order']}, {truth['family']}: {family_references} references): "
+              + ", ".join(f"{o} {f} x{n}" for (o, f), n in answers.most_common(3)))
+    print()
 
 
 def auroc(positive: list[float], negative: list[float]) -> float:
@@ -118,6 +195,8 @@ def main() -> None:
     parser.add_argument("--model", help="a trained model folder; default: the config's run, trained if missing")
     parser.add_argument("--kmax", type=int, default=8)
     parser.add_argument("--votes", action="store_true", help="also score top-k similarity-weighted votes")
+    parser.add_argument("--variants", action="store_true",
+                        help="also score placement by the best-m similarities per taxon and with codon-1/2 identity")
     parser.add_argument("--misses", action="store_true",
                         help="also list the novel species placed at the wrong order or genus")
     parser.add_argument("--split-seed", type=int,
@@ -168,14 +247,10 @@ def main() -> None:
         baselines[k] = (placement(novel, [keys[i] for i in best], key_taxa), auroc(list(seen_sims), list(novel_sims)),
                         [keys[i] for i in best])
     best_k = max(baselines, key=lambda k: baselines[k][0]["genus"])
+    learned_sims = learned_similarities(model_dir, novel, keys) if args.votes or args.variants else None
+    if args.variants:
+        rank_variants(learned_sims, keys, novel, key_taxa, learned_hits, index.thresholds["order"])
     if args.votes:
-        from clibd import CLIBDModel, CLIBDProcessor
-        from clibd.data import records_to_dataset
-        from clibd.evaluation.retrieval import embed_records
-
-        model, processor = CLIBDModel.from_pretrained(model_dir).eval(), CLIBDProcessor.from_pretrained(model_dir)
-        learned_sims = (embed_records(model, processor, records_to_dataset(novel), "dna")
-                        @ embed_records(model, processor, records_to_dataset(keys), "dna").T).numpy()
         sources = {"clibd": learned_sims}
         for k in sorted({5, best_k}):
             sources[f"{k}-mer"] = (kmer_profiles([r["dna"] for r in novel], k)
@@ -216,12 +291,14 @@ def main() -> None:
         print(f"| {group} | {n} ({species}) | {100 * accuracy:.1f} | {100 * theirs[group][0]:.1f} |")
     if args.misses:
         for rank in ("order", "genus"):
-            misses = species_misses(novel, learned_hits, baselines[best_k][2], keys, rank)
+            misses = species_misses(novel, learned_hits, baselines[best_k][2], [rows[r["id"]] for r in novel],
+                                    keys, rank)
             print(f"\nNovel species placed at the wrong {rank} by clibd: {len(misses)} species, "
                   f"{sum(m[2] for m in misses)} queries\n| species | queries | clibd wrong | raw {best_k}-mer wrong | "
-                  f"references of its {rank} |\n|---|---:|---:|---:|---:|")
-            for name, n, wrong, other_wrong, refs in misses:
-                print(f"| {name} | {n} | {wrong} | {other_wrong} | {refs} |")
+                  f"wrong in identify's answer | references of its {rank} | clibd's commonest wrong {rank} |\n"
+                  "|---|---:|---:|---:|---:|---:|---|")
+            for name, n, wrong, other_wrong, answered_wrong, refs, placed in misses:
+                print(f"| {name} | {n} | {wrong} | {other_wrong} | {answered_wrong} | {refs} | {placed} |")
 
 
 if __name__ == "__main__":
