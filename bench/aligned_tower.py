@@ -17,7 +17,8 @@ bench/kmer_profile_tower.py (`--stage`), this script trains and scores:
   one-hot; same loss, 10 epochs;
 - the 7-mer tower of configs/bold_dna.yaml (`--kmer-tower`) with its 1024-d sketch, for reference;
 - raw cosines (aligned one-hot, 7-mer counts) and sums of the learned cosines;
-- with `--codon12`, positional models that see 1st and 2nd codon positions only.
+- with `--codon12`, positional models that see 1st and 2nd codon positions only;
+- with `--order-weight W`, every loss also takes records of one order as positives (weight W).
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def main() -> None:
                         help="val: tune on validation-unseen species (references: seen + test-unseen keys)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-kmer-tower", action="store_true", help="skip the 7-mer tower (4 CPU minutes)")
+    parser.add_argument("--order-weight", type=float, default=0.0,
+                        help="also make records of one order positives, with this weight, in every loss")
     parser.add_argument("--codon12", action="store_true",
                         help="also: positional models on 1st and 2nd codon positions only (species- or "
                              "family-weighted loss), alone and added to the four-part sum")
@@ -84,6 +87,7 @@ def main() -> None:
                              "with one loss on their concatenated embedding")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
+    levels = LEVELS + ((("order", args.order_weight),) if args.order_weight else ())
 
     data_config = ExperimentConfig.from_yaml(args.config).data
     if args.split_seed is not None:
@@ -116,10 +120,10 @@ def main() -> None:
     add("raw aligned one-hot", lambda x: x.flatten(1))
     start = time.perf_counter()
     mlp = torch.nn.Sequential(torch.nn.Linear(WIDTH * 4, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256))
-    train(mlp, F.normalize(x_train.flatten(1), dim=-1), labels, epochs=20, lr=1e-3, weight_decay=0.01)
+    train(mlp, F.normalize(x_train.flatten(1), dim=-1), labels, epochs=20, lr=1e-3, weight_decay=0.01, levels=levels)
     add("aligned MLP", lambda x: mlp(F.normalize(x.flatten(1), dim=-1)))
     positional = CLIBDPositionalBranch()
-    train(positional, x_train, labels, epochs=10, lr=1e-2, weight_decay=0.0)
+    train(positional, x_train, labels, epochs=10, lr=1e-2, weight_decay=0.0, levels=levels)
     add("positional", positional)
     weights, codon = positional.log_weight.detach().exp(), positional.codon_positions()
     print(f"aligned towers trained in {time.perf_counter() - start:.0f} s; positional weight by codon position "
@@ -165,7 +169,7 @@ def main() -> None:
         start = time.perf_counter()
         p_train, p_keys, p_novel, p_seen = (kmer_profiles(d["dna"], 7) for d in (training, keys, novel, seen))
         kmer_tower = torch.nn.Sequential(torch.nn.Linear(4**7, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256))
-        train(kmer_tower, p_train, labels, epochs=20, lr=1e-3, weight_decay=0.01)
+        train(kmer_tower, p_train, labels, epochs=20, lr=1e-3, weight_decay=0.01, levels=levels)
         with torch.no_grad():
             k, n, s = (F.normalize(kmer_tower(x), dim=-1) for x in (p_keys, p_novel, p_seen))
         cosines["7-mer tower"] = (n @ k.T, s @ k.T)

@@ -1,6 +1,6 @@
 """Novel species: barcodes of species that are neither in training nor in the reference library.
 
-    python bench/novel_species.py                      # configs/bold_dna.yaml, trained first if needed (4 min)
+    python bench/novel_species.py                      # configs/bold_dna.yaml, trained first if needed (6 min)
     python bench/novel_species.py --split-seed 1       # another species split (trained afresh)
     python bench/novel_species.py --config configs/demo.yaml --model runs/demo/best   # the demo model
 

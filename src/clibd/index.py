@@ -2,7 +2,7 @@
 
 An index directory holds `embeddings.safetensors` (fp16, one tensor per modality),
 `records.tsv` (id, ranks, source) and `index.json` (model path and hash, modality, dimension,
-count, per-rank novelty thresholds, clibd version). Builds run in shards that survive an
+how many leading dimensions judge novelty, count, per-rank novelty thresholds, clibd version). Builds run in shards that survive an
 interruption; the finished directory is renamed into place.
 
 Usage:

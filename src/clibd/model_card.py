@@ -30,7 +30,8 @@ def _tower_rows(model: dict, config: dict) -> str:
                         f"{dna.get('profile_hidden_size', 1024)})"
                         + (f" + a fixed {sketch}-d random projection of the counts" if sketch else "")
                         + (" + an MLP and a positional model over the barcode aligned to the COI-5P region (one "
-                           "loss per branch)" if dna.get("profile_aligned") else "") + " | random |")
+                           "loss per branch; the k-mer parts alone judge novelty in `clibd identify`)"
+                           if dna.get("profile_aligned") else "") + " | random |")
         else:
             size = f"{dna.get('num_hidden_layers', 12)} layers, width {dna.get('hidden_size', 768)}"
             rows.append(f"| DNA | BERT over {dna.get('kmer_size', 5)}-mers ({size}) | "
