@@ -7,7 +7,8 @@
 The species split is the config's (the paper's, by species, seeded). References: the seen species'
 keys plus the validation-unseen keys (species absent from training but present in the library).
 Novel queries: the test-unseen species' records, whose species no reference holds. Seen queries:
-the test-seen records. The script builds the index with `clibd index build`'s code, identifies
+the test-seen records (`--stage val`: the validation-unseen species against the seen and
+test-unseen keys, for choosing settings without the test species). The script builds the index with `clibd index build`'s code, identifies
 with `clibd identify`'s code, and prints for the novel queries the per-rank placement accuracy
 (micro, over queries whose taxon at that rank exists among the references), the AUROC of
 seen-versus-novel detection from the novelty similarity (`identify`'s novelty_similarity), how `identify` answered (flagged novel, the
@@ -194,6 +195,9 @@ def main() -> None:
     parser.add_argument("--config", default="configs/bold_dna.yaml")
     parser.add_argument("--model", help="a trained model folder; default: the config's run, trained if missing")
     parser.add_argument("--kmax", type=int, default=8)
+    parser.add_argument("--stage", choices=("test", "val"), default="test",
+                        help="val: score the validation-unseen species instead (references: seen + test-unseen "
+                             "keys), to choose read-outs without looking at the test species")
     parser.add_argument("--votes", action="store_true", help="also score top-k similarity-weighted votes")
     parser.add_argument("--variants", action="store_true",
                         help="also score placement by the best-m similarities per taxon and with codon-1/2 identity")
@@ -214,8 +218,9 @@ def main() -> None:
         if not model_dir.exists():  # a run that never evaluated on validation keeps its last epoch only
             model_dir = model_dir.with_name("final")
     splits = load_splits(config.data)
-    keys = list(splits["seen_keys"]) + list(splits["val_unseen_keys"])
-    novel, seen = list(splits["test_unseen"]), list(splits["test_seen"])
+    other = "test" if args.stage == "val" else "val"  # whose unseen keys join the references
+    keys = list(splits["seen_keys"]) + list(splits[f"{other}_unseen_keys"])
+    novel, seen = list(splits[f"{args.stage}_unseen"]), list(splits[f"{args.stage}_seen"])
     key_taxa = {rank: {r[rank] for r in keys} for rank in RANKS}
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -263,7 +268,7 @@ def main() -> None:
                                            for c in cells) + " |")
         print()
 
-    print(f"config {args.config} (split seed {config.data.split_seed}), model {model_dir}; {len(keys)} references ({len(key_taxa['species'])} species), "
+    print(f"config {args.config} (split seed {config.data.split_seed}, stage {args.stage}), model {model_dir}; {len(keys)} references ({len(key_taxa['species'])} species), "
           f"{len(novel)} novel-species queries ({len({r['species'] for r in novel})} species), {len(seen)} seen queries")
     print(f"thresholds: {', '.join(f'{r}={v:.3f}' for r, v in index.thresholds.items())}")
     if index.novelty_dim < index.embeddings.shape[1]:
