@@ -174,6 +174,24 @@ def rank_variants(learned: np.ndarray, keys: list[dict], novel: list[dict], key_
     print()
 
 
+def print_examples(rows: dict[str, dict], seen: list[dict], novel: list[dict]) -> None:
+    """identify's first answer of each kind: a known species named, novel ones stopped at genus,
+    family and order."""
+    kinds = {"known species": (seen, "species"), "novel, stops at genus": (novel, "genus"),
+             "novel, stops at family": (novel, "family"), "novel, stops at order": (novel, "order")}
+    print("\n| query_id | order | family | genus | species | similarity | novel | novelty_similarity | "
+          "the specimen is |\n|---|---|---|---|---|---:|---|---:|---|")
+    for kind, (queries, deepest) in kinds.items():
+        deeper = RANKS[RANKS.index(deepest) + 1 :]
+        truth = next((q for q in queries if rows[q["id"]][deepest] and not any(rows[q["id"]][r] for r in deeper)), None)
+        if truth is None:
+            continue
+        row = rows[truth["id"]]
+        print(f"| {truth['id']} | " + " | ".join(row[r] for r in RANKS) + f" | {row['similarity']} | {row['novel']} | "
+              f"{row['novelty_similarity']} | *{truth['species']}* ({kind}) |")
+    print()
+
+
 def auroc(positive: list[float], negative: list[float]) -> float:
     """P(score of a random positive > score of a random negative), ties counting half."""
     pos, neg = np.asarray(positive), np.asarray(negative)
@@ -201,6 +219,9 @@ def main() -> None:
     parser.add_argument("--votes", action="store_true", help="also score top-k similarity-weighted votes")
     parser.add_argument("--variants", action="store_true",
                         help="also score placement by the best-m similarities per taxon and with codon-1/2 identity")
+    parser.add_argument("--examples", action="store_true",
+                        help="also print identify's answer for a known species and for novel ones it stops at "
+                             "genus, family and order (the README's example)")
     parser.add_argument("--misses", action="store_true",
                         help="also list the novel species placed at the wrong order or genus")
     parser.add_argument("--split-seed", type=int,
@@ -244,7 +265,7 @@ def main() -> None:
                    / max(1, sum(bool(rows[r["id"]][rank]) for r in novel)) for rank in RANKS}
 
     baselines = {}
-    for k in range(3, args.kmax + 1):
+    for k in sorted({*range(3, args.kmax + 1), 5}):  # k = 5 is always reported
         key_profiles = kmer_profiles([r["dna"] for r in keys], k)
         best, _ = nearest(kmer_profiles([r["dna"] for r in novel], k), key_profiles)
         _, seen_sims = nearest(kmer_profiles([r["dna"] for r in seen], k), key_profiles)
@@ -294,6 +315,8 @@ def main() -> None:
           f"raw {best_k}-mer genus |\n|---|---:|---:|---:|")
     for group, (accuracy, n, species) in ours.items():
         print(f"| {group} | {n} ({species}) | {100 * accuracy:.1f} | {100 * theirs[group][0]:.1f} |")
+    if args.examples:
+        print_examples(rows, seen, novel)
     if args.misses:
         for rank in ("order", "genus"):
             misses = species_misses(novel, learned_hits, baselines[best_k][2], [rows[r["id"]] for r in novel],

@@ -23,7 +23,7 @@ def test_novel_species_bench_prints_the_table(data_dir, tmp_path):
     }
     (tmp_path / "bench.yaml").write_text(yaml.safe_dump(config))
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "novel_species.py"), "--config",
-                             str(tmp_path / "bench.yaml"), "--kmax", "6", "--variants", "--misses"],
+                             str(tmp_path / "bench.yaml"), "--kmax", "6", "--variants", "--misses", "--examples"],
                             capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
@@ -42,3 +42,5 @@ def test_novel_species_bench_prints_the_table(data_dir, tmp_path):
     variant = re.search(r"^\| clibd, nearest reference \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", out, flags=re.M)
     assert [float(v) for v in variant.groups()] == rows["clibd (learned DNA tower, 1-NN)"][:3]
     assert "Novel species placed at the wrong genus by clibd" in out
+    examples = re.findall(r"^\| \S+ \| .* \| (true|false) \| [\d.]+ \| \*.+\* \((.+)\) \|$", out, flags=re.M)
+    assert examples and all(flag == "false" for flag, kind in examples if kind == "known species")
