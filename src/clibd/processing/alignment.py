@@ -87,17 +87,6 @@ def consensus_profile(consensus: str = INSECT_COI5P_CONSENSUS) -> np.ndarray:
     return np.eye(4)[base_codes(consensus, "consensus")]
 
 
-def aligned_codes(sequences: Sequence[str], profile: np.ndarray | None = None,
-                  ids: Sequence[str] | None = None) -> np.ndarray:
-    """[B, 658] int8 base codes of the aligned barcodes (`align_barcode`, -1 where no base);
-    `profile` defaults to the insect COI-5P consensus."""
-    profile = consensus_profile() if profile is None else profile
-    if not sequences:
-        return np.zeros((0, len(profile)), dtype=np.int8)
-    return np.stack([align_barcode(s, profile, name).astype(np.int8)
-                     for s, name in zip(sequences, barcode_names(len(sequences), ids), strict=True)])
-
-
 def onehot_codes(codes: np.ndarray) -> torch.Tensor:
     """[B, L, 4] float one-hot of [B, L] base codes; all zeros where a code is -1."""
     onehot = np.zeros((*codes.shape, 4), dtype=np.float32)
@@ -114,4 +103,7 @@ def aligned_onehot(sequences: Sequence[str], profile: np.ndarray | None = None,
     Usage:
         onehot = aligned_onehot(["AACATTATATTTTATTTTTGG...", ...], ids=["BIOUG001-A01", ...])
     """
-    return onehot_codes(aligned_codes(sequences, profile, ids))
+    profile = consensus_profile() if profile is None else profile
+    names = barcode_names(len(sequences), ids)
+    codes = [align_barcode(sequence, profile, name) for sequence, name in zip(sequences, names, strict=True)]
+    return onehot_codes(np.stack(codes) if codes else np.zeros((0, len(profile)), dtype=np.int64))
