@@ -29,8 +29,8 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from kmer_profile_tower import stage_datasets, supervised_contrastive
-from novel_species import auroc, genus_by_trained_congeners, placement
+from kmer_profile_tower import supervised_contrastive
+from novel_species import auroc, genus_by_trained_congeners, placement, stage_datasets
 
 from clibd.modeling_clibd import CLIBDPositionalBranch
 from clibd.processing import COI_BARCODE_LENGTH, aligned_onehot, coi_base_profile, kmer_profiles

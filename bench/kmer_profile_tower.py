@@ -20,11 +20,10 @@ from __future__ import annotations
 import argparse
 import time
 
-import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
-from novel_species import auroc, placement
+from novel_species import auroc, placement, stage_datasets
 
 from clibd.processing import kmer_profiles
 from clibd.training import ExperimentConfig, load_splits
@@ -43,15 +42,6 @@ def supervised_contrastive(z: torch.Tensor, labels: torch.Tensor, temperature: f
     anchors = positive.any(dim=1)
     summed = log_prob.masked_fill(~positive, 0.0).sum(dim=1)
     return -(summed[anchors] / positive.sum(dim=1)[anchors]).mean()
-
-
-def stage_datasets(splits: dict, stage: str) -> tuple[datasets.Dataset, ...]:
-    """(training, references, novel queries, seen queries) of a stage: `test` scores the
-    test-unseen species against seen + validation-unseen keys; `val` (for choosing settings)
-    scores the validation-unseen species against seen + test-unseen keys."""
-    other = "test" if stage == "val" else "val"
-    keys = datasets.concatenate_datasets([splits["seen_keys"], splits[f"{other}_unseen_keys"]])
-    return splits["train_seen"], keys, splits[f"{stage}_unseen"], splits[f"{stage}_seen"]
 
 
 def centroid_placement(queries: torch.Tensor, keys: torch.Tensor, key_records: list[dict],

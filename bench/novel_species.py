@@ -8,12 +8,13 @@ The species split is the config's (the paper's, by species, seeded). References:
 keys plus the validation-unseen keys (species absent from training but present in the library).
 Novel queries: the test-unseen species' records, whose species no reference holds. Seen queries:
 the test-seen records (`--stage val`: the validation-unseen species against the seen and
-test-unseen keys, for choosing settings without the test species). The script builds the index with `clibd index build`'s code, identifies
-with `clibd identify`'s code, and prints for the novel queries the per-rank placement accuracy
-(micro, over queries whose taxon at that rank exists among the references), the AUROC of
-seen-versus-novel detection from the novelty similarity (`identify`'s novelty_similarity), how `identify` answered (flagged novel, the
-deepest rank it gave), and, on the identical split, 1-NN on raw overlapping k-mer count profiles
-(cosine, no learning) for k = 5 and the best k in 3..8.
+test-unseen keys, for choosing settings without the test species). The script builds the index
+with `clibd index build`'s code, identifies with `clibd identify`'s code, and prints for the novel
+queries the per-rank placement accuracy (micro, over queries whose taxon at that rank exists
+among the references), the AUROC of seen-versus-novel detection from `identify`'s
+novelty_similarity, how `identify` answered (flagged novel, the deepest rank it gave), and, on
+the identical split, 1-NN on raw overlapping k-mer count profiles (cosine, no learning) for
+k = 5 and the best k in 3..8.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 
@@ -37,6 +39,15 @@ from clibd.training import ExperimentConfig, load_splits, train
 def nearest(queries: torch.Tensor, keys: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     top = (queries @ keys.T).max(dim=1)
     return top.indices.numpy(), top.values.numpy()
+
+
+def stage_datasets(splits: dict, stage: str) -> tuple[datasets.Dataset, ...]:
+    """(training, references, novel queries, seen queries) of a stage: `test` scores the
+    test-unseen species against seen + validation-unseen keys; `val` (for choosing settings)
+    scores the validation-unseen species against seen + test-unseen keys."""
+    other = "test" if stage == "val" else "val"
+    keys = datasets.concatenate_datasets([splits["seen_keys"], splits[f"{other}_unseen_keys"]])
+    return splits["train_seen"], keys, splits[f"{stage}_unseen"], splits[f"{stage}_seen"]
 
 
 def placement(true: list[dict], predicted: list[dict], key_taxa: dict[str, set]) -> dict[str, float]:
@@ -101,15 +112,14 @@ def vote_placement(sims: np.ndarray, keys: list[dict], novel: list[dict], key_ta
     return placement(novel, predicted, key_taxa)
 
 
-def learned_similarities(model_dir: Path, queries: list[dict], keys: list[dict]) -> np.ndarray:
-    """[Q, K] cosine of the model's DNA embeddings (what the index searches)."""
+def learned_similarities(model_dir: Path, queries: list[dict], key_embeddings: torch.Tensor) -> np.ndarray:
+    """[Q, K] cosine of the model's DNA embeddings of `queries` with the index's keys (what identify searches)."""
     from clibd import CLIBDModel, CLIBDProcessor
     from clibd.data import records_to_dataset
     from clibd.evaluation.retrieval import embed_records
 
     model, processor = CLIBDModel.from_pretrained(model_dir).eval(), CLIBDProcessor.from_pretrained(model_dir)
-    return (embed_records(model, processor, records_to_dataset(queries), "dna")
-            @ embed_records(model, processor, records_to_dataset(keys), "dna").T).numpy()
+    return (embed_records(model, processor, records_to_dataset(queries), "dna") @ key_embeddings.float().T).numpy()
 
 
 def taxon_placement(sims: np.ndarray, keys: list[dict], novel: list[dict], key_taxa: dict, best: int) -> dict:
@@ -118,7 +128,8 @@ def taxon_placement(sims: np.ndarray, keys: list[dict], novel: list[dict], key_t
     out = {}
     for rank in RANKS[:3]:
         labels = sorted(key_taxa[rank])
-        members = np.array([labels.index(key[rank]) for key in keys])
+        position = {label: i for i, label in enumerate(labels)}
+        members = np.array([position[key[rank]] for key in keys])
         scores = np.full((sims.shape[0], len(labels)), -np.inf)
         for i in range(len(labels)):
             top = -np.sort(-sims[:, members == i], axis=1)[:, :best]
@@ -239,9 +250,7 @@ def main() -> None:
         if not model_dir.exists():  # a run that never evaluated on validation keeps its last epoch only
             model_dir = model_dir.with_name("final")
     splits = load_splits(config.data)
-    other = "test" if args.stage == "val" else "val"  # whose unseen keys join the references
-    keys = list(splits["seen_keys"]) + list(splits[f"{other}_unseen_keys"])
-    novel, seen = list(splits[f"{args.stage}_unseen"]), list(splits[f"{args.stage}_seen"])
+    keys, novel, seen = (list(part) for part in stage_datasets(splits, args.stage)[1:])
     key_taxa = {rank: {r[rank] for r in keys} for rank in RANKS}
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -273,7 +282,7 @@ def main() -> None:
         baselines[k] = (placement(novel, [keys[i] for i in best], key_taxa), auroc(list(seen_sims), list(novel_sims)),
                         [keys[i] for i in best])
     best_k = max(baselines, key=lambda k: baselines[k][0]["genus"])
-    learned_sims = learned_similarities(model_dir, novel, keys) if args.votes or args.variants else None
+    learned_sims = learned_similarities(model_dir, novel, index.embeddings) if args.votes or args.variants else None
     if args.variants:
         rank_variants(learned_sims, keys, novel, key_taxa, learned_hits, index.thresholds["order"])
     if args.votes:

@@ -54,7 +54,6 @@ class CLIBDProcessor(PushToHubMixin):
         # Training meets the same barcodes every epoch; placing one costs more than the rest of its
         # processing, so it is done once (a pure function of the barcode: no effect on outputs).
         self._alignment_memo: dict[str, np.ndarray] = {}
-        self._coi_profile = consensus_profile()
         self.barcode_tokenizer = BarcodeTokenizer(dna_tokenizer_flavour, kmer_size, max_sequence_length)
         self.text_max_length = text_max_length
         self.image_size = image_size
@@ -113,10 +112,10 @@ class CLIBDProcessor(PushToHubMixin):
         return {"dna_input_ids": encoded.input_ids, "dna_attention_mask": encoded.attention_mask}
 
     def _aligned_codes(self, barcodes: Sequence[str], ids: Sequence[str] | None) -> np.ndarray:
-        placed = {}
+        placed, profile = {}, consensus_profile()
         for barcode, name in zip(barcodes, barcode_names(len(barcodes), ids), strict=True):
             if barcode not in self._alignment_memo and barcode not in placed:
-                placed[barcode] = align_barcode(barcode, self._coi_profile, name).astype(np.int8)
+                placed[barcode] = align_barcode(barcode, profile, name).astype(np.int8)
         if len(self._alignment_memo) + len(placed) <= ALIGNMENT_MEMO_SIZE:
             self._alignment_memo.update(placed)
         return np.stack([placed[b] if b in placed else self._alignment_memo[b] for b in barcodes])
