@@ -11,18 +11,20 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 from transformers.utils import PushToHubMixin, cached_file
 
-from ..configuration_clibd import CLIBDConfig
 from .alignment import align_barcode, consensus_profile, onehot_codes
 from .barcodes import BarcodeTokenizer, barcode_names, kmer_profiles
 from .images import ImageInput, image_transform, load_image
 from .taxonomy import taxonomy_text
+
+if TYPE_CHECKING:  # the model layer sits above processing: its config is only read here
+    from ..configuration_clibd import CLIBDConfig
 
 PROCESSOR_CONFIG_NAME = "processor_config.json"
 ALIGNMENT_MEMO_SIZE = 100_000  # barcodes whose COI-5P placement a processor remembers (~1.4 kB each)
@@ -66,18 +68,9 @@ class CLIBDProcessor(PushToHubMixin):
         cls, config: CLIBDConfig, text_tokenizer: PreTrainedTokenizerBase | None = None
     ) -> CLIBDProcessor:
         """The processor that matches a model config (tokenizer flavour, lengths, image sizes)."""
-        return cls(
-            text_tokenizer,
-            dna_tokenizer_flavour=config.dna_config.tokenizer_flavour,
-            kmer_size=config.dna_config.kmer_size,
-            max_sequence_length=config.dna_config.max_sequence_length,
-            text_max_length=config.text_config.max_length,
-            image_size=config.image_config.image_size,
-            resize_size=config.image_config.resize_size,
-            dna_profile_kmer_size=(config.dna_config.profile_kmer_size
-                                   if config.dna_config.encoder == "kmer_profile" else None),
-            dna_aligned=config.dna_config.profile_aligned,
-        )
+        settings = {"text_max_length": config.text_config.max_length, "image_size": config.image_config.image_size,
+                    "resize_size": config.image_config.resize_size}
+        return cls(text_tokenizer, **settings, **config.dna_config.processor_settings())
 
     def to_dict(self) -> dict[str, Any]:
         return {

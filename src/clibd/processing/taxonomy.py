@@ -11,7 +11,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-RANKS = ("order", "family", "genus", "species")
+from ..constants import RANKS
+
 MISSING = "not_classified"
 # Fields of the record schema that are not ranks; a record carrying them is still accepted.
 RECORD_FIELDS = frozenset({"id", "processid", "dna", "image", "dna_barcode", "image_file"})

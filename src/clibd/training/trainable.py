@@ -10,6 +10,7 @@ from __future__ import annotations
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
+from ..constants import MODALITIES
 from ..modeling_clibd import CLIBDModel
 
 # Attention projections adapted by LoRA in each tower. timm's ViT fuses q, k and v into one `qkv`
@@ -17,12 +18,12 @@ from ..modeling_clibd import CLIBDModel
 LORA_TARGETS = {"image": ["qkv"], "dna": ["query", "value"], "text": ["query", "value"]}
 
 
-def encoder_body(model: CLIBDModel, tower: str) -> nn.Module:
+def encoder_modules(model: CLIBDModel, tower: str) -> list[nn.Module]:
     """The pretrained part of a tower (everything but its projection to the shared space)."""
     if tower == "image":
-        return model.image_encoder
+        return [model.image_encoder]
     module = getattr(model, f"{tower}_encoder")
-    return module.bert if hasattr(module, "bert") else module.mlp
+    return module.encoder_modules() if tower == "dna" else [module.bert]
 
 
 def projection_parameters(model: CLIBDModel) -> list[nn.Parameter]:
@@ -35,22 +36,28 @@ def projection_parameters(model: CLIBDModel) -> list[nn.Parameter]:
 
 def _body_parameters(model: CLIBDModel, tower: str):
     skip = {id(p) for p in projection_parameters(model)}
-    for name, parameter in encoder_body(model, tower).named_parameters():
-        if id(parameter) not in skip:
-            yield name, parameter
-    if tower == "dna" and hasattr(model.dna_encoder, "head_transform"):
-        yield from model.dna_encoder.head_transform.named_parameters()
+    for module in encoder_modules(model, tower):
+        for name, parameter in module.named_parameters():
+            if id(parameter) not in skip:
+                yield name, parameter
+
+
+def _inject_lora(model: CLIBDModel, tower: str, rank: int) -> None:
+    targets = LORA_TARGETS[tower]
+    for module in encoder_modules(model, tower):
+        if any(name.split(".")[-1] in targets for name, _ in module.named_modules()):
+            config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets)
+            inject_adapter_in_model(config, module)
 
 
 def configure_trainable(model: CLIBDModel, frozen: list[str] = (), lora_rank: int | None = None) -> dict[str, int]:
     """Freeze the encoders named in `frozen`; with `lora_rank`, freeze every encoder and train
     rank-`lora_rank` LoRA adapters (alpha = rank: no scaling, as the official wrapper). Projections
     and the temperature always train. Returns trainable parameter counts per tower."""
-    towers = [t for t in ("image", "dna", "text") if getattr(model, f"{t}_encoder") is not None]
+    towers = [t for t in MODALITIES if getattr(model, f"{t}_encoder") is not None]
     for tower in towers:
         if lora_rank is not None:
-            config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, lora_dropout=0.0, target_modules=LORA_TARGETS[tower])
-            inject_adapter_in_model(config, encoder_body(model, tower))
+            _inject_lora(model, tower, lora_rank)
         if tower in frozen or lora_rank is not None:
             for name, parameter in _body_parameters(model, tower):
                 parameter.requires_grad = "lora_" in name

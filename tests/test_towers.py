@@ -1,6 +1,7 @@
-"""The k-mer-profile DNA tower and the supervised contrastive objective (configs/bold_dna.yaml)."""
+"""DNA towers as registered kinds: the k-mer-profile tower (configs/bold_dna.yaml) with its parts,
+the registry and factory, models saved before the towers were separate kinds, and the
+supervised contrastive objective that trains each part."""
 
-import csv
 import itertools
 import json
 import math
@@ -8,11 +9,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
 
-from clibd import CLIBDConfig, CLIBDModel, CLIBDProcessor
+from clibd import CLIBDConfig, CLIBDModel, CLIBDProcessor, register_dna_tower
 from clibd.loss import supervised_contrastive_loss
 from clibd.processing import kmer_profiles
+from clibd.towers import CLIBDKmerProfileConfig, upgrade_legacy_dna_config
+from clibd.towers.parts import EmbeddingPart, select_parts, split_parts
 from clibd.training import ExperimentConfig, train
+
+LEGACY = __import__("pathlib").Path(__file__).parent / "fixtures" / "legacy_19b8be4"
+PROFILE = {"model_type": "clibd_kmer_profile"}
 
 
 def test_kmer_profiles_count_overlapping_kmers():
@@ -27,8 +35,7 @@ def test_kmer_profiles_count_overlapping_kmers():
 
 
 def test_profile_tower_model_processor_round_trip(tmp_path):
-    config = CLIBDConfig.tiny(modalities=["dna"], dna_config={"encoder": "kmer_profile", "profile_kmer_size": 3,
-                                                              "profile_hidden_size": 16})
+    config = CLIBDConfig.tiny(modalities=["dna"], dna_config={**PROFILE, "kmer_size": 3, "hidden_size": 16})
     model = CLIBDModel(config).eval()
     processor = CLIBDProcessor.from_model_config(config)
     batch = processor(barcodes=["ACGTTGCAAGT" * 80, "TTGACCA" * 20])
@@ -45,8 +52,7 @@ def test_profile_tower_model_processor_round_trip(tmp_path):
 
 
 def test_profile_sketch_mixes_learned_and_raw_profile_cosines(tmp_path):
-    dna = {"encoder": "kmer_profile", "profile_kmer_size": 4, "profile_hidden_size": 16,
-           "profile_sketch_dim": 4096, "profile_sketch_weight": 0.5}
+    dna = {**PROFILE, "kmer_size": 4, "hidden_size": 16, "sketch_dim": 4096, "sketch_weight": 0.5}
     config = CLIBDConfig.tiny(modalities=["dna"], dna_config=dna)
     model = CLIBDModel(config).eval()
     processor = CLIBDProcessor.from_model_config(config)
@@ -54,12 +60,17 @@ def test_profile_sketch_mixes_learned_and_raw_profile_cosines(tmp_path):
     batch = processor(barcodes=barcodes)
     with torch.no_grad():
         retrieval = model.get_dna_features(**batch)
-        learned = model.get_dna_features(**batch, with_sketch=False)
-        trained_on = model(**batch).dna_embeds
+        assert torch.equal(model(**batch).dna_embeds, retrieval)  # forward returns the same embedding
+    parts = model.embedding_parts("dna")
+    assert parts == [EmbeddingPart("kmer_mlp", 32), EmbeddingPart("kmer_sketch", 4096, 0.5, trained=False)]
+    learned, _ = split_parts(retrieval, parts)
     assert retrieval.shape == (3, 32 + 4096) and learned.shape == (3, 32)
     assert model.embedding_dim("dna") == 32 + 4096 and model.embedding_dim("image") == 32
     assert torch.allclose(retrieval.norm(dim=-1), torch.ones(3), atol=1e-5)
-    assert torch.equal(trained_on, learned)  # the losses see the learned part only
+    with torch.no_grad():  # the learned part is the k-mer MLP's unit output
+        tower = model.dna_encoder
+        assert torch.allclose(learned, F.normalize(tower.projection(tower.mlp(batch["dna_profile"])), dim=-1),
+                              atol=1e-6)
     # retrieval cosine = (learned cosine + 0.5 x sketch cosine) / 1.5, the sketch ~ raw profile cosine
     raw = kmer_profiles(barcodes, 4) @ kmer_profiles(barcodes, 4).T
     sketch_cosine = (1.5 * retrieval @ retrieval.T - learned @ learned.T) / 0.5
@@ -68,8 +79,6 @@ def test_profile_sketch_mixes_learned_and_raw_profile_cosines(tmp_path):
     assert torch.equal(CLIBDModel.from_pretrained(tmp_path).eval().get_dna_features(**batch), retrieval)
     with pytest.raises(ValueError, match="only for DNA-only models"):
         CLIBDConfig.tiny(modalities=["dna", "text"], dna_config=dna)
-    with pytest.raises(ValueError, match="needs encoder: kmer_profile"):
-        CLIBDConfig.tiny(modalities=["dna"], dna_config={"profile_sketch_dim": 8})
 
 
 def test_supervised_contrastive_loss_by_hand():
@@ -86,10 +95,11 @@ def test_supervised_contrastive_loss_by_hand():
     assert unknown.item() == 0.0  # unknown labels are never positives
 
 
+@pytest.mark.slow
 def test_supcon_training_run_and_config_checks(data_dir, tmp_path):
     experiment = {
         "model": {"preset": "tiny", "modalities": ["dna"],
-                  "dna": {"encoder": "kmer_profile", "profile_kmer_size": 4, "profile_hidden_size": 64}},
+                  "dna": {**PROFILE, "kmer_size": 4, "hidden_size": 64}},
         "data": {"path": str(data_dir / "insect_bold_coi" / "insect_bold_coi.tsv"), "limit": 1500},
         "train": {"output_dir": str(tmp_path / "run"), "objective": "supcon", "epochs": 4, "batch_size": 128,
                   "max_lr": 2e-3, "checkpoint_every": 1000, "eval_from_epoch": 4, "log_every": 1},
@@ -107,12 +117,12 @@ def test_supcon_training_run_and_config_checks(data_dir, tmp_path):
                                     "train": {"objective": "supcon"}})
 
 
+@pytest.mark.slow
 def test_aligned_branches_widen_the_embedding_and_train_one_loss_each(data_dir, tmp_path):
     from clibd.data import read_records
     from clibd.processing import INSECT_COI5P_CONSENSUS, aligned_onehot
 
-    dna = {"encoder": "kmer_profile", "profile_kmer_size": 3, "profile_hidden_size": 16,
-           "profile_sketch_dim": 64, "profile_aligned": True}
+    dna = {**PROFILE, "kmer_size": 3, "hidden_size": 16, "sketch_dim": 64, "aligned": True}
     config = CLIBDConfig.tiny(modalities=["dna"], dna_config=dna)
     model = CLIBDModel(config).eval()
     processor = CLIBDProcessor.from_model_config(config)
@@ -124,10 +134,14 @@ def test_aligned_branches_widen_the_embedding_and_train_one_loss_each(data_dir, 
     again = processor(barcodes=barcodes[::-1] + [barcodes[0]])["dna_aligned"]  # placed once, remembered
     assert torch.equal(again, aligned_onehot(barcodes[::-1] + [barcodes[0]]).flatten(1))
     with torch.no_grad():
-        retrieval, trained_on = model.get_dna_features(**batch), model(**batch).dna_embeds
+        retrieval = model.get_dna_features(**batch)
     assert retrieval.shape == (4, model.embedding_dim("dna")) == (4, 32 + 64 + 32 + 4 * 658)
     assert torch.allclose(retrieval.norm(dim=-1), torch.ones(4), atol=1e-5)
-    kmer, aligned, positional = model.split_dna_embeds(trained_on)
+    parts = model.embedding_parts("dna")
+    assert [(p.name, p.trained, p.scores_novelty) for p in parts] == [
+        ("kmer_mlp", True, True), ("kmer_sketch", False, True), ("aligned_mlp", True, False),
+        ("positional", True, False)]
+    kmer, _, aligned, positional = split_parts(retrieval, parts)
     assert [b.shape[1] for b in (kmer, aligned, positional)] == [32, 32, 4 * 658]
     assert all(torch.allclose(b.norm(dim=-1), torch.ones(4), atol=1e-5) for b in (kmer, aligned, positional))
     # an untrained positional branch is the plain cosine of the aligned one-hot
@@ -146,12 +160,9 @@ def test_aligned_branches_widen_the_embedding_and_train_one_loss_each(data_dir, 
         model.get_dna_features(dna_profile=batch["dna_profile"])
     with pytest.raises(ValueError, match="only for DNA-only models"):
         CLIBDConfig.tiny(modalities=["dna", "text"], dna_config=dna)
-    with pytest.raises(ValueError, match="profile_aligned needs encoder: kmer_profile"):
-        CLIBDConfig.tiny(modalities=["dna"], dna_config={"profile_aligned": True})
 
     experiment = {
-        "model": {"preset": "tiny", "modalities": ["dna"], "dna": {**dna, "profile_kmer_size": 4,
-                                                                    "profile_hidden_size": 64}},
+        "model": {"preset": "tiny", "modalities": ["dna"], "dna": {**dna, "kmer_size": 4, "hidden_size": 64}},
         "data": {"path": str(data_dir / "insect_bold_coi" / "insect_bold_coi.tsv"), "limit": 1500},
         "train": {"output_dir": str(tmp_path / "run"), "objective": "supcon", "epochs": 3, "batch_size": 128,
                   "max_lr": 2e-3, "checkpoint_every": 1000, "eval_from_epoch": 3, "log_every": 1},
@@ -164,38 +175,88 @@ def test_aligned_branches_widen_the_embedding_and_train_one_loss_each(data_dir, 
 
 
 def test_aligned_model_scores_novelty_on_the_kmer_parts(data_dir, tmp_path):
-    """An index of a profile_aligned model judges novelty on the k-mer parts alone: identify's
-    novelty_similarity is the best cosine of those parts, re-normalised; similarity is the whole."""
+    """An index of an aligned model judges novelty on the parts that score it (the k-mer parts):
+    identify's novelty_similarity is their best cosine; similarity is that of the whole embedding."""
     from clibd.data import read_records
-    from clibd.identify import identify
+    from clibd.identify import Identifier
     from clibd.index import build_index
-    from clibd.novelty import novelty_part
 
-    dna = {"encoder": "kmer_profile", "profile_kmer_size": 3, "profile_hidden_size": 16,
-           "profile_sketch_dim": 64, "profile_aligned": True}
+    dna = {**PROFILE, "kmer_size": 3, "hidden_size": 16, "sketch_dim": 64, "aligned": True}
     config = CLIBDConfig.tiny(modalities=["dna"], dna_config=dna)
     model = CLIBDModel(config).eval()
-    assert model.novelty_dim("dna") == 32 + 64 < model.embedding_dim("dna")
-    assert CLIBDModel(CLIBDConfig.tiny(modalities=["dna"], dna_config={**dna, "profile_aligned": False})
-                      ).novelty_dim("dna") == 32 + 64
     model.save_pretrained(tmp_path / "model")
     processor = CLIBDProcessor.from_model_config(config)
     processor.save_pretrained(tmp_path / "model")
     records = read_records(data_dir / "insect_bold_coi" / "insect_bold_coi_small.tsv")[:60]
     keys, queries = records[:50], records[50:]
     index = build_index(tmp_path / "model", keys, "dna", tmp_path / "refs", progress=False)
-    assert index.novelty_dim == 96 and json.loads((tmp_path / "refs" / "index.json").read_text())["novelty_dim"] == 96
-    identify(tmp_path / "refs", queries, tmp_path / "preds.tsv", top_k=3, progress=False)
-    with open(tmp_path / "preds.tsv") as f:
-        rows = list(csv.DictReader((line for line in f if not line.startswith("# ")), delimiter="\t"))
+    saved = json.loads((tmp_path / "refs" / "index.json").read_text())["parts"]
+    assert [EmbeddingPart.from_dict(p) for p in saved] == model.embedding_parts("dna")
+    predictions = Identifier.load(tmp_path / "refs").identify(queries, top_k=3)
     with torch.no_grad():
         embed = lambda rs: model.get_dna_features(**processor(barcodes=[r["dna"] for r in rs]))  # noqa: E731
         query_embeds, key_embeds = embed(queries), embed(keys)
+    parts = model.embedding_parts("dna")
     whole = (query_embeds @ key_embeds.T).max(dim=1).values
-    novelty = (novelty_part(query_embeds, 96) @ novelty_part(key_embeds, 96).T).max(dim=1).values
-    got_whole = torch.tensor([float(r["similarity"]) for r in rows])
-    got_novelty = torch.tensor([float(r["novelty_similarity"]) for r in rows])
+    novelty = (select_parts(query_embeds, parts, "scores_novelty")
+               @ select_parts(key_embeds, parts, "scores_novelty").T).max(dim=1).values
+    got_whole = torch.tensor([p.similarity for p in predictions])
+    got_novelty = torch.tensor([p.novelty_similarity for p in predictions])
     assert torch.allclose(got_whole, whole, atol=2e-3) and torch.allclose(got_novelty, novelty, atol=2e-3)
     assert not torch.allclose(got_whole, got_novelty, atol=1e-2)
     species = index.thresholds["species"]
-    assert all((r["novel"] == "true") == (float(r["novelty_similarity"]) < species) for r in rows)
+    assert all(p.novel == (p.novelty_similarity < species) for p in predictions)
+
+
+def test_models_saved_before_the_tower_registry_load_unchanged():
+    """Models saved by commit 19b8be4 (`encoder` switch, `profile_*` fields) load as today's kinds
+    and embed bit for bit as they did then."""
+    expected = load_file(LEGACY / "expected_embeddings.safetensors")
+    barcodes = json.loads((LEGACY / "barcodes.json").read_text())
+    for name, kind in (("kmer_profile_aligned", "clibd_kmer_profile"), ("barcodebert", "clibd_barcodebert")):
+        model = CLIBDModel.from_pretrained(LEGACY / name).eval()
+        processor = CLIBDProcessor.from_pretrained(LEGACY / name)
+        assert model.config.dna_config.model_type == kind
+        with torch.no_grad():
+            assert torch.equal(model.get_dna_features(**processor(barcodes=barcodes)), expected[name])
+    legacy = json.loads((LEGACY / "kmer_profile_aligned" / "config.json").read_text())["dna_config"]
+    assert legacy["encoder"] == "kmer_profile" and legacy["model_type"] == "clibd_dna_model"
+    upgraded = upgrade_legacy_dna_config(legacy)
+    assert upgraded == {"model_type": "clibd_kmer_profile", "kmer_size": 3, "hidden_size": 8, "sketch_dim": 16,
+                        "sketch_weight": 1.0, "aligned": True}
+
+
+def test_dna_tower_kinds_are_chosen_by_model_type_and_registered(tmp_path):
+    with pytest.raises(ValueError, match="clibd_no_such_tower"):
+        CLIBDConfig.tiny(modalities=["dna"], dna_config={"model_type": "clibd_no_such_tower"})
+    with pytest.raises(ValueError, match="encoder must be 'bert' or 'kmer_profile'"):
+        CLIBDConfig.tiny(modalities=["dna"], dna_config={"encoder": "lstm"})
+
+    class CodonUsageConfig(CLIBDKmerProfileConfig):
+        model_type = "clibd_test_codon_usage"
+
+    class CodonUsageTower(nn.Module):
+        """A linear map of k-mer frequencies: a real (if weak) DNA tower of another kind."""
+
+        def __init__(self, config, projection_dim):
+            super().__init__()
+            self.projection = nn.Linear(4**config.kmer_size, projection_dim)
+
+        def forward(self, dna_profile=None, **other_inputs):
+            return F.normalize(self.projection(dna_profile), dim=-1)
+
+        def embedding_parts(self):
+            return [EmbeddingPart("codon_usage", self.projection.out_features)]
+
+        def encoder_modules(self):
+            return []
+
+    register_dna_tower(CodonUsageConfig, CodonUsageTower)
+    config = CLIBDConfig.tiny(modalities=["dna"], dna_config={"model_type": "clibd_test_codon_usage", "kmer_size": 2})
+    model = CLIBDModel(config).eval()
+    assert isinstance(model.dna_encoder, CodonUsageTower) and model.embedding_dim("dna") == 32
+    batch = CLIBDProcessor.from_model_config(config)(barcodes=["ACGTTGCA" * 20, "TTGACCA" * 20])
+    model.save_pretrained(tmp_path)
+    reloaded = CLIBDModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded.get_dna_features(**batch), model.get_dna_features(**batch))

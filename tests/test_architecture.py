@@ -1,0 +1,97 @@
+"""The shape of the library: layers import only downwards, functions stay short."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "clibd"
+# Lowest first. A module may import from its own layer and those below, never from one above.
+LAYERS = [
+    ("base", ["constants", "atomic"]),
+    ("processing", ["processing"]),
+    ("data", ["data"]),
+    ("model", ["configuration_clibd", "towers", "modeling_clibd", "loss", "objectives"]),
+    ("retrieval", ["retrieval"]),
+    ("index", ["novelty", "index"]),
+    ("identify and evaluation", ["identify", "evaluation"]),
+    ("training", ["training"]),
+    ("apps", ["cli", "demo", "hub", "model_card", "plots", "convert"]),
+]
+MAX_FUNCTION_LINES = 60
+
+
+def layer_of(module: str) -> int:
+    """Layer index of a dotted module name relative to the package (e.g. `data.split`)."""
+    head = module.split(".")[0]
+    for level, (_, members) in enumerate(LAYERS):
+        if head in members:
+            return level
+    raise AssertionError(f"clibd.{module} is in no layer: add it to LAYERS in {Path(__file__).name}")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SRC).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    """(line, clibd module relative to the package) for every import of clibd code in `path`."""
+    package = module_name(path).split(".") if path.name == "__init__.py" else module_name(path).split(".")[:-1]
+    tree = ast.parse(path.read_text())
+    # imports for type annotations only (`if TYPE_CHECKING:`) are not dependencies at run time
+    typing_only = {id(inner) for node in ast.walk(tree) if isinstance(node, ast.If)
+                   and getattr(node.test, "id", None) == "TYPE_CHECKING" for inner in ast.walk(node)}
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                target = ".".join([*base, node.module] if node.module else base)
+            elif (node.module or "").startswith("clibd."):
+                target = node.module[len("clibd."):]
+            else:
+                continue
+            if target:
+                found.append((node.lineno, target))
+            else:  # `from . import x` in the package root
+                found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, a.name[len("clibd."):]) for a in node.names if a.name.startswith("clibd.")]
+    return found
+
+
+def source_files() -> list[Path]:
+    return [p for p in sorted(SRC.rglob("*.py")) if p != SRC / "__init__.py"]  # the root re-exports everything
+
+
+def test_layers_import_only_downwards():
+    upward = []
+    for path in source_files():
+        own = layer_of(module_name(path))
+        for line, target in imported_modules(path):
+            if target == "__version__":
+                continue
+            if layer_of(target) > own:
+                upward.append(f"{path.relative_to(SRC)}:{line} ({LAYERS[own][0]}) imports clibd.{target} "
+                              f"({LAYERS[layer_of(target)][0]})")
+    assert not upward, "imports from a layer above:\n" + "\n".join(upward)
+
+
+def test_the_layer_check_sees_an_upward_import(tmp_path, monkeypatch):
+    """The check above would catch a data module importing the index."""
+    fake = SRC / "data" / "records.py"
+    imports = imported_modules(fake) + [(1, "index")]
+    assert any(layer_of(target) > layer_of(module_name(fake)) for _, target in imports)
+    assert imported_modules(SRC / "data" / "__init__.py")  # relative imports of a package are resolved
+
+
+@pytest.mark.parametrize("path", source_files(), ids=lambda p: str(p.relative_to(SRC)))
+def test_functions_are_short(path):
+    long = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines, line {node.lineno})"
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
