@@ -20,7 +20,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="folder for metrics.json and metrics.md")
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args()
-    run_evaluation(args.model, ExperimentConfig.from_yaml(args.config), args.out, batch_size=args.batch_size)
+    run_evaluation(args.model, ExperimentConfig.from_yaml(args.config).data, args.out, batch_size=args.batch_size)
     with open(f"{args.out}/metrics.md") as f:
         print(f.read())
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from clibd import CLIBDConfig, CLIBDModel, CLIBDProcessor
+from clibd.constants import MODALITIES, RANKS
 from clibd.data import read_records, shared_data_dir
 
 
@@ -25,7 +26,7 @@ def _inputs(tower: str, records: list[dict], photos: list[Path]) -> list:
     if tower == "dna":
         return [r["dna"] for r in records]
     if tower == "text":
-        return [{k: r[k] for k in ("order", "family", "genus", "species")} for r in records]
+        return [{rank: r[rank] for rank in RANKS} for r in records]
     return [photos[i % len(photos)] for i in range(len(records))]
 
 
@@ -71,7 +72,7 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--towers", default="dna,text,image")
+    parser.add_argument("--towers", default="dna,text,image", help=f"comma-separated, of {MODALITIES}")
     args = parser.parse_args()
     print(f"config={args.config} records={args.records} batch={args.batch_size} threads={args.threads} "
           f"torch={torch.__version__} device=cpu")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clibd.index import topk_search
+from clibd.retrieval import topk_search
 
 
 def rss_mb() -> float:
@@ -99,7 +99,7 @@ def bench_approximate(n_keys: int, n_queries: int, nprobes: list[int]) -> list[d
 
     import faiss
 
-    from clibd.index import approximate_faiss_index, faiss_search
+    from clibd.retrieval import approximate_faiss_index, faiss_search
 
     process_mb = rss_mb()
     keys, queries, key_species = clustered_library(n_keys, n_queries)
@@ -138,15 +138,15 @@ def bench_approximate(n_keys: int, n_queries: int, nprobes: list[int]) -> list[d
 
 def bench_identify(model_dir: str, n: int) -> float:
     from clibd.data import read_records, shared_data_dir
-    from clibd.identify import identify
+    from clibd.identify import Identifier, identify_to_tsv
     from clibd.index import build_index
 
     records = read_records(shared_data_dir() / "insect_bold_coi" / "insect_bold_coi.tsv")
     keys, queries = records[: len(records) // 2], records[len(records) // 2 :][:n]
     with tempfile.TemporaryDirectory() as tmp:
         build_index(model_dir, keys, "dna", f"{tmp}/refs", progress=False)
-        start = time.perf_counter()
-        identify(f"{tmp}/refs", queries, f"{tmp}/preds.tsv", progress=False)
+        start = time.perf_counter()  # as `clibd identify --out` does: load, identify, write the TSV
+        identify_to_tsv(Identifier.load(f"{tmp}/refs"), queries, f"{tmp}/preds.tsv")
         return len(queries) / (time.perf_counter() - start)
 
 
@@ -157,7 +157,7 @@ def bench_identify_photos(n: int) -> float:
 
     from clibd import CLIBDConfig, CLIBDModel, CLIBDProcessor
     from clibd.data import shared_data_dir
-    from clibd.identify import identify, image_records
+    from clibd.identify import Identifier, identify_to_tsv, image_records
     from clibd.index import build_index
 
     data = shared_data_dir()
@@ -171,7 +171,7 @@ def bench_identify_photos(n: int) -> float:
         CLIBDProcessor.from_model_config(config).save_pretrained(f"{tmp}/model")
         build_index(f"{tmp}/model", refs, "image", f"{tmp}/refs", progress=False, calibrate=False)
         start = time.perf_counter()
-        identify(f"{tmp}/refs", queries, f"{tmp}/preds.tsv", batch_size=32, progress=False)
+        identify_to_tsv(Identifier.load(f"{tmp}/refs", batch_size=32), queries, f"{tmp}/preds.tsv")
         return len(queries) / (time.perf_counter() - start)
 
 

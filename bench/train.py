@@ -15,15 +15,18 @@ from __future__ import annotations
 import argparse
 import resource
 import time
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader
 
 from clibd import CLIBDModel
+from clibd.data import load_splits
 from clibd.data.collate import ContrastiveCollator, has_modalities
+from clibd.objectives import Objective, create_objective, output_embeds, split_labels
 from clibd.processing import CLIBDProcessor
-from clibd.training import ExperimentConfig, load_splits
-from clibd.training.towers import configure_trainable
+from clibd.training import ExperimentConfig
+from clibd.training.trainable import configure_trainable
 
 # Dense bf16 peak FLOP/s of GPUs we may be lent (vendor figures, without sparsity).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -53,7 +56,7 @@ def tower_flops_per_sample(model: CLIBDModel, batch: dict[str, torch.Tensor]) ->
     return total
 
 
-def synthetic_batch(model: CLIBDModel, size: int) -> dict[str, torch.Tensor]:
+def synthetic_batch(model: CLIBDModel, size: int, label_ranks: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     config, batch = model.config, {}
     if model.image_encoder is not None:
         side = config.image_config.image_size
@@ -66,7 +69,83 @@ def synthetic_batch(model: CLIBDModel, size: int) -> dict[str, torch.Tensor]:
         length = config.text_config.max_length
         batch["text_input_ids"] = torch.randint(1000, config.text_config.vocab_size, (size, length))
         batch["text_attention_mask"] = torch.ones(size, length, dtype=torch.long)
+    for rank in label_ranks:  # about 8 records per label, as in a real batch of common species
+        batch[f"labels_{rank}"] = torch.randint(0, max(size // 8, 1), (size,))
     return batch
+
+
+def build_model(args: argparse.Namespace, config: ExperimentConfig) -> tuple[CLIBDModel, Objective]:
+    """The configured model on `args.device`, its trainable parameters and objective set as training does."""
+    model_config = config.model_config()
+    if args.no_pretrained or args.synthetic:
+        model_config.image_config.pretrained = False
+        model_config.text_config.pretrained_model_name_or_path = None
+        model_config.dna_config.pretrained_model_name_or_path = None
+    model = CLIBDModel.from_pretrained_towers(model_config).to(args.device)
+    configure_trainable(model, frozen=config.train.freeze,
+                        lora_rank=config.train.lora_rank if config.train.lora else None)
+    objective = create_objective(config.train, model)
+    if not objective.trains_temperature:
+        model.logit_scale.requires_grad_(False)
+    return model, objective
+
+
+def batch_source(args: argparse.Namespace, config: ExperimentConfig, model: CLIBDModel, objective: Objective,
+                 batch_size: int) -> tuple[Iterator[dict[str, torch.Tensor]], float]:
+    """Batches (synthetic, or the config's real records through the real collator) and the
+    loader's own records/s (NaN for synthetic batches)."""
+    if args.synthetic:
+        fixed = synthetic_batch(model, batch_size, objective.label_ranks)
+        return iter(lambda: fixed, None), float("nan")
+    from transformers import AutoTokenizer
+
+    source = config.text_tokenizer_source()
+    processor = CLIBDProcessor.from_model_config(model.config, AutoTokenizer.from_pretrained(source) if source
+                                                 else None)
+    splits = load_splits(config.data)
+    train_set = has_modalities(splits["train_seen"], model.config.modalities)
+    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True,
+                        num_workers=config.data.num_workers,
+                        collate_fn=ContrastiveCollator(processor, model.config.modalities, train=True,
+                                                       label_ranks=objective.label_ranks))
+    start, count = time.perf_counter(), 0
+    for count, _ in enumerate(loader, start=1):
+        if count >= args.steps:
+            break
+    return iter(loader), count * batch_size / (time.perf_counter() - start)
+
+
+def time_steps(args: argparse.Namespace, model: CLIBDModel, objective: Objective, batches: Iterator,
+               bf16: bool) -> tuple[dict[str, float], float]:
+    """Seconds spent on data, forward (loss included) and backward + optimiser over `args.steps`
+    steps after `args.warmup`, and the training FLOPs per sample."""
+    device = torch.device(args.device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    timings = {"data": 0.0, "forward": 0.0, "backward": 0.0}
+    flops = 0.0
+    model.train()
+    for step in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        inputs, labels = split_labels({k: v.to(device, non_blocking=True) for k, v in next(batches).items()})
+        sync()
+        t1 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            output = model(**inputs)
+        loss = objective(output_embeds(output), labels, output.logit_scale)
+        sync()
+        t2 = time.perf_counter()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        t3 = time.perf_counter()
+        if step >= args.warmup:
+            timings["data"] += t1 - t0
+            timings["forward"] += t2 - t1
+            timings["backward"] += t3 - t2
+            flops = tower_flops_per_sample(model, inputs)
+    return timings, flops
 
 
 def main() -> None:
@@ -82,65 +161,13 @@ def main() -> None:
 
     config = ExperimentConfig.from_yaml(args.config)
     batch_size = args.batch_size or config.train.batch_size
-    model_config = config.model_config()
-    if args.no_pretrained or args.synthetic:
-        model_config.image_config.pretrained = False
-        model_config.text_config.pretrained_model_name_or_path = None
-        model_config.dna_config.pretrained_model_name_or_path = None
-    model = CLIBDModel.from_pretrained_towers(model_config).to(args.device)
-    configure_trainable(model, frozen=config.train.freeze,
-                        lora_rank=config.train.lora_rank if config.train.lora else None)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    model, objective = build_model(args, config)
     device = torch.device(args.device)
     bf16 = device.type == "cuda" and config.train.mixed_precision in ("auto", "bf16")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    if args.synthetic:
-        fixed = synthetic_batch(model, batch_size)
-        batches = iter(lambda: fixed, None)
-        loader_rate = float("nan")
-    else:
-        from transformers import AutoTokenizer
-
-        source = config.text_tokenizer_source()
-        processor = CLIBDProcessor.from_model_config(model.config, AutoTokenizer.from_pretrained(source) if source
-                                                     else None)
-        splits = load_splits(config.data)
-        train_set = has_modalities(splits["train_seen"], model.config.modalities)
-        loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True,
-                            num_workers=config.data.num_workers,
-                            collate_fn=ContrastiveCollator(processor, model.config.modalities, train=True))
-        start, count = time.perf_counter(), 0
-        for count, _ in enumerate(loader, start=1):
-            if count >= args.steps:
-                break
-        loader_rate = count * batch_size / (time.perf_counter() - start)
-        batches = iter(loader)
-
-    timings = {"data": 0.0, "forward": 0.0, "backward": 0.0}
-    flops = 0.0
+    batches, loader_rate = batch_source(args, config, model, objective, batch_size)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    model.train()
-    for step in range(args.warmup + args.steps):
-        t0 = time.perf_counter()
-        batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-        sync()
-        t1 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(**batch, return_loss=True).loss
-        sync()
-        t2 = time.perf_counter()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync()
-        t3 = time.perf_counter()
-        if step >= args.warmup:
-            timings["data"] += t1 - t0
-            timings["forward"] += t2 - t1
-            timings["backward"] += t3 - t2
-            flops = tower_flops_per_sample(model, batch)
+    timings, flops = time_steps(args, model, objective, batches, bf16)
     total = sum(timings.values())
     samples_per_s = args.steps * batch_size / total
     if device.type == "cuda":

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from clibd.constants import RANKS
 from clibd.evaluation.retrieval import (
     evaluation_pairs,
     format_table,
@@ -13,8 +14,8 @@ from clibd.evaluation.retrieval import (
     rank_metrics,
     selection_score,
     topk_accuracy,
-    topk_indices,
 )
+from clibd.retrieval import topk_indices
 
 
 def test_micro_and_macro_differ_when_classes_are_unbalanced():
@@ -70,7 +71,7 @@ def test_is_du_routing_and_threshold_search():
 def test_pairs_table_and_selection_score():
     assert evaluation_pairs(["dna", "text"]) == [("dna", "dna"), ("dna", "text"), ("dna", "all")]
     assert ("image_dna", "all") in evaluation_pairs(["image", "dna", "text"])
-    ranks = {r: {"micro_top1": 0.5, "macro_top1": 0.25} for r in ("order", "family", "genus", "species")}
+    ranks = {r: {"micro_top1": 0.5, "macro_top1": 0.25} for r in RANKS}
     metrics = {"dna": {"dna": {"seen": ranks, "unseen": ranks, "hm": ranks}}}
     assert selection_score(metrics) == pytest.approx(0.375)
     table = format_table(metrics)
@@ -81,7 +82,7 @@ def test_faiss_backend_matches_exact_torch_search():
     pytest.importorskip("faiss", reason="pip install 'clibd[faiss]' brings faiss-cpu")
     import faiss
 
-    from clibd.index import faiss_index, faiss_search, topk_search
+    from clibd.retrieval import faiss_index, faiss_search, topk_search
 
     torch.manual_seed(0)
     keys = F.normalize(torch.randn(5000, 32), dim=-1).to(torch.float16)

@@ -1,4 +1,4 @@
-"""Hub publishing with the upload mocked (no network in tests), and the model card."""
+"""Hub publishing with the upload mocked (no network in tests); the card itself: test_model_card.py."""
 
 import json
 from pathlib import Path
@@ -8,7 +8,6 @@ import yaml
 
 from clibd import CLIBDConfig, CLIBDModel, CLIBDProcessor
 from clibd.cli import main as cli
-from clibd.model_card import render_model_card
 
 
 @pytest.fixture
@@ -41,30 +40,6 @@ class FakeApi:
         FakeApi.calls.append(("upload_folder", repo_id, kwargs, sorted(p.name for p in Path(folder_path).iterdir()),
                               (Path(folder_path) / "README.md").read_text() if kwargs.get("repo_type") is None else ""))
         return f"https://huggingface.co/{repo_id}/commit/abc"
-
-
-def test_model_card_filled_from_run(run_dir):
-    card = render_model_card(run_dir, repo_id="me/clibd-demo")
-    assert card.startswith("---\nlicense: mit\nlibrary_name: clibd")
-    assert "# me/clibd-demo" in card and "| DNA -> DNA | 98.6 |" in card and "| train_seen | 14855 |" in card
-    assert "frozen encoders: text" in card and "BarcodeBERT" in card and "CC BY 3.0" in card
-    assert "$" not in card.split("## Licences")[0]  # every placeholder filled
-    assert "| DNA | BERT over 5-mers (2 layers, width 32)" in card and "CLIP-style contrastive loss" in card
-
-
-def test_model_card_of_a_kmer_profile_run(run_dir):
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    config["model"] = {"preset": "paper", "modalities": ["dna"], "dna": {
-        "encoder": "kmer_profile", "profile_kmer_size": 7, "profile_hidden_size": 1024, "profile_sketch_dim": 1024}}
-    config["train"].update(objective="supcon", supcon_weights={"species": 1.0, "genus": 0.5})
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    card = render_model_card(run_dir)
-    assert "| DNA | MLP over overlapping 7-mer counts (hidden 1024) + a fixed 1024-d random projection" in card
-    assert "BERT over" not in card and "supervised contrastive loss" in card
-    assert "DNA tokenizer `none (k-mer count profiles)`" in card and "positional model" not in card
-    config["model"]["dna"]["profile_aligned"] = True
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    assert "+ an MLP and a positional model over the barcode aligned to the COI-5P region" in render_model_card(run_dir)
 
 
 def test_push_run_uploads_model_processor_metrics_and_card(run_dir, monkeypatch):

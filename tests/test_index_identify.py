@@ -1,17 +1,23 @@
-"""The full path on real records: train -> index build -> identify -> accuracy; novel species."""
+"""The full path on real records: train -> index build -> identify -> accuracy; novel species.
+The tests that train a model are marked slow."""
 
 import csv
 import hashlib
+import json
+import math
+from dataclasses import replace
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from clibd.cli import main as cli
+from clibd.constants import RANKS
 from clibd.data import read_records
-from clibd.identify import identify, prediction_columns
+from clibd.identify import Hit, Identifier, identify_to_tsv, prediction_columns, read_predictions_tsv
 from clibd.index import ReferenceIndex, add_to_index, build_index
-from clibd.novelty import best_threshold
+from clibd.novelty import best_threshold, calibrate_thresholds
+from clibd.towers.parts import EmbeddingPart, select_parts
 from clibd.training import ExperimentConfig, train
 
 
@@ -48,83 +54,98 @@ def library(data_dir):
     return keys, known, novel
 
 
-def read_predictions(path):
-    with open(path, newline="") as f:
-        lines = f.read().splitlines()
-    comments = [line for line in lines if line.startswith("# ")]
-    rows = list(csv.DictReader([line for line in lines if not line.startswith("# ")], delimiter="\t"))
-    return comments, rows
+def as_written(prediction):
+    """A prediction as the TSV keeps it: similarities to 4 decimals, support to 2, hits' species."""
+    return replace(prediction, similarity=round(prediction.similarity, 4),
+                   novelty_similarity=round(prediction.novelty_similarity, 4),
+                   support={rank: round(value, 2) for rank, value in prediction.support.items()},
+                   hits=[Hit(h.id, round(h.similarity, 4), {"species": h.taxonomy["species"]}) for h in prediction.hits])
 
 
+@pytest.mark.slow
 def test_build_identify_novel_and_grow(trained_model, library, tmp_path):
     keys, known, novel = library
     index = build_index(trained_model, keys, "dna", tmp_path / "refs", progress=False)
     assert index.meta["count"] == len(keys) and index.embeddings.dtype == torch.float16
     assert set(index.thresholds) == {"order", "family", "genus", "species"}
+    meta = json.loads((tmp_path / "refs" / "index.json").read_text())
+    assert meta["parts"] == [{"name": "embedding", "dim": 32, "weight": 1.0, "trained": True, "scores_novelty": True}]
+    assert "novelty_dim" not in meta and not index.scores_novelty_apart
     stored = load_file(tmp_path / "refs" / "embeddings.safetensors")["dna"]
     assert stored.shape == (len(keys), 32)
     assert not (tmp_path / ".refs.partial").exists() and not (tmp_path / ".refs.tmp").exists()
 
-    out = tmp_path / "preds.tsv"
-    assert identify(tmp_path / "refs", known + novel, out, top_k=3, progress=False) == len(known) + len(novel)
-    comments, rows = read_predictions(out)
-    assert len(comments) == 1 and "species=" in comments[0] and index.meta["model_hash"][:16] in comments[0]
-    assert list(rows[0]) == prediction_columns(3)
-    by_id = {row["query_id"]: row for row in rows}
-    known_rows = [by_id[r["id"]] for r in known]
-    novel_rows = [by_id[r["id"]] for r in novel]
-    species_accuracy = sum(row["hit1_species"] == r["species"] for row, r in zip(known_rows, known, strict=True))
+    identifier = Identifier.load(tmp_path / "refs")
+    queries = known + novel
+    predictions = identifier.identify(queries, top_k=3)
+    assert [p.query_id for p in predictions] == [r["id"] for r in queries]
+    assert all(len(p.hits) == 3 and p.similarity == p.hits[0].similarity for p in predictions)
+    known_predictions, novel_predictions = predictions[: len(known)], predictions[len(known) :]
+    species_accuracy = sum(p.hits[0].taxonomy["species"] == r["species"]
+                           for p, r in zip(known_predictions, known, strict=True))
     assert species_accuracy / len(known) > 0.6
-    novel_rate_known = sum(row["novel"] == "true" for row in known_rows) / len(known_rows)
-    novel_rate_novel = sum(row["novel"] == "true" for row in novel_rows) / len(novel_rows)
+    novel_rate_known = sum(p.novel for p in known_predictions) / len(known_predictions)
+    novel_rate_novel = sum(p.novel for p in novel_predictions) / len(novel_predictions)
     assert novel_rate_novel > novel_rate_known
-    flagged = [(row, r) for row, r in zip(novel_rows, novel, strict=True) if row["novel"] == "true"]
-    assert flagged and all(row["species"] == "" for row, _ in flagged)
-    for row in rows:  # an answer is a prefix of the ranks: nothing deeper than the first empty rank
-        filled = [bool(row[rank]) for rank in ("order", "family", "genus", "species")]
+    flagged = [p for p in novel_predictions if p.novel]
+    assert flagged and all(p.answer["species"] == "" for p in flagged)
+    for p in predictions:  # an answer is a prefix of the ranks: nothing deeper than the first empty rank
+        filled = [bool(p.answer[rank]) for rank in RANKS]
         assert filled == sorted(filled, reverse=True)
-    for row in rows:
-        assert 0.0 <= float(row["species_support"]) <= 1.0
+        assert p.deepest_rank == (RANKS[sum(filled) - 1] if any(filled) else None)
+
+    # the TSV: a provenance line, then rows that read back as the predictions
+    out = tmp_path / "preds.tsv"
+    assert identify_to_tsv(identifier, queries, out, top_k=3) == len(queries)
+    lines = out.read_text().splitlines()
+    assert sum(line.startswith("# ") for line in lines) == 1
+    assert "species=" in lines[0] and index.meta["model_hash"][:16] in lines[0]
+    assert lines[1].split("\t") == prediction_columns(3)
+    assert read_predictions_tsv(out) == [as_written(p) for p in predictions]
 
     # resume: a cut file is completed, not rewritten
-    lines = out.read_text().splitlines()
     half = len(lines) // 2
     out.write_text("\n".join(lines[:half]) + "\n" + lines[half][:10])  # killed in the middle of a row
-    written = identify(tmp_path / "refs", known + novel, out, top_k=3, progress=False)
-    assert written == len(known) + len(novel) - (half - 2)
-    assert [row["query_id"] for row in read_predictions(out)[1]] == [row["query_id"] for row in rows]
+    assert identify_to_tsv(identifier, queries, out, top_k=3) == len(queries) - (half - 2)
+    assert [p.query_id for p in read_predictions_tsv(out)] == [r["id"] for r in queries]
+    with pytest.raises(ValueError, match="another --top-k"):
+        identify_to_tsv(identifier, queries, out, top_k=2)
 
     # grow the library with the novel species (half their records) without retraining
     added, queried = novel[0::2], novel[1::2]
     grown = add_to_index(tmp_path / "refs", added, progress=False)
     assert grown.meta["count"] == len(keys) + len(added)
-    out2 = tmp_path / "after.tsv"
-    identify(tmp_path / "refs", queried, out2, top_k=3, progress=False)
-    after = read_predictions(out2)[1]
-    found = sum(row["hit1_species"] == r["species"] for row, r in zip(after, queried, strict=True)) / len(queried)
-    assert found > 0.5
+    identifier = Identifier.load(tmp_path / "refs")
+    after = identifier.identify(queried, top_k=3)
+    found = sum(p.hits[0].taxonomy["species"] == r["species"] for p, r in zip(after, queried, strict=True))
+    assert found / len(queried) > 0.5
+    with pytest.raises(ValueError, match="another run"):  # the file was written against the smaller library
+        identify_to_tsv(identifier, queries, out, top_k=3)
     with pytest.raises(ValueError, match="already in the index"):
         add_to_index(tmp_path / "refs", added[:2], progress=False)
     assert add_to_index(tmp_path / "refs", added[:2], replace=True, progress=False).meta["count"] == grown.meta["count"]
 
 
+@pytest.mark.slow
 def test_index_refuses_another_model_and_bad_input(trained_model, library, tmp_path):
     keys, _, _ = library
     build_index(trained_model, keys[:20], "dna", tmp_path / "refs", calibrate=False, progress=False)
-    weights = trained_model / "model.safetensors"
     other = tmp_path / "other"
     other.mkdir()
     for f in trained_model.iterdir():
         (other / f.name).write_bytes(f.read_bytes())
     index_json = tmp_path / "refs" / "index.json"
     index_json.write_text(index_json.read_text().replace(str(trained_model.resolve()), str(other.resolve())))
-    tensors = load_file(weights)
+    tensors = load_file(trained_model / "model.safetensors")
     tensors["logit_scale"] = tensors["logit_scale"] + 1
-    from safetensors.torch import save_file
-
     save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="not the one that built this index"):
         add_to_index(tmp_path / "refs", keys[20:22], progress=False)
+    with pytest.raises(ValueError, match="not the one that built this index"):
+        Identifier.load(tmp_path / "refs")
+    identifier = Identifier.load(tmp_path / "refs", model_dir=trained_model)  # the right model, given explicitly
+    with pytest.raises(ValueError, match="1 queries .* have no dna"):
+        identifier.identify([keys[0], {**keys[1], "dna": ""}])
     with pytest.raises(ValueError, match="no dna"):
         build_index(trained_model, [{**keys[0], "dna": ""}], "dna", tmp_path / "x", progress=False)
     with pytest.raises(ValueError, match="repeated"):
@@ -133,6 +154,7 @@ def test_index_refuses_another_model_and_bad_input(trained_model, library, tmp_p
         ReferenceIndex.load(tmp_path)
 
 
+@pytest.mark.slow
 def test_interrupted_build_reuses_finished_shards(trained_model, library, tmp_path, monkeypatch):
     keys, _, _ = library
     import clibd.index as index_module
@@ -159,66 +181,53 @@ def test_interrupted_build_reuses_finished_shards(trained_model, library, tmp_pa
     assert torch.equal(fresh.embeddings, reference.embeddings)
 
 
-def test_predict_stops_at_the_deepest_confident_rank(tmp_path):
-    from clibd.identify import predict
-
-    records = [{"id": f"k{i}", "order": "Diptera", "family": "Culicidae", "genus": "Aedes",
-                "species": f"Aedes sp{i}"} for i in range(3)]
-    index = ReferenceIndex(tmp_path, {"thresholds": {"order": 0.5, "family": 0.7, "genus": 0.8, "species": 0.9}},
-                           torch.zeros(3, 4, dtype=torch.float16), records)
-    row = predict([0.85, 0.84, 0.2], [0, 1, 2], index)
-    assert (row["order"], row["family"], row["genus"], row["species"]) == ("Diptera", "Culicidae", "Aedes", "")
-    assert row["novel"] == "true" and row["genus_support"] == "1.00" and row["species_support"] == "0.33"
-    assert row["hit2_id"] == "k1" and row["hit2_similarity"] == "0.8400"
-    row = predict([0.95, 0.5, 0.2], [2, 1, 0], index)
-    assert row["species"] == "Aedes sp2" and row["novel"] == "false"
-    row = predict([0.6, 0.5, 0.2], [2, 1, 0], index)
-    assert (row["order"], row["family"]) == ("Diptera", "")
-    # a model that scores novelty apart: the species (and the flag) follow the novelty similarity
-    row = predict([0.95, 0.5, 0.2], [2, 1, 0], index, novelty_similarity=0.6)
-    assert (row["genus"], row["species"], row["novel"]) == ("Aedes", "", "true")
-    assert (row["similarity"], row["novelty_similarity"]) == ("0.9500", "0.6000")
-    row = predict([0.75, 0.5, 0.2], [2, 1, 0], index, novelty_similarity=0.99)
-    assert (row["family"], row["genus"], row["species"], row["novel"]) == ("Culicidae", "", "", "false")
-
-
 def test_best_threshold_separates():
     assert 0.5 < best_threshold([0.9, 0.95, 0.97], [0.4, 0.5, 0.6]) < 0.9
-    assert best_threshold([0.9], []) != best_threshold([0.9], [])  # NaN when a side is empty
+    assert math.isnan(best_threshold([0.9], []))  # nothing to separate
 
 
+def write_table(path, records):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["processid", *RANKS, "dna_barcode"], delimiter="\t")
+        writer.writeheader()
+        writer.writerows({"processid": r["id"], **{rank: r[rank] for rank in RANKS}, "dna_barcode": r["dna"]}
+                         for r in records)
+
+
+@pytest.mark.slow
 def test_cli_index_and_identify(trained_model, library, tmp_path, capsys):
     keys, known, _ = library
-    table = tmp_path / "keys.tsv"
-    with open(table, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["processid", "order", "family", "genus", "species", "dna_barcode"],
-                                delimiter="\t")
-        writer.writeheader()
-        writer.writerows({"processid": r["id"], "order": r["order"], "family": r["family"], "genus": r["genus"],
-                          "species": r["species"], "dna_barcode": r["dna"]} for r in keys)
-    assert cli(["index", "build", "--model", str(trained_model), "--records", str(table), "--out",
+    write_table(tmp_path / "keys.tsv", keys)
+    write_table(tmp_path / "known.tsv", known)
+    assert cli(["index", "build", "--model", str(trained_model), "--records", str(tmp_path / "keys.tsv"), "--out",
                 str(tmp_path / "refs")]) == 0
     assert cli(["identify", "--index", str(tmp_path / "refs"), "--dna", known[0]["dna"], "--top-k", "2"]) == 0
     out = capsys.readouterr().out
     assert "query_id\torder\tfamily\tgenus\tspecies\tsimilarity\tnovel" in out and "\ndna1\t" in out
     assert cli(["identify", "--index", str(tmp_path / "refs"), "--dna", "ACGT?"]) == 2
 
-    pytest.importorskip("faiss", reason="pip install 'clibd[faiss]' brings faiss-cpu")
     queries = tmp_path / "queries.fasta"
     queries.write_text("".join(f">{r['id']}\n{r['dna']}\n" for r in known))
-    answers = {}
+    similarities = {}
     for backend in ("torch", "faiss", "faiss-ivf"):
+        if backend != "torch":
+            pytest.importorskip("faiss", reason="pip install 'clibd[faiss]' brings faiss-cpu")
         assert cli(["identify", "--index", str(tmp_path / "refs"), "--fasta", str(queries), "--search", backend,
                     "--out", str(tmp_path / f"{backend}.tsv")]) == 0
-        rows = read_predictions(tmp_path / f"{backend}.tsv")[1]
-        assert [r["query_id"] for r in rows] == [r["id"] for r in known]
-        answers[backend] = torch.tensor([float(r["similarity"]) for r in rows])
+        predictions = read_predictions_tsv(tmp_path / f"{backend}.tsv")
+        assert [p.query_id for p in predictions] == [r["id"] for r in known]
+        similarities[backend] = torch.tensor([p.similarity for p in predictions])
+        if backend == "torch":
+            assert cli(["plot", "keys", "--index", str(tmp_path / "refs"), "--predictions", str(tmp_path / "torch.tsv"),
+                        "--records", str(tmp_path / "known.tsv"), "--out", str(tmp_path / "keys.png")]) == 0
+            assert (tmp_path / "keys.png").read_bytes()[:4] == b"\x89PNG"
     # (the nearest reference itself may differ between equally similar duplicates)
-    assert torch.allclose(answers["faiss"], answers["torch"], atol=1e-3)  # exact search: the same best match
+    assert torch.allclose(similarities["faiss"], similarities["torch"], atol=1e-3)  # exact: the same best match
     # approximate search: nearly always as good a match, up to the 8-bit quantisation of the keys
-    assert ((answers["faiss-ivf"] - answers["torch"]).abs() < 0.01).float().mean() >= 0.9
+    assert ((similarities["faiss-ivf"] - similarities["torch"]).abs() < 0.01).float().mean() >= 0.9
 
 
+@pytest.mark.slow
 def test_evaluation_report_writes_metrics(trained_model, data_dir, tmp_path):
     import json
 
@@ -226,7 +235,7 @@ def test_evaluation_report_writes_metrics(trained_model, data_dir, tmp_path):
 
     config = ExperimentConfig.from_dict({"data": {"path": str(data_dir / "insect_bold_coi" / "insect_bold_coi.tsv"),
                                                   "limit": 1500}})
-    metrics = run_evaluation(trained_model, config, tmp_path / "eval", progress=False)
+    metrics = run_evaluation(trained_model, config.data, tmp_path / "eval", progress=False)
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics["test"]))
     assert set(saved["dna"]) == {"dna", "text", "all"}
@@ -240,8 +249,6 @@ def test_evaluation_report_writes_metrics(trained_model, data_dir, tmp_path):
 
 def test_thresholds_calibrated_from_held_out_species():
     """Hand-made library: records of one species at cosine ~1, of one genus ~0.8, across genera 0."""
-    from clibd.novelty import calibrate_thresholds, novelty_part
-
     records, vectors = [], []
     genus_axes = {"G1": torch.tensor([1.0, 0, 0, 0, 0, 0]), "G2": torch.tensor([0, 1.0, 0, 0, 0, 0])}
     for genus, axis in genus_axes.items():
@@ -258,25 +265,27 @@ def test_thresholds_calibrated_from_held_out_species():
     within_species = float(embeddings[0] @ embeddings[1])
     across_species = float(embeddings[0] @ embeddings[3])
     assert across_species < thresholds["species"] < within_species
-    assert torch.isnan(torch.tensor(thresholds["order"]))  # nothing wrong to separate at order
+    assert math.isnan(thresholds["order"])  # nothing wrong to separate at order
 
-    # Novelty scored on the leading dimensions: the species threshold is the one of that part
-    # alone, the other ranks keep the whole embedding's.
+    # Novelty scored on some parts only: the species threshold is the one of those parts alone,
+    # the other ranks keep the whole embedding's.
     noisy = torch.cat([embeddings, torch.randn(len(records), 6, generator=torch.Generator().manual_seed(1))], dim=1)
     noisy = noisy / noisy.norm(dim=1, keepdim=True)
-    apart = calibrate_thresholds(noisy, records, novelty_dim=6)
-    assert apart["species"] == calibrate_thresholds(novelty_part(noisy, 6), records)["species"]
+    novelty = select_parts(noisy, [EmbeddingPart("a", 6), EmbeddingPart("b", 6, scores_novelty=False)],
+                           "scores_novelty")
+    apart = calibrate_thresholds(noisy, records, novelty_embeddings=novelty)
+    assert apart["species"] == calibrate_thresholds(novelty, records)["species"]
     assert apart["genus"] == calibrate_thresholds(noisy, records)["genus"]
     assert apart["species"] != calibrate_thresholds(noisy, records)["species"]
-    assert novelty_part(noisy, 12) is noisy and torch.allclose(novelty_part(noisy, 6).norm(dim=1), torch.ones(24))
 
 
+@pytest.mark.slow
 def test_novel_species_placed_at_genus_or_family(data_dir, library, tmp_path):
     """With the novel-species tower (configs/bold_dna.yaml in small), barcodes of species absent from
     the references come back novel, most with their family or genus filled, and those are right."""
     experiment = {
         "model": {"preset": "tiny", "modalities": ["dna"],
-                  "dna": {"encoder": "kmer_profile", "profile_kmer_size": 5, "profile_hidden_size": 256}},
+                  "dna": {"model_type": "clibd_kmer_profile", "kmer_size": 5, "hidden_size": 256}},
         "data": {"path": str(data_dir / "insect_bold_coi" / "insect_bold_coi.tsv")},
         "train": {"output_dir": str(tmp_path / "run"), "objective": "supcon", "epochs": 3, "batch_size": 256,
                   "max_lr": 1e-3, "checkpoint_every": 1000, "eval_from_epoch": 99},
@@ -284,12 +293,11 @@ def test_novel_species_placed_at_genus_or_family(data_dir, library, tmp_path):
     train(ExperimentConfig.from_dict(experiment), progress=False)
     keys, known, novel = library
     build_index(tmp_path / "run" / "final", keys, "dna", tmp_path / "refs", progress=False)
-    identify(tmp_path / "refs", known + novel, tmp_path / "preds.tsv", progress=False)
-    rows = {row["query_id"]: row for row in read_predictions(tmp_path / "preds.tsv")[1]}
-    novel_rows = [(rows[r["id"]], r) for r in novel]
-    flagged = [(row, r) for row, r in novel_rows if row["novel"] == "true"]
-    assert len(flagged) / len(novel_rows) > 0.8
-    assert sum(rows[r["id"]]["novel"] == "true" for r in known) / len(known) < 0.3
-    placed = [(row, r) for row, r in flagged if row["family"]]
+    identifier = Identifier.load(tmp_path / "refs")
+    known_predictions, novel_predictions = identifier.identify(known), identifier.identify(novel)
+    flagged = [(p, r) for p, r in zip(novel_predictions, novel, strict=True) if p.novel]
+    assert len(flagged) / len(novel) > 0.8
+    assert sum(p.novel for p in known_predictions) / len(known) < 0.3
+    placed = [(p, r) for p, r in flagged if p.answer["family"]]
     assert len(placed) / len(flagged) > 0.3
-    assert sum(row["family"] == r["family"] for row, r in placed) / len(placed) > 0.8
+    assert sum(p.answer["family"] == r["family"] for p, r in placed) / len(placed) > 0.8

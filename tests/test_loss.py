@@ -8,7 +8,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from clibd.loss import contrastive_loss, modality_pairs
+from clibd.constants import MODALITIES
+from clibd.loss import contrastive_loss, modality_pairs, supervised_contrastive_loss
 
 
 def test_hand_computed_two_by_two():
@@ -44,15 +45,17 @@ GLOBAL_BATCH, DIM = 8, 6
 
 def _model_and_data():
     torch.manual_seed(1)
-    encoders = torch.nn.ModuleDict({m: torch.nn.Linear(DIM, DIM) for m in ("image", "dna", "text")})
+    encoders = torch.nn.ModuleDict({m: torch.nn.Linear(DIM, DIM) for m in MODALITIES})
     logit_scale = torch.nn.Parameter(torch.tensor(2.0))
-    inputs = {m: torch.randn(GLOBAL_BATCH, DIM) for m in ("image", "dna", "text")}
+    inputs = {m: torch.randn(GLOBAL_BATCH, DIM) for m in MODALITIES}
+    # species ids: positives on the same process and across processes, one unknown (-1)
+    inputs["labels"] = torch.tensor([0, 0, 1, 2, 2, 3, 0, -1])
     return encoders, logit_scale, inputs
 
 
 def _loss_and_grads(encoders, logit_scale, inputs):
-    embeds = {m: F.normalize(encoders[m](x), dim=-1) for m, x in inputs.items()}
-    loss = contrastive_loss(embeds, logit_scale)
+    embeds = {m: F.normalize(encoders[m](inputs[m]), dim=-1) for m in MODALITIES}
+    loss = contrastive_loss(embeds, logit_scale) + supervised_contrastive_loss(embeds["dna"], inputs["labels"])
     loss.backward()
     grads = [p.grad.clone() for p in encoders.parameters()] + [logit_scale.grad.clone()]
     return loss.detach(), grads
@@ -74,6 +77,7 @@ def _worker(rank, world_size, port, out_path):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_process_gloo_equals_single_process(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

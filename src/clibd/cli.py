@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
-from .data import shared_data_dir
+from .constants import DEFAULT_TEXT_MODEL, RANKS
+from .data import read_fasta, read_records, shared_data_dir
+from .identify import Identifier, identify_to_tsv, image_records, read_predictions_tsv
+from .index import INDEX_MODALITIES, ReferenceIndex, add_to_index, build_index
+from .retrieval import SEARCH_BACKENDS
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -37,47 +42,35 @@ def _tokenize(args: argparse.Namespace) -> int:
 
 
 def _index_build(args: argparse.Namespace) -> int:
-    from .data import read_records
-    from .index import build_index
-
     index = build_index(args.model, read_records(args.records), args.modality, args.out, batch_size=args.batch_size)
     print(f"{args.out}: {index.meta['count']} {index.modality} references; thresholds {index.thresholds}")
     return 0
 
 
 def _index_add(args: argparse.Namespace) -> int:
-    from .data import read_records
-    from .index import add_to_index
-
     index = add_to_index(args.index, read_records(args.records), replace=args.replace, batch_size=args.batch_size)
     print(f"{args.index}: {index.meta['count']} {index.modality} references; thresholds {index.thresholds}")
     return 0
 
 
 def _identify(args: argparse.Namespace) -> int:
-    from .data import read_fasta, read_records
-    from .identify import identify, image_records
-
     queries = []
     for path in args.records or []:
         queries += read_records(path)
     for path in args.fasta or []:
         queries += read_fasta(path)
     for i, sequence in enumerate(args.dna or []):
-        queries.append({"id": f"dna{i + 1}", "order": "", "family": "", "genus": "", "species": "",
-                        "dna": sequence, "image": ""})
+        queries.append({"id": f"dna{i + 1}", **dict.fromkeys(RANKS, ""), "dna": sequence, "image": ""})
     queries += image_records(args.image or [])
     if not queries:
         raise ValueError("no queries: give --records, --fasta, --dna or --image")
-    identify(args.index, queries, args.out, top_k=args.top_k, batch_size=args.batch_size, model_dir=args.model,
-             backend=args.search)
+    identifier = Identifier.load(args.index, model_dir=args.model, backend=args.search, batch_size=args.batch_size,
+                                 progress=True)
+    identify_to_tsv(identifier, queries, args.out, top_k=args.top_k)
     return 0
 
 
 def _plot(args: argparse.Namespace) -> int:
-    import csv
-
-    from .index import ReferenceIndex
     from .plots import plot_accuracy_by_key_count, plot_umap
 
     index = ReferenceIndex.load(args.index)
@@ -87,17 +80,11 @@ def _plot(args: argparse.Namespace) -> int:
     else:
         if not (args.predictions and args.records):
             raise ValueError("plot keys needs --predictions (from clibd identify) and --records (true labels)")
-        from .data import read_records
-
         truth = {r["id"]: r["species"] for r in read_records(args.records)}
-        with open(args.predictions, newline="") as f:
-            rows = list(csv.DictReader((line for line in f if not line.startswith("# ")), delimiter="\t"))
-        rows = [r for r in rows if r["query_id"] in truth]
-        counts: dict[str, int] = {}
-        for species in index.labels("species"):
-            counts[species] = counts.get(species, 0) + 1
-        result = plot_accuracy_by_key_count([truth[r["query_id"]] for r in rows], [r["hit1_species"] for r in rows],
-                                            counts, args.out)
+        predictions = [p for p in read_predictions_tsv(args.predictions) if p.query_id in truth]
+        result = plot_accuracy_by_key_count([truth[p.query_id] for p in predictions],
+                                            [p.hits[0].taxonomy["species"] for p in predictions],
+                                            Counter(index.labels("species")), args.out)
         for name, n, accuracy in result:
             print(f"keys {name:>5}: {n:4d} species, accuracy {100 * accuracy:.1f}%")
     print(f"wrote {args.out}")
@@ -135,16 +122,13 @@ def _index_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clibd", description="Identify insects from photos and DNA barcodes.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def _add_index_commands(commands: argparse._SubParsersAction) -> None:
     index = commands.add_parser("index", help="build or grow a reference library")
     index_commands = index.add_subparsers(dest="index_command", required=True)
     build = index_commands.add_parser("build", help="embed labelled records into a new index")
     build.add_argument("--model", required=True, help="a saved CLIBD model folder (model + processor)")
     build.add_argument("--records", required=True, help="labelled records: TSV/CSV export or FASTA")
-    build.add_argument("--modality", choices=("dna", "image"), default="dna")
+    build.add_argument("--modality", choices=INDEX_MODALITIES, default="dna")
     build.add_argument("--out", required=True, help="index folder to create")
     build.add_argument("--batch-size", type=int, default=256)
     build.set_defaults(run=_index_build)
@@ -165,12 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     pull_idx.add_argument("--out", required=True)
     pull_idx.set_defaults(run=_index_pull)
 
-    push = commands.add_parser("push", help="upload a training run (model, processor, metrics, card) to the Hub")
-    push.add_argument("run_dir")
-    push.add_argument("repo_id")
-    push.add_argument("--private", action="store_true")
-    push.set_defaults(run=_push)
 
+def _add_identify_command(commands: argparse._SubParsersAction) -> None:
     ident = commands.add_parser("identify", help="identify barcodes or photos against an index")
     ident.add_argument("--index", required=True)
     ident.add_argument("--model", help="the model folder, when it is not where the index was built (checked by hash)")
@@ -179,18 +159,32 @@ def build_parser() -> argparse.ArgumentParser:
     ident.add_argument("--dna", nargs="+", help="barcode sequences given on the command line")
     ident.add_argument("--image", nargs="+", help="photo files or folders of photos")
     ident.add_argument("--top-k", type=int, default=5)
-    ident.add_argument("--search", choices=("torch", "faiss", "faiss-ivf"), default="torch",
+    ident.add_argument("--search", choices=SEARCH_BACKENDS, default="torch",
                        help="exact search with torch or faiss, or approximate with a faiss inverted file "
                             "(libraries of millions; pip install 'clibd[faiss]')")
     ident.add_argument("--out", help="predictions TSV (default: stdout); an existing file is resumed")
     ident.add_argument("--batch-size", type=int, default=256)
     ident.set_defaults(run=_identify)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `clibd` argument parser; each command's `run` is the function that does its work."""
+    parser = argparse.ArgumentParser(prog="clibd", description="Identify insects from photos and DNA barcodes.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_index_commands(commands)
+    _add_identify_command(commands)
+
+    push = commands.add_parser("push", help="upload a training run (model, processor, metrics, card) to the Hub")
+    push.add_argument("run_dir")
+    push.add_argument("repo_id")
+    push.add_argument("--private", action="store_true")
+    push.set_defaults(run=_push)
+
     convert = commands.add_parser("convert-official", help="turn an official CLIBD best.pth into a clibd model")
     convert.add_argument("checkpoint", help="a local .pth, a released name (bioscan-1m-image-dna-text, ...) "
                                             "or hf://OWNER/REPO/path.pth")
     convert.add_argument("--out", required=True, help="folder for the model and processor")
-    convert.add_argument("--text-tokenizer", default="prajjwal1/bert-small",
+    convert.add_argument("--text-tokenizer", default=DEFAULT_TEXT_MODEL,
                          help="tokenizer of the text tower (a Hub id or a local folder)")
     convert.set_defaults(run=_convert)
 
@@ -198,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("kind", choices=("umap", "keys"))
     plot.add_argument("--index", required=True)
     plot.add_argument("--out", required=True, help="PNG file")
-    plot.add_argument("--colour-by", default="order", choices=("order", "family", "genus", "species"))
+    plot.add_argument("--colour-by", default="order", choices=RANKS)
     plot.add_argument("--predictions", help="keys: a clibd identify TSV")
     plot.add_argument("--records", help="keys: the queries' true labels (TSV/CSV/FASTA)")
     plot.set_defaults(run=_plot)

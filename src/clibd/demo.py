@@ -16,10 +16,11 @@ from typing import TextIO
 import torch
 
 from .configuration_clibd import CLIBDConfig
+from .constants import RANKS
 from .data import read_records, records_to_dataset
-from .evaluation.retrieval import embed_records
 from .modeling_clibd import CLIBDModel
-from .processing import RANKS, CLIBDProcessor
+from .processing import CLIBDProcessor
+from .retrieval import embed_records
 
 
 def nearest_other(embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

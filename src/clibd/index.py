@@ -1,9 +1,10 @@
 """A reference library: labelled records embedded once, searched by cosine, grown without retraining.
 
-An index directory holds `embeddings.safetensors` (fp16, one tensor per modality),
-`records.tsv` (id, ranks, source) and `index.json` (model path and hash, modality, dimension,
-how many leading dimensions judge novelty, count, per-rank novelty thresholds, clibd version). Builds run in shards that survive an
-interruption; the finished directory is renamed into place.
+An index directory holds `embeddings.safetensors` (fp16, one tensor per modality), `records.tsv`
+(id, ranks, source) and `index.json` (model path and weights hash, modality, dimension, the
+embedding's parts (`EmbeddingPart`: which dimensions score novelty), count, per-rank novelty
+thresholds, clibd version). Builds run in shards that survive an interruption; the finished
+directory is renamed into place. Searching goes through `clibd.retrieval`.
 
 Usage:
     index = build_index("runs/demo/best", records, modality="dna", out="refs/")
@@ -26,18 +27,25 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .atomic import atomic_directory
+from .constants import RANKS
 from .data import records_to_dataset
-from .evaluation.retrieval import embed_records, topk_search
 from .modeling_clibd import CLIBDModel
-from .novelty import calibrate_thresholds, novelty_part
-from .processing import RANKS, CLIBDProcessor
+from .novelty import calibrate_thresholds
+from .processing import CLIBDProcessor
+from .retrieval import embed_records, search
+from .towers.parts import EmbeddingPart, part_columns, select_parts, whole
 
+INDEX_MODALITIES = ("dna", "image")  # the record field each modality reads has the same name
 RECORD_COLUMNS = ("id", *RANKS, "source")
 SHARD_SIZE = 2048
 
 
 def model_hash(model_dir: str | os.PathLike) -> str:
-    """sha256 of the model's weights file(s): an index is only valid for the model that built it."""
+    """sha256 of the model's weights file(s): an index is only valid for the model that built it.
+
+    Usage:
+        model_hash("runs/demo/best") == ReferenceIndex.load("refs/").meta["model_hash"]
+    """
     digest = hashlib.sha256()
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
@@ -49,9 +57,28 @@ def model_hash(model_dir: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def load_model(model_dir: str | os.PathLike, expected_hash: str | None = None
+               ) -> tuple[CLIBDModel, CLIBDProcessor, str]:
+    """The model (eval mode) and processor saved in `model_dir`, and its weights hash; a
+    `ValueError` when `expected_hash` is given and differs (the model did not build the index).
+
+    Usage:
+        model, processor, digest = load_model("runs/demo/best")
+    """
+    digest = model_hash(model_dir)
+    if expected_hash is not None and digest != expected_hash:
+        raise ValueError(f"{model_dir}: not the one that built this index (weights hash differs); "
+                         "pass the model that built it, or rebuild the index")
+    return CLIBDModel.from_pretrained(model_dir).eval(), CLIBDProcessor.from_pretrained(model_dir), digest
+
+
 @dataclass
 class ReferenceIndex:
-    """Embeddings and labels of reference records for one modality, and their novelty thresholds."""
+    """Embeddings and labels of reference records for one modality, and their novelty thresholds.
+
+    Usage:
+        index = ReferenceIndex.load("refs/"); similarities, rows = index.search(queries, k=5)
+    """
 
     directory: Path
     meta: dict
@@ -63,6 +90,7 @@ class ReferenceIndex:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> ReferenceIndex:
+        """Read an index folder written by `build_index` / `add_to_index` (or an older clibd)."""
         directory = Path(directory)
         meta_path = directory / "index.json"
         if not meta_path.exists():
@@ -85,92 +113,45 @@ class ReferenceIndex:
         return self.meta.get("thresholds", {})
 
     @property
-    def novelty_dim(self) -> int:
-        """Leading dimensions whose cosine scores novelty (`CLIBDModel.novelty_dim`); all by default."""
-        return self.meta.get("novelty_dim", self.embeddings.shape[1])
+    def parts(self) -> list[EmbeddingPart]:
+        """The parts of the stored embeddings. Indexes written before parts were stored have a
+        `novelty_dim`: a leading block that scores novelty and a rest that does not."""
+        if "parts" in self.meta:
+            return [EmbeddingPart.from_dict(part) for part in self.meta["parts"]]
+        dim = self.embeddings.shape[1]
+        novelty_dim = self.meta.get("novelty_dim", dim)
+        if novelty_dim >= dim:
+            return whole(dim)
+        return [EmbeddingPart("novelty", novelty_dim), EmbeddingPart("placement", dim - novelty_dim,
+                                                                     scores_novelty=False)]
+
+    @property
+    def scores_novelty_apart(self) -> bool:
+        """Whether only some parts score novelty (`novelty_similarity` then differs from the best similarity)."""
+        return len(part_columns(self.parts, "scores_novelty")) < self.embeddings.shape[1]
 
     def labels(self, rank: str) -> list[str]:
         return [r[rank] for r in self.records]
 
-    def search(self, queries: torch.Tensor, k: int = 5, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
-        """Cosine similarities and indices [Q, k] of the k nearest references.
+    def load_model(self, model_dir: str | os.PathLike | None = None) -> tuple[CLIBDModel, CLIBDProcessor]:
+        """The model and processor that built this index: from `model_dir` (e.g. an index pulled
+        from the Hub) or where `index.json` says; a `ValueError` if their weights hash differs."""
+        model, processor, _ = load_model(model_dir or self.meta["model"], self.meta["model_hash"])
+        return model, processor
 
-        `backend`: "torch" (exact, chunked matrix products), "faiss" (exact, `IndexFlatIP`) or
-        "faiss-ivf" (approximate: an inverted file over 8-bit scalar-quantised vectors, for
-        libraries of millions; about 1/4 of the memory of fp32 keys). The faiss index is built on
-        first use and kept for later calls. faiss: `pip install 'clibd[faiss]'`.
-        """
-        return self._search("embeddings", self.embeddings, queries, k, backend)
+    def search(self, queries: torch.Tensor, k: int = 5, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+        """Cosine similarities and indices [Q, k] of the k nearest references; `backend` as in
+        `clibd.retrieval.search` ("torch", "faiss", "faiss-ivf"; a faiss index is built on first
+        use and kept)."""
+        return search(queries, self.embeddings, k, backend, cache=self._faiss, name="embeddings")
 
     def novelty_similarity(self, queries: torch.Tensor, backend: str = "torch") -> torch.Tensor:
-        """Each query's best cosine [Q] to any reference on the novelty part of the embedding
-        (`novelty_part` of the first `novelty_dim` dimensions). `queries`: whole embeddings [Q, D]."""
+        """Each query's best cosine [Q] to any reference on the parts that score novelty
+        (`select_parts(..., "scores_novelty")`). `queries`: whole embeddings [Q, D]."""
         if "novelty" not in self._keys:
-            self._keys["novelty"] = novelty_part(self.embeddings, self.novelty_dim).to(torch.float16)
-        queries = novelty_part(queries, self.novelty_dim)
-        return self._search("novelty", self._keys["novelty"], queries, 1, backend)[0][:, 0]
-
-    def _search(self, name: str, keys: torch.Tensor, queries: torch.Tensor, k: int,
-                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if backend == "torch":
-            return topk_search(queries, keys, k)
-        if backend not in ("faiss", "faiss-ivf"):
-            raise ValueError(f"unknown search backend {backend!r}; use 'torch', 'faiss' or 'faiss-ivf'")
-        if (name, backend) not in self._faiss:
-            self._faiss[(name, backend)] = approximate_faiss_index(keys) if backend == "faiss-ivf" else faiss_index(keys)
-        return faiss_search(queries, self._faiss[(name, backend)], k)
-
-
-def faiss_index(keys: torch.Tensor, nlist: int | None = None, encoding: str = "Flat", nprobe: int = 16,
-                block: int = 65_536, seed: int = 0):
-    """A faiss inner-product index over `keys` [N, D]: exact (`IndexFlatIP`) by default; with
-    `nlist`, an inverted file of `nlist` cells, `nprobe` of them searched per query, the vectors
-    stored as `encoding` (a faiss code: "Flat", "SQ8" one byte per dimension, "SQfp16", "PQ64").
-    Keys are added in blocks, so no fp32 copy of the whole library is made.
-
-    Usage:
-        index = faiss_index(keys, nlist=1000, encoding="SQ8"); faiss_search(queries, index, k=5)
-    """
-    try:
-        import faiss
-    except ImportError as error:
-        raise ImportError("the faiss backend needs faiss: pip install 'clibd[faiss]'") from error
-    n, dim = keys.shape
-    index = faiss.index_factory(dim, "Flat" if nlist is None else f"IVF{nlist},{encoding}", faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:
-        # faiss asks for >= 39 training points per cell; more only slows k-means down
-        sample = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: 64 * (nlist or 1)]
-        index.train(keys[sample.sort().values].float().numpy())
-    for start in range(0, n, block):
-        index.add(keys[start : start + block].float().numpy())
-    if nlist is not None:
-        faiss.extract_index_ivf(index).nprobe = min(nprobe, nlist)
-    return index
-
-
-def approximate_faiss_index(keys: torch.Tensor):
-    """The `faiss-ivf` backend's index: sqrt(N) cells, 16 probed per query, 8-bit scalar-quantised keys."""
-    return faiss_index(keys, nlist=max(1, int(keys.shape[0] ** 0.5)), encoding="SQ8", nprobe=16)
-
-
-def faiss_search(queries: torch.Tensor, index, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k inner products [Q, k] (values, indices) of `queries` in a `faiss_index`. An inverted
-    file whose probed cells hold fewer than k keys for some query (faiss pads with -1) is searched
-    again over every cell for those queries, so every returned index is a real key."""
-    vectors = queries.float().numpy()
-    k = min(k, index.ntotal)
-    values, indices = index.search(vectors, k)
-    short = (indices < 0).any(axis=1)
-    if short.any():
-        import faiss
-
-        ivf = faiss.extract_index_ivf(index)
-        nprobe, ivf.nprobe = ivf.nprobe, ivf.nlist
-        try:
-            values[short], indices[short] = index.search(vectors[short], k)
-        finally:
-            ivf.nprobe = nprobe
-    return torch.from_numpy(values), torch.from_numpy(indices).long()
+            self._keys["novelty"] = select_parts(self.embeddings, self.parts, "scores_novelty").to(torch.float16)
+        queries = select_parts(queries, self.parts, "scores_novelty")
+        return search(queries, self._keys["novelty"], 1, backend, cache=self._faiss, name="novelty")[0][:, 0]
 
 
 def _write_index(directory: Path, meta: dict, embeddings: torch.Tensor, records: list[dict]) -> None:
@@ -184,31 +165,34 @@ def _write_index(directory: Path, meta: dict, embeddings: torch.Tensor, records:
         (tmp / "index.json").write_text(json.dumps({**meta, "count": len(records)}, indent=2))
 
 
-def _usable(records: list[dict], modality: str) -> list[dict]:
-    field = "dna" if modality == "dna" else "image"
-    missing = [r["id"] for r in records if not r.get(field)]
+def require_field(records: list[dict], modality: str, what: str = "records") -> None:
+    """A `ValueError` naming the records that have no barcode / photo for `modality`."""
+    missing = [r["id"] for r in records if not r.get(modality)]
     if missing:
-        raise ValueError(f"{len(missing)} records have no {field} to index, e.g. {missing[:5]}")
+        raise ValueError(f"{len(missing)} {what} have no {modality}, e.g. {missing[:5]}")
+
+
+def _usable(records: list[dict], modality: str) -> list[dict]:
+    require_field(records, modality, "records to index")
     unlabelled = [r["id"] for r in records if not any(r.get(rank) for rank in RANKS)]
     if unlabelled:
         raise ValueError(f"{len(unlabelled)} records have no taxonomy, e.g. {unlabelled[:5]}")
-    return records
+    return [{**r, "source": r.get("source", "")} for r in records]
 
 
 def embed_in_shards(model: CLIBDModel, processor: CLIBDProcessor, records: list[dict], modality: str,
                     work_dir: Path, batch_size: int = 256, progress: bool = True) -> torch.Tensor:
     """Embed `records` shard by shard into `work_dir`; shards already there are reused (resume)."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    parts = []
-    starts = range(0, len(records), SHARD_SIZE)
-    for start in tqdm(starts, desc=f"index {modality}", disable=not progress):
+    shards = []
+    for start in tqdm(range(0, len(records), SHARD_SIZE), desc=f"index {modality}", disable=not progress):
         shard = work_dir / f"shard-{start // SHARD_SIZE:06d}.safetensors"
         ids = [r["id"] for r in records[start : start + SHARD_SIZE]]
         ids_hash = hashlib.sha256("\n".join(ids).encode()).hexdigest()
         if shard.exists():
             saved = load_file(shard)
             if bytes(saved["ids_hash"].tolist()).decode() == ids_hash:
-                parts.append(saved["embeddings"])
+                shards.append(saved["embeddings"])
                 continue
         dataset = records_to_dataset(records[start : start + SHARD_SIZE])
         embeddings = embed_records(model, processor, dataset, modality, batch_size).to(torch.float16)
@@ -216,27 +200,36 @@ def embed_in_shards(model: CLIBDModel, processor: CLIBDProcessor, records: list[
         save_file({"embeddings": embeddings, "ids_hash": torch.tensor(list(ids_hash.encode()), dtype=torch.uint8)},
                   tmp)
         os.replace(tmp, shard)
-        parts.append(embeddings)
-    return torch.cat(parts) if parts else torch.empty(0, model.embedding_dim(modality), dtype=torch.float16)
+        shards.append(embeddings)
+    return torch.cat(shards) if shards else torch.empty(0, model.embedding_dim(modality), dtype=torch.float16)
+
+
+def _thresholds(embeddings: torch.Tensor, records: list[dict], parts: list[EmbeddingPart]) -> dict[str, float]:
+    embeddings = embeddings.float()
+    return calibrate_thresholds(embeddings, records,
+                                novelty_embeddings=select_parts(embeddings, parts, "scores_novelty"))
 
 
 def build_index(model_dir: str | os.PathLike, records: list[dict], modality: str, out: str | os.PathLike,
                 batch_size: int = 256, calibrate: bool = True, progress: bool = True) -> ReferenceIndex:
-    """Embed labelled records with the model saved in `model_dir` into a new index at `out`."""
-    if modality not in ("dna", "image"):
-        raise ValueError(f"an index holds dna or image embeddings, not {modality!r}")
+    """Embed labelled records with the model saved in `model_dir` into a new index at `out`.
+
+    Usage:
+        index = build_index("runs/demo/best", read_records("refs.tsv"), "dna", "refs/")
+    """
+    if modality not in INDEX_MODALITIES:
+        raise ValueError(f"an index holds {' or '.join(INDEX_MODALITIES)} embeddings, not {modality!r}")
     out = Path(out)
     records = _usable(records, modality)
     _reject_duplicates(records, [])
-    model = CLIBDModel.from_pretrained(model_dir).eval()
-    processor = CLIBDProcessor.from_pretrained(model_dir)
+    model, processor, digest = load_model(model_dir)
     work_dir = out.with_name(f".{out.name}.partial")
     embeddings = embed_in_shards(model, processor, records, modality, work_dir, batch_size, progress)
-    records = [{**r, "source": r.get("source", "")} for r in records]
-    meta = {"clibd_version": __version__, "model": str(Path(model_dir).resolve()), "model_hash": model_hash(model_dir),
-            "modality": modality, "dim": int(embeddings.shape[1]), "novelty_dim": model.novelty_dim(modality)}
+    parts = model.embedding_parts(modality)
+    meta = {"clibd_version": __version__, "model": str(Path(model_dir).resolve()), "model_hash": digest,
+            "modality": modality, "dim": int(embeddings.shape[1]), "parts": [p.to_dict() for p in parts]}
     if calibrate:
-        meta["thresholds"] = calibrate_thresholds(embeddings.float(), records, novelty_dim=meta["novelty_dim"])
+        meta["thresholds"] = _thresholds(embeddings, records, parts)
     _write_index(out, meta, embeddings, records)
     shutil.rmtree(work_dir, ignore_errors=True)
     return ReferenceIndex.load(out)
@@ -256,12 +249,13 @@ def _reject_duplicates(new: list[dict], existing: list[dict]) -> None:
 
 def add_to_index(directory: str | os.PathLike, records: list[dict], replace: bool = False,
                  batch_size: int = 256, recalibrate: bool = True, progress: bool = True) -> ReferenceIndex:
-    """Embed new labelled records with the index's own model and add them (new species included)."""
+    """Embed new labelled records with the index's own model and add them (new species included).
+    An index written before parts were stored is rewritten with the model's parts.
+
+    Usage:
+        index = add_to_index("refs/", read_records("new_species.fasta"))
+    """
     index = ReferenceIndex.load(directory)
-    model_dir = index.meta["model"]
-    if model_hash(model_dir) != index.meta["model_hash"]:
-        raise ValueError(f"{directory}: the model at {model_dir} is not the one that built this index "
-                         "(weights hash differs); rebuild the index")
     records = _usable(records, index.modality)
     kept_records, kept = index.records, index.embeddings
     if replace:
@@ -270,15 +264,15 @@ def add_to_index(directory: str | os.PathLike, records: list[dict], replace: boo
         kept_records = [r for r in index.records if r["id"] not in incoming]
         kept = index.embeddings[mask]
     _reject_duplicates(records, kept_records)
-    model = CLIBDModel.from_pretrained(model_dir).eval()
-    processor = CLIBDProcessor.from_pretrained(model_dir)
+    model, processor = index.load_model()
     work_dir = Path(directory).with_name(f".{Path(directory).name}.partial")
     new = embed_in_shards(model, processor, records, index.modality, work_dir, batch_size, progress)
-    all_records = kept_records + [{**r, "source": r.get("source", "")} for r in records]
+    all_records = kept_records + records
     embeddings = torch.cat([kept, new])
-    meta = dict(index.meta)
+    parts = model.embedding_parts(index.modality)
+    meta = {k: v for k, v in index.meta.items() if k != "novelty_dim"} | {"parts": [p.to_dict() for p in parts]}
     if recalibrate:
-        meta["thresholds"] = calibrate_thresholds(embeddings.float(), all_records, novelty_dim=meta.get("novelty_dim"))
+        meta["thresholds"] = _thresholds(embeddings, all_records, parts)
     _write_index(Path(directory), meta, embeddings, all_records)
     shutil.rmtree(work_dir, ignore_errors=True)
     return ReferenceIndex.load(directory)

@@ -1,7 +1,10 @@
-"""The CLIBD loss: symmetric InfoNCE over every pair of present modalities, correct across processes.
+"""The loss functions: the CLIBD loss (symmetric InfoNCE over every pair of present modalities)
+and a supervised contrastive loss, both correct across processes. `clibd.objectives` builds the
+training objective from them.
 
 Usage:
     loss = contrastive_loss({"image": x, "dna": d, "text": t}, logit_scale)   # x, d, t L2-normalised
+    loss = supervised_contrastive_loss(d, species_ids, temperature=0.1)
 
 Under `torch.distributed` each process holds a shard of the global batch. Features are gathered
 with gradients, each process scores its own rows against every gathered row (open_clip's "local
@@ -19,7 +22,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 
-MODALITY_ORDER = ("image", "dna", "text")
+from .constants import MODALITIES
 
 
 def _distributed() -> tuple[int, int]:
@@ -42,8 +45,8 @@ def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
 
 
 def modality_pairs(modalities: list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
-    """Every unordered pair of the given modalities, in the fixed order image, dna, text."""
-    ordered = [m for m in MODALITY_ORDER if m in modalities]
+    """Every unordered pair of the given modalities, in the fixed order of `MODALITIES` (image, dna, text)."""
+    ordered = [m for m in MODALITIES if m in modalities]
     return list(itertools.combinations(ordered, 2))
 
 
@@ -51,6 +54,9 @@ def contrastive_loss(embeds: Mapping[str, torch.Tensor], logit_scale: torch.Tens
     """Mean of the cross-entropies a->b and b->a over every pair (a, b) of modalities in `embeds`.
 
     `logit_scale` is in log space (the model multiplies similarities by its exp, without clamp).
+
+    Usage:
+        loss = contrastive_loss({"dna": dna_embeds, "text": text_embeds}, model.logit_scale)
     """
     present = {name: value for name, value in embeds.items() if value is not None}
     pairs = modality_pairs(list(present))
@@ -72,7 +78,11 @@ def supervised_contrastive_loss(embeds: torch.Tensor, labels: torch.Tensor, temp
     """Supervised contrastive loss (Khosla et al. 2020): for each anchor, -mean log p of the other
     records with the same label among all other records of the global batch. Labels < 0 (unknown)
     are never positives; anchors without a positive are left out. Gathered across processes like
-    `contrastive_loss`, so the mean over processes equals the single-process loss."""
+    `contrastive_loss`, so the mean over processes equals the single-process loss.
+
+    Usage:
+        loss = supervised_contrastive_loss(dna_embeds, species_ids, temperature=0.1)   # ids: LongTensor [B]
+    """
     rank, _ = _distributed()
     all_embeds = gather_with_grad(embeds)
     all_labels = gather_with_grad(labels)

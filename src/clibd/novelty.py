@@ -12,12 +12,15 @@ fills the answer from order down and stops at the first rank whose threshold the
 similarity does not clear (in the spirit of BOLD's 97/95/90/85 % identity cut-offs, but learned
 per model and library).
 
-The species rank (and with it the novel flag) may be judged on a part of the embedding: its
-leading `novelty_dim` dimensions, re-normalised (`CLIBDModel.novelty_dim`; the k-mer parts of a
-`profile_aligned` DNA tower). The other ranks are judged on the whole embedding, which places.
+The species rank (and with it the novel flag) may be judged on some parts of the embedding only:
+those a tower declares `scores_novelty` (`clibd.towers.parts.select_parts`; e.g. the k-mer parts
+of an aligned k-mer-profile DNA tower). The other ranks are judged on the whole embedding, which
+places.
 
 Usage:
     thresholds = calibrate_thresholds(embeddings, records)   # {"species": 0.93, "genus": 0.88, ...}
+    thresholds = calibrate_thresholds(embeddings, records,
+                                      novelty_embeddings=select_parts(embeddings, parts, "scores_novelty"))
 """
 
 from __future__ import annotations
@@ -26,17 +29,8 @@ import random
 from collections import Counter
 
 import torch
-import torch.nn.functional as F
 
-from .processing import RANKS
-
-
-def novelty_part(embeddings: torch.Tensor, novelty_dim: int | None) -> torch.Tensor:
-    """The unit vectors whose cosine scores novelty: the leading `novelty_dim` dimensions of
-    `embeddings` re-normalised (fp32), or `embeddings` itself when that is all of them (or None)."""
-    if novelty_dim is None or novelty_dim >= embeddings.shape[1]:
-        return embeddings
-    return F.normalize(embeddings[:, :novelty_dim].float(), dim=-1)
+from .constants import RANKS
 
 
 def best_threshold(known: list[float], novel: list[float]) -> float:
@@ -74,10 +68,10 @@ def nearest_held_out(embeddings: torch.Tensor, species: list[str], queries: list
 
 
 def calibrate_thresholds(embeddings: torch.Tensor, records: list[dict], max_queries: int = 2000,
-                         seed: int = 0, novelty_dim: int | None = None) -> dict[str, float]:
+                         seed: int = 0, novelty_embeddings: torch.Tensor | None = None) -> dict[str, float]:
     """Per-rank similarity thresholds (see the module doc); NaN where a rank has no right or no
     wrong answers to separate (it then never stops an answer). The species threshold is on the
-    cosine of `novelty_part(embeddings, novelty_dim)`."""
+    cosine of `novelty_embeddings` (unit vectors, one per record; `embeddings` when None)."""
     species = [r.get("species", "") for r in records]
     counts = Counter(label for label in species if label)
     eligible = [i for i, label in enumerate(species) if label and counts[label] >= 2]
@@ -85,8 +79,8 @@ def calibrate_thresholds(embeddings: torch.Tensor, records: list[dict], max_quer
     if len(counts) < 2 or not queries:
         return dict.fromkeys(RANKS, float("nan"))
     placing = nearest_held_out(embeddings, species, queries)
-    scoring = novelty_part(embeddings, novelty_dim)
-    novelty = placing if scoring is embeddings else nearest_held_out(scoring, species, queries)
+    apart = novelty_embeddings is not None and novelty_embeddings is not embeddings
+    novelty = nearest_held_out(novelty_embeddings, species, queries) if apart else placing
     thresholds = {}
     for rank in RANKS:
         loo_sims, loo_idx, out_sims, out_idx = novelty if rank == "species" else placing

@@ -12,7 +12,7 @@ What it does (facts from the official release, see the project's checkpoint note
   is an error that lists them.
 
 Usage:
-    model, processor = convert_official("best.pth", text_tokenizer="prajjwal1/bert-small")
+    model, processor = convert_official("best.pth", text_tokenizer=DEFAULT_TEXT_MODEL)
     model.save_pretrained("clibd-bioscan1m"); processor.save_pretrained("clibd-bioscan1m")
 """
 
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..configuration_clibd import CLIBDConfig
+from ..constants import DEFAULT_TEXT_MODEL
 from ..modeling_clibd import CLIBDModel
 from ..processing import CLIBDProcessor
 
@@ -214,7 +215,7 @@ def load_official_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]
     return state
 
 
-def convert_official(source: str | os.PathLike, text_tokenizer: str | None = "prajjwal1/bert-small",
+def convert_official(source: str | os.PathLike, text_tokenizer: str | None = DEFAULT_TEXT_MODEL,
                      cache_dir: str | None = None) -> tuple[CLIBDModel, CLIBDProcessor]:
     """A `CLIBDModel` and `CLIBDProcessor` equivalent to the official pipeline for `source`."""
     from transformers import AutoTokenizer

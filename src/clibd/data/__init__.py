@@ -1,10 +1,13 @@
 """Specimen records: one schema (id, order, family, genus, species, dna, image) whatever the source."""
 
 from .bioscan import official_splits, read_bioscan
+from .loading import DataSection, load_splits
 from .records import RECORD_FIELDS, read_fasta, read_records, read_table, records_to_dataset, shared_data_dir
 from .split import SPLIT_NAMES, paper_split, split_statistics
 
 __all__ = [
+    "DataSection",
+    "load_splits",
     "RECORD_FIELDS",
     "SPLIT_NAMES",
     "official_splits",

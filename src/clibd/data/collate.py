@@ -12,9 +12,8 @@ import zlib
 import datasets
 import torch
 
+from ..constants import RANKS
 from ..processing import CLIBDProcessor
-
-RANK_COLUMNS = ("order", "family", "genus", "species")
 
 
 def has_modalities(dataset: datasets.Dataset, modalities: list[str]) -> datasets.Dataset:
@@ -23,7 +22,7 @@ def has_modalities(dataset: datasets.Dataset, modalities: list[str]) -> datasets
     def keep(row: dict) -> bool:
         return ((("dna" not in modalities) or bool(row["dna"]))
                 and (("image" not in modalities) or bool(row["image"]))
-                and (("text" not in modalities) or any(row[r] for r in RANK_COLUMNS)))
+                and (("text" not in modalities) or any(row[r] for r in RANKS)))
 
     return dataset.filter(keep)
 
@@ -59,7 +58,7 @@ class ContrastiveCollator:
         if "dna" in self.modalities:
             batch.update(self.processor.process_barcodes([row["dna"] for row in rows], ids, warn_truncated=False))
         if "text" in self.modalities:
-            batch.update(self.processor.process_taxonomy([{r: row[r] for r in RANK_COLUMNS} for row in rows], ids))
+            batch.update(self.processor.process_taxonomy([{r: row[r] for r in RANKS} for row in rows], ids))
         for rank in self.label_ranks:  # ids equal across processes and workers; -1 = unknown
             batch[f"labels_{rank}"] = torch.tensor([zlib.crc32(row[rank].encode()) if row[rank] else -1
                                                     for row in rows], dtype=torch.long)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import datasets
 
+from ..constants import RANKS
 from ..processing.barcodes import normalise_barcode
-from ..processing.taxonomy import RANKS
 
 logger = logging.getLogger(__name__)
 

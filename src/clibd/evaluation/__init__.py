@@ -1,12 +1,16 @@
-"""Retrieval evaluation: exact cosine top-k, micro/macro accuracy per rank, seen/unseen/H.M."""
+"""Evaluation: the paper's retrieval metrics (micro/macro accuracy per rank, seen/unseen/H.M.,
+IS+DU; `retrieval`) and the one-call report of a saved model (`report.run_evaluation`).
+Embedding and search live one layer down, in `clibd.retrieval`."""
 
 from .retrieval import (
+    evaluate_is_du,
     evaluate_retrieval,
+    evaluation_pairs,
     format_table,
     harmonic_mean,
     selection_score,
     topk_accuracy,
-    topk_indices,
 )
 
-__all__ = ["evaluate_retrieval", "format_table", "harmonic_mean", "selection_score", "topk_accuracy", "topk_indices"]
+__all__ = ["evaluate_is_du", "evaluate_retrieval", "evaluation_pairs", "format_table", "harmonic_mean",
+           "selection_score", "topk_accuracy"]

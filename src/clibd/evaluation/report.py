@@ -2,7 +2,7 @@
 IS+DU with its threshold chosen on val, `metrics.json` and a markdown table.
 
 Usage:
-    metrics = run_evaluation("runs/demo/best", ExperimentConfig.from_yaml("configs/demo.yaml"), "runs/demo/eval")
+    metrics = run_evaluation("runs/demo/best", ExperimentConfig.from_yaml("configs/demo.yaml").data, "runs/demo/eval")
 """
 
 from __future__ import annotations
@@ -11,20 +11,23 @@ import json
 import os
 from pathlib import Path
 
+import datasets
+
 from ..atomic import atomic_write_text
+from ..data import DataSection, load_splits
 from ..modeling_clibd import CLIBDModel
 from ..processing import CLIBDProcessor
-from ..training.config import ExperimentConfig
-from ..training.loop import load_splits
 from .retrieval import EmbeddingCache, evaluate_is_du, evaluate_retrieval, evaluation_pairs, format_table
 
 
-def run_evaluation(model_dir: str | os.PathLike, config: ExperimentConfig, out_dir: str | os.PathLike,
-                   batch_size: int = 256, progress: bool = True) -> dict:
-    """Evaluate `model_dir` on the config's data and split; write metrics.json and metrics.md."""
+def run_evaluation(model_dir: str | os.PathLike, data: DataSection | datasets.DatasetDict,
+                   out_dir: str | os.PathLike, batch_size: int = 256, progress: bool = True) -> dict:
+    """Evaluate `model_dir` on `data` (an experiment's `data` section, loaded and split as it says,
+    or splits already loaded); write metrics.json (test), metrics_val.json and metrics.md.
+    Returns `{"val": metrics, "test": metrics}`."""
     model = CLIBDModel.from_pretrained(model_dir).eval()
     processor = CLIBDProcessor.from_pretrained(model_dir)
-    splits = load_splits(config.data)
+    splits = load_splits(data) if isinstance(data, DataSection) else data
     pairs = evaluation_pairs(model.config.modalities)
     embed = EmbeddingCache(model, processor, batch_size, progress)
     metrics = {stage: evaluate_retrieval(model, processor, splits, stage, pairs, embed=embed)

@@ -1,4 +1,5 @@
-"""Retrieval evaluation: embed queries and keys, exact cosine top-k, micro/macro accuracy per rank.
+"""The paper's retrieval metrics: micro/macro top-k accuracy per rank, seen/unseen/H.M., IS+DU,
+the best-checkpoint score and the Table 1 layout. Embedding and search come from `clibd.retrieval`.
 
 Usage:
     metrics = evaluate_retrieval(model, processor, splits, stage="val", pairs=[("dna", "dna"), ("dna", "text")])
@@ -15,67 +16,15 @@ from collections.abc import Sequence
 
 import datasets
 import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from ..data.collate import ContrastiveCollator
+from ..constants import MODALITIES, RANKS
 from ..modeling_clibd import CLIBDModel
-from ..processing import RANKS, CLIBDProcessor
+from ..processing import CLIBDProcessor
+from ..retrieval import embed_records, topk_indices
 
 KEY_SPLITS = ("seen_keys", "val_unseen_keys", "test_unseen_keys")
+QUERY_MODALITIES = ("image", "dna")  # the paper's queries (and their mean); taxonomy text is a key only
 TOP_K = (1, 3, 5)
-
-
-@torch.no_grad()
-def embed_records(
-    model: CLIBDModel, processor: CLIBDProcessor, dataset: datasets.Dataset, modality: str,
-    batch_size: int = 256, num_workers: int = 0, progress: bool = False,
-) -> torch.Tensor:
-    """L2-normalised float32 CPU embeddings of every record for one modality."""
-    model.eval()
-    device = next(model.parameters()).device
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=ContrastiveCollator(processor, [modality]))
-    feature_fn = {"image": model.get_image_features, "dna": model.get_dna_features,
-                  "text": model.get_text_features}[modality]
-    chunks = []
-    for batch in tqdm(loader, desc=f"embed {modality}", disable=not progress):
-        chunks.append(feature_fn(**{k: v.to(device) for k, v in batch.items()}).float().cpu())
-    if not chunks:
-        return torch.empty(0, model.embedding_dim(modality))
-    return torch.cat(chunks)
-
-
-def topk_search(queries: torch.Tensor, keys: torch.Tensor, k: int, query_chunk: int = 256,
-                key_block: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k inner products, in query chunks x key blocks with a running top-k, so memory
-    stays at the keys plus one key block and one score block whatever the library size. Half
-    precision keys are widened block by block: CPUs multiply fp32 several times faster."""
-    k = min(k, keys.shape[0])
-    compute = torch.float32 if keys.device.type == "cpu" else keys.dtype
-    queries = queries.to(compute)
-    all_values, all_indices = [], []
-    for q0 in range(0, queries.shape[0], query_chunk):
-        chunk = queries[q0 : q0 + query_chunk]
-        best_values = torch.full((chunk.shape[0], 0), float("-inf"))
-        best_indices = torch.empty((chunk.shape[0], 0), dtype=torch.long)
-        for k0 in range(0, keys.shape[0], key_block):
-            scores = (chunk @ keys[k0 : k0 + key_block].to(compute).T).float()
-            top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
-            values = torch.cat([best_values, top.values], dim=1)
-            indices = torch.cat([best_indices, top.indices + k0], dim=1)
-            keep = torch.topk(values, min(k, values.shape[1]), dim=1)
-            best_values, best_indices = keep.values, indices.gather(1, keep.indices)
-        all_values.append(best_values)
-        all_indices.append(best_indices)
-    if not all_values:
-        return torch.empty(0, k), torch.empty(0, k, dtype=torch.long)
-    return torch.cat(all_values), torch.cat(all_indices)
-
-
-def topk_indices(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk_size: int = 256) -> torch.Tensor:
-    """Indices [Q, k] of the k most cosine-similar keys (inputs L2-normalised)."""
-    return topk_search(queries, keys, k, query_chunk=chunk_size)[1]
 
 
 def topk_accuracy(true: Sequence[str], predicted: Sequence[Sequence[str]], k: int) -> tuple[float, float]:
@@ -146,7 +95,7 @@ class EmbeddingCache:
 def _keys(embed: EmbeddingCache, pool: datasets.Dataset, modality: str, tower_modalities: list[str]):
     """Key embeddings and their labels; `all` stacks the keys of every tower of the model."""
     if modality == "all":
-        parts = [_keys(embed, pool, m, tower_modalities) for m in ("image", "dna", "text") if m in tower_modalities]
+        parts = [_keys(embed, pool, m, tower_modalities) for m in MODALITIES if m in tower_modalities]
         return torch.cat([p[0] for p in parts]), {r: [v for p in parts for v in p[1][r]] for r in RANKS}
     dataset = _unique_taxonomy(pool) if modality == "text" else pool
     return embed(f"keys-{modality}", dataset, modality), {rank: dataset[rank] for rank in RANKS}
@@ -228,10 +177,10 @@ def evaluate_is_du(model: CLIBDModel, processor: CLIBDProcessor, splits: dataset
 
 def evaluation_pairs(modalities: list[str]) -> list[tuple[str, str]]:
     """Queries: image, DNA and their mean; keys: every tower's embeddings and all of them stacked."""
-    queries = [m for m in ("image", "dna") if m in modalities]
+    queries = [m for m in QUERY_MODALITIES if m in modalities]
     if len(queries) == 2:
         queries.append("image_dna")
-    keys = [m for m in ("image", "dna", "text") if m in modalities]
+    keys = [m for m in MODALITIES if m in modalities]
     return [(q, k) for q in queries for k in [*keys, "all"]]
 
 

@@ -11,12 +11,11 @@ from .alignment import (
 from .barcodes import BarcodeEncoding, BarcodeTokenizer, kmer_profiles, normalise_barcode
 from .images import image_transform, load_image, to_rgb
 from .processor import CLIBDProcessor
-from .taxonomy import RANKS, taxonomy_ranks, taxonomy_text
+from .taxonomy import taxonomy_ranks, taxonomy_text
 
 __all__ = [
     "COI_BARCODE_LENGTH",
     "INSECT_COI5P_CONSENSUS",
-    "RANKS",
     "BarcodeEncoding",
     "BarcodeTokenizer",
     "CLIBDProcessor",

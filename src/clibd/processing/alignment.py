@@ -3,8 +3,8 @@
 A COI barcode is one stretch of one gene, so it can be placed on the 658 positions of the COI-5P
 barcode region by sliding pieces of it along a base-frequency profile of that region: each piece
 of about 220 bases is kept at the shift where it matches the profile best (pieces absorb the rare
-indel and a barcode that starts early or late). bench/aligned_tower.py trains DNA towers on the
-result; see "Aligned barcodes" in bench/README.md.
+indel and a barcode that starts early or late). The k-mer-profile DNA tower's aligned branches
+read the result (`clibd.towers.kmer_profile`); see "Aligned barcodes" in bench/README.md.
 
 Usage:
     onehot = aligned_onehot(barcodes)               # [B, 658, 4] on the insect COI-5P consensus
@@ -24,7 +24,7 @@ from .barcodes import barcode_names, base_codes
 COI_BARCODE_LENGTH = 658
 # The most frequent base at each position of the full-length barcodes in the shared BOLD insect
 # records (clibd.processing.coi_base_profile). Aligning to it instead of the base-frequency profile
-# of the training barcodes places 98.4 % of them identically (bench/aligned_tower.py prints it).
+# of the training barcodes places 98.4 % of them identically (printed by bench/aligned_tower.py at commit 19b8be4).
 INSECT_COI5P_CONSENSUS = (
     "AACATTATATTTTATTTTTGGAATTTGAGCAGGAATAGTAGGAACTTCTTTAAGATTATTAATTCGAGCTGAATTAGGAAATCCTGGATCTTTAA"
     "TTGGAGATGATCAAATTTATAATACTATTGTTACAGCTCATGCTTTTATTATAATTTTTTTTATAGTTATACCTATTATAATTGGAGGATTTGGA"

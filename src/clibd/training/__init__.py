@@ -1,6 +1,6 @@
-"""Training: YAML config -> data -> model -> the Accelerate loop."""
+"""Training: YAML config -> data -> model -> objective -> the Accelerate loop (`train`)."""
 
 from .config import DataSection, ExperimentConfig, ModelSection, TrainSection
-from .loop import TrainResult, load_splits, train
+from .loop import TrainResult, train
 
-__all__ = ["DataSection", "ExperimentConfig", "ModelSection", "TrainResult", "TrainSection", "load_splits", "train"]
+__all__ = ["DataSection", "ExperimentConfig", "ModelSection", "TrainResult", "TrainSection", "train"]

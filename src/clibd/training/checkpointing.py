@@ -60,6 +60,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState) 
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint `save_checkpoint` wrote last in `run_dir`, or None (none yet, or it is gone)."""
     pointer = run_dir / "checkpoints" / "latest"
     if not pointer.exists():
         return None

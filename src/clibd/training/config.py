@@ -20,8 +20,11 @@ from typing import Any
 import yaml
 
 from ..configuration_clibd import CLIBDConfig
+from ..constants import MODALITIES, RANKS
+from ..data.loading import DataSection
+from ..objectives import OBJECTIVES
 
-MODALITIES = ("image", "dna", "text")
+PRESETS = ("paper", "tiny")
 
 
 def resolve_source(source: str | None) -> str | None:
@@ -37,9 +40,11 @@ def resolve_source(source: str | None) -> str | None:
 
 @dataclass
 class ModelSection:
-    """`preset` (paper or tiny) + overrides of `CLIBDConfig` and of each tower's sub-config."""
+    """Overrides of `CLIBDConfig` and of each tower's sub-config, on top of `preset`: omitted,
+    each tower's own config defaults; `paper`, the paper's towers (the same defaults); `tiny`,
+    `CLIBDConfig.tiny` (for tests and smoke runs)."""
 
-    preset: str = "paper"
+    preset: str | None = None
     modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
     projection_dim: int | None = None
     image: dict[str, Any] = field(default_factory=dict)
@@ -49,32 +54,10 @@ class ModelSection:
     init_from: str | None = None  # a saved CLIBD model to start from instead of pretrained towers
 
     def validate(self) -> None:
-        if self.preset not in ("paper", "tiny"):
-            raise ValueError(f"model.preset must be 'paper' or 'tiny', got {self.preset!r}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"model.preset must be omitted or one of {PRESETS}, got {self.preset!r}")
         if not self.modalities or set(self.modalities) - set(MODALITIES):
             raise ValueError(f"model.modalities must be a non-empty subset of {MODALITIES}, got {self.modalities}")
-
-
-@dataclass
-class DataSection:
-    """Where records come from and how they are split."""
-
-    source: str = "table"  # table (TSV/CSV), fasta, bioscan1m, bioscan5m
-    path: str = ""
-    split: str = "paper"  # paper: split by species here; official: the release's own partition
-    split_seed: int = 42
-    train_splits: list[str] = field(default_factory=lambda: ["pretrain", "train_seen"])
-    image_package: str = "cropped_256"
-    num_workers: int = 0
-    limit: int | None = None
-
-    def validate(self) -> None:
-        if self.source not in ("table", "fasta", "bioscan1m", "bioscan5m"):
-            raise ValueError(f"data.source must be table, fasta, bioscan1m or bioscan5m, got {self.source!r}")
-        if self.split not in ("paper", "official"):
-            raise ValueError(f"data.split must be 'paper' or 'official', got {self.split!r}")
-        if not self.path:
-            raise ValueError("data.path is required")
 
 
 @dataclass
@@ -98,8 +81,9 @@ class TrainSection:
     max_steps: int | None = None  # stop this run after so many steps (the schedule is unchanged)
     seed: int = 42
     log_every: int = 10
-    # clip: the paper's contrastive loss over pairs of modalities. supcon: a supervised contrastive
-    # loss on the DNA embeddings with positives = records sharing a label, weighted per rank.
+    # The loss, built by clibd.objectives.create_objective. clip: the paper's contrastive loss over
+    # pairs of modalities. supcon: a supervised contrastive loss on each trained part of the DNA
+    # embedding, positives = records sharing a label, weighted per rank. Both work with grad_cache_chunk.
     objective: str = "clip"
     supcon_weights: dict[str, float] = field(default_factory=lambda: {"species": 1.0, "genus": 0.5, "family": 0.25})
     supcon_temperature: float = 0.1
@@ -114,11 +98,9 @@ class TrainSection:
                 raise ValueError(f"train.{name} must be >= 1")
         if self.grad_cache_chunk is not None and self.grad_cache_chunk < 1:
             raise ValueError("train.grad_cache_chunk must be >= 1")
-        if self.objective not in ("clip", "supcon"):
-            raise ValueError(f"train.objective must be 'clip' or 'supcon', got {self.objective!r}")
-        if self.objective == "supcon" and self.grad_cache_chunk:
-            raise ValueError("train.grad_cache_chunk works with the clip objective only")
-        if set(self.supcon_weights) - {"order", "family", "genus", "species"}:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"train.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if set(self.supcon_weights) - set(RANKS):
             raise ValueError(f"train.supcon_weights names unknown ranks: {sorted(self.supcon_weights)}")
 
 
@@ -168,12 +150,16 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
     def model_config(self) -> CLIBDConfig:
-        """The CLIBDConfig this experiment trains (preset, then overrides), sources resolved."""
+        """The CLIBDConfig this experiment trains (preset, then overrides), sources resolved.
+
+        Usage:
+            model = CLIBDModel.from_pretrained_towers(config.model_config())
+        """
         section = self.model
         overrides: dict[str, Any] = {"modalities": list(section.modalities)}
         if section.projection_dim is not None:
             overrides["projection_dim"] = section.projection_dim
-        for name in ("image", "dna", "text"):
+        for name in MODALITIES:
             values = dict(getattr(section, name))
             if "pretrained_model_name_or_path" in values:
                 values["pretrained_model_name_or_path"] = resolve_source(values["pretrained_model_name_or_path"])
@@ -183,7 +169,8 @@ class ExperimentConfig:
         return CLIBDConfig(**overrides)
 
     def text_tokenizer_source(self) -> str | None:
+        """Where the text tokenizer comes from: `model.text_tokenizer`, else the text tower's
+        pretrained source (the resolved config's: `DEFAULT_TEXT_MODEL` unless overridden or tiny)."""
         if "text" not in self.model.modalities:
             return None
-        return resolve_source(self.model.text_tokenizer or self.model.text.get("pretrained_model_name_or_path")
-                              or ("prajjwal1/bert-small" if self.model.preset == "paper" else None))
+        return resolve_source(self.model.text_tokenizer) or self.model_config().text_config.pretrained_model_name_or_path
