@@ -22,11 +22,11 @@ from torch.utils.data import DataLoader
 
 from clibd import CLIBDModel
 from clibd.data import load_splits
-from clibd.data.collate import ContrastiveCollator, has_modalities
-from clibd.objectives import Objective, create_objective, output_embeds, split_labels
+from clibd.data.collate import LABEL_PREFIX, ContrastiveCollator, has_modalities
+from clibd.objectives import Objective, output_embeds, split_labels
 from clibd.processing import CLIBDProcessor
 from clibd.training import ExperimentConfig
-from clibd.training.trainable import configure_trainable
+from clibd.training.loop import build_model
 
 # Dense bf16 peak FLOP/s of GPUs we may be lent (vendor figures, without sparsity).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -36,7 +36,8 @@ def tower_flops_per_sample(model: CLIBDModel, batch: dict[str, torch.Tensor]) ->
     """Training FLOPs per sample: 6 x parameters x tokens for a trained encoder, 2 x for a frozen
     one (forward only); embedding tables excluded, attention scores included."""
     total = 0.0
-    towers = {"image": ("pixel_values", model.image_encoder), "dna": ("dna_input_ids", model.dna_encoder),
+    dna_key = "dna_input_ids" if "dna_input_ids" in batch else "dna_profile"
+    towers = {"image": ("pixel_values", model.image_encoder), "dna": (dna_key, model.dna_encoder),
               "text": ("text_input_ids", model.text_encoder)}
     for name, (key, tower) in towers.items():
         if tower is None or key not in batch:
@@ -45,9 +46,11 @@ def tower_flops_per_sample(model: CLIBDModel, batch: dict[str, torch.Tensor]) ->
             patch = tower.patch_embed.patch_size[0]
             tokens = (batch[key].shape[-1] // patch) ** 2 + 1
             width, depth = tower.embed_dim, len(tower.blocks)
-        else:
+        elif hasattr(tower, "bert"):
             tokens = batch[key].shape[1]
             width, depth = tower.bert.config.hidden_size, tower.bert.config.num_hidden_layers
+        else:  # an MLP tower (k-mer profiles): one "token", no attention
+            tokens, width, depth = 1, 0, 0
         params = sum(p.numel() for n, p in tower.named_parameters() if "embed" not in n and "word_embeddings" not in n)
         trained = any(p.requires_grad for n, p in tower.named_parameters() if "projection" not in n and "head" not in n)
         factor = 6 if trained else 2
@@ -56,52 +59,44 @@ def tower_flops_per_sample(model: CLIBDModel, batch: dict[str, torch.Tensor]) ->
     return total
 
 
-def synthetic_batch(model: CLIBDModel, size: int, label_ranks: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    config, batch = model.config, {}
+def synthetic_batch(model: CLIBDModel, processor: CLIBDProcessor, size: int,
+                    label_ranks: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """A batch of random inputs of the right shapes: random pixels, random barcodes and taxa
+    through the model's own processor (so any DNA tower kind gets its own inputs)."""
+    generator = torch.Generator().manual_seed(0)
+    bases = torch.randint(0, 4, (size, 658), generator=generator)
+    batch = {}
     if model.image_encoder is not None:
-        side = config.image_config.image_size
-        batch["pixel_values"] = torch.rand(size, 3, side, side)
+        side = model.config.image_config.image_size
+        batch["pixel_values"] = torch.rand(size, 3, side, side, generator=generator)
     if model.dna_encoder is not None:
-        tokens = config.dna_config.num_tokens
-        batch["dna_input_ids"] = torch.randint(3, config.dna_config.vocab_size, (size, tokens))
-        batch["dna_attention_mask"] = torch.ones(size, tokens, dtype=torch.long)
+        batch.update(processor.process_barcodes(["".join("ACGT"[b] for b in row) for row in bases.tolist()]))
     if model.text_encoder is not None:
-        length = config.text_config.max_length
-        batch["text_input_ids"] = torch.randint(1000, config.text_config.vocab_size, (size, length))
-        batch["text_attention_mask"] = torch.ones(size, length, dtype=torch.long)
+        batch.update(processor.process_taxonomy([f"Order{i % 7};Family{i % 31};Genus{i % 97};Species{i}"
+                                                 for i in range(size)]))
     for rank in label_ranks:  # about 8 records per label, as in a real batch of common species
-        batch[f"labels_{rank}"] = torch.randint(0, max(size // 8, 1), (size,))
+        batch[f"{LABEL_PREFIX}{rank}"] = torch.randint(0, max(size // 8, 1), (size,), generator=generator)
     return batch
 
 
-def build_model(args: argparse.Namespace, config: ExperimentConfig) -> tuple[CLIBDModel, Objective]:
-    """The configured model on `args.device`, its trainable parameters and objective set as training does."""
+def build(args: argparse.Namespace, config: ExperimentConfig) -> tuple[CLIBDModel, CLIBDProcessor, Objective]:
+    """The configured model on `args.device` with its processor and objective, set up as training does."""
     model_config = config.model_config()
     if args.no_pretrained or args.synthetic:
         model_config.image_config.pretrained = False
         model_config.text_config.pretrained_model_name_or_path = None
         model_config.dna_config.pretrained_model_name_or_path = None
-    model = CLIBDModel.from_pretrained_towers(model_config).to(args.device)
-    configure_trainable(model, frozen=config.train.freeze,
-                        lora_rank=config.train.lora_rank if config.train.lora else None)
-    objective = create_objective(config.train, model)
-    if not objective.trains_temperature:
-        model.logit_scale.requires_grad_(False)
-    return model, objective
+    model, processor, objective = build_model(config, model_config)
+    return model.to(args.device), processor, objective
 
 
-def batch_source(args: argparse.Namespace, config: ExperimentConfig, model: CLIBDModel, objective: Objective,
-                 batch_size: int) -> tuple[Iterator[dict[str, torch.Tensor]], float]:
+def batch_source(args: argparse.Namespace, config: ExperimentConfig, model: CLIBDModel, processor: CLIBDProcessor,
+                 objective: Objective, batch_size: int) -> tuple[Iterator[dict[str, torch.Tensor]], float]:
     """Batches (synthetic, or the config's real records through the real collator) and the
     loader's own records/s (NaN for synthetic batches)."""
     if args.synthetic:
-        fixed = synthetic_batch(model, batch_size, objective.label_ranks)
+        fixed = synthetic_batch(model, processor, batch_size, objective.label_ranks)
         return iter(lambda: fixed, None), float("nan")
-    from transformers import AutoTokenizer
-
-    source = config.text_tokenizer_source()
-    processor = CLIBDProcessor.from_model_config(model.config, AutoTokenizer.from_pretrained(source) if source
-                                                 else None)
     splits = load_splits(config.data)
     train_set = has_modalities(splits["train_seen"], model.config.modalities)
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True,
@@ -161,10 +156,10 @@ def main() -> None:
 
     config = ExperimentConfig.from_yaml(args.config)
     batch_size = args.batch_size or config.train.batch_size
-    model, objective = build_model(args, config)
+    model, processor, objective = build(args, config)
     device = torch.device(args.device)
     bf16 = device.type == "cuda" and config.train.mixed_precision in ("auto", "bf16")
-    batches, loader_rate = batch_source(args, config, model, objective, batch_size)
+    batches, loader_rate = batch_source(args, config, model, processor, objective, batch_size)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     timings, flops = time_steps(args, model, objective, batches, bf16)

@@ -19,6 +19,7 @@ LAYERS = [
     ("apps", ["cli", "demo", "hub", "model_card", "plots", "convert"]),
 ]
 MAX_FUNCTION_LINES = 60
+MAX_FILE_LINES = 500
 
 
 def layer_of(module: str) -> int:
@@ -35,9 +36,10 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imported_modules(path: Path) -> list[tuple[int, str]]:
-    """(line, clibd module relative to the package) for every import of clibd code in `path`."""
-    package = module_name(path).split(".") if path.name == "__init__.py" else module_name(path).split(".")[:-1]
+def imported_modules(path: Path, module: str) -> list[tuple[int, str]]:
+    """(line, clibd module relative to the package) for every import of clibd code in `path`,
+    the source of clibd.`module`."""
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
     tree = ast.parse(path.read_text())
     # imports for type annotations only (`if TYPE_CHECKING:`) are not dependencies at run time
     typing_only = {id(inner) for node in ast.walk(tree) if isinstance(node, ast.If)
@@ -67,25 +69,29 @@ def source_files() -> list[Path]:
     return [p for p in sorted(SRC.rglob("*.py")) if p != SRC / "__init__.py"]  # the root re-exports everything
 
 
+def upward_imports(path: Path, module: str) -> list[str]:
+    """Imports in `path` (the source of clibd.`module`) from a layer above the module's own."""
+    own = layer_of(module)
+    return [f"{path.name}:{line} ({LAYERS[own][0]}) imports clibd.{target} ({LAYERS[layer_of(target)][0]})"
+            for line, target in imported_modules(path, module) if target != "__version__" and layer_of(target) > own]
+
+
 def test_layers_import_only_downwards():
-    upward = []
-    for path in source_files():
-        own = layer_of(module_name(path))
-        for line, target in imported_modules(path):
-            if target == "__version__":
-                continue
-            if layer_of(target) > own:
-                upward.append(f"{path.relative_to(SRC)}:{line} ({LAYERS[own][0]}) imports clibd.{target} "
-                              f"({LAYERS[layer_of(target)][0]})")
+    upward = [line for path in source_files() for line in upward_imports(path, module_name(path))]
     assert not upward, "imports from a layer above:\n" + "\n".join(upward)
 
 
-def test_the_layer_check_sees_an_upward_import(tmp_path, monkeypatch):
-    """The check above would catch a data module importing the index."""
-    fake = SRC / "data" / "records.py"
-    imports = imported_modules(fake) + [(1, "index")]
-    assert any(layer_of(target) > layer_of(module_name(fake)) for _, target in imports)
-    assert imported_modules(SRC / "data" / "__init__.py")  # relative imports of a package are resolved
+def test_the_layer_check_catches_an_upward_import(tmp_path):
+    planted = tmp_path / "records.py"
+    planted.write_text("from typing import TYPE_CHECKING\nfrom ..constants import RANKS\nfrom ..index import build_index\n"
+                       "if TYPE_CHECKING:\n    from ..identify import Identifier\n")
+    assert upward_imports(planted, "data.records") == ["records.py:3 (data) imports clibd.index (index)"]
+
+
+@pytest.mark.parametrize("path", source_files(), ids=lambda p: str(p.relative_to(SRC)))
+def test_files_are_short(path):
+    lines = len(path.read_text().splitlines())
+    assert lines <= MAX_FILE_LINES, f"{path.relative_to(SRC)} has {lines} lines: split it"
 
 
 @pytest.mark.parametrize("path", source_files(), ids=lambda p: str(p.relative_to(SRC)))

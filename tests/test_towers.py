@@ -231,6 +231,14 @@ def test_dna_tower_kinds_are_chosen_by_model_type_and_registered(tmp_path):
         CLIBDConfig.tiny(modalities=["dna"], dna_config={"model_type": "clibd_no_such_tower"})
     with pytest.raises(ValueError, match="encoder must be 'bert' or 'kmer_profile'"):
         CLIBDConfig.tiny(modalities=["dna"], dna_config={"encoder": "lstm"})
+    # an experiment config names the tower kind's own fields; a typo is an error naming the kind
+    experiment = {"model": {"modalities": ["dna"], "dna": {**PROFILE, "kmer_sise": 7}}, "data": {"path": "x.tsv"},
+                  "train": {"objective": "supcon"}}
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['kmer_sise'\] for the clibd_kmer_profile DNA tower"):
+        ExperimentConfig.from_dict(experiment)
+    experiment["model"]["dna"] = {"pooling": "mean", "sketch_dim": 8}  # BarcodeBERT has no sketch
+    with pytest.raises(ValueError, match=r"\['sketch_dim'\] for the clibd_barcodebert DNA tower"):
+        ExperimentConfig.from_dict(experiment)
 
     class CodonUsageConfig(CLIBDKmerProfileConfig):
         model_type = "clibd_test_codon_usage"
@@ -252,6 +260,8 @@ def test_dna_tower_kinds_are_chosen_by_model_type_and_registered(tmp_path):
             return []
 
     register_dna_tower(CodonUsageConfig, CodonUsageTower)
+    with pytest.raises(ValueError, match="already registered to CLIBDBarcodeBERTTower"):
+        register_dna_tower(type("Other", (CodonUsageConfig,), {"model_type": "clibd_barcodebert"}), CodonUsageTower)
     config = CLIBDConfig.tiny(modalities=["dna"], dna_config={"model_type": "clibd_test_codon_usage", "kmer_size": 2})
     model = CLIBDModel(config).eval()
     assert isinstance(model.dna_encoder, CodonUsageTower) and model.embedding_dim("dna") == 32

@@ -14,7 +14,7 @@ from transformers import AutoConfig, BertConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from .constants import DEFAULT_TEXT_MODEL, MODALITIES
-from .towers import DEFAULT_DNA_TOWER, upgrade_legacy_dna_config
+from .towers import DEFAULT_DNA_TOWER, DNA_CONFIGS, upgrade_legacy_dna_config
 from .towers.barcodebert import BERT_FIELDS, POOLINGS, check_choice
 
 
@@ -145,3 +145,24 @@ class CLIBDConfig(PreTrainedConfig):
             else:
                 settings[key] = value
         return cls(**settings)
+
+
+def check_tower_keys(tower: str, values: dict) -> None:
+    """Settings given for a tower (`image`, `dna` or `text`, e.g. from a YAML file) must be fields
+    of its config class (for `dna`, of the kind its `model_type` names): a typo is an error, not a
+    silently ignored key.
+
+    Usage:
+        check_tower_keys("dna", {"model_type": "clibd_kmer_profile", "kmer_sise": 7})   # ValueError
+    """
+    if tower == "dna":
+        values = upgrade_legacy_dna_config(values)
+        kind = values.get("model_type", DEFAULT_DNA_TOWER)
+        if kind not in DNA_CONFIGS:
+            raise ValueError(f"model.dna.model_type: unknown DNA tower {kind!r}; registered: {sorted(DNA_CONFIGS)}")
+        config_class, name = DNA_CONFIGS[kind], f"the {kind} DNA tower"
+    else:
+        config_class, name = {"image": CLIBDImageConfig, "text": CLIBDTextConfig}[tower], f"the {tower} tower"
+    unknown = sorted(set(values) - set(config_class.__dataclass_fields__) - {"model_type"})
+    if unknown:
+        raise ValueError(f"model.{tower}: unknown key(s) {unknown} for {name} ({config_class.__name__})")

@@ -210,6 +210,17 @@ def _thresholds(embeddings: torch.Tensor, records: list[dict], parts: list[Embed
                                 novelty_embeddings=select_parts(embeddings, parts, "scores_novelty"))
 
 
+def _finish(directory: Path, meta: dict, parts: list[EmbeddingPart], embeddings: torch.Tensor,
+            records: list[dict], calibrate: bool, work_dir: Path) -> ReferenceIndex:
+    """Store the parts (and thresholds, if asked), write the index, drop the build's shards."""
+    meta = {**meta, "parts": [part.to_dict() for part in parts]}
+    if calibrate:
+        meta["thresholds"] = _thresholds(embeddings, records, parts)
+    _write_index(directory, meta, embeddings, records)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return ReferenceIndex.load(directory)
+
+
 def build_index(model_dir: str | os.PathLike, records: list[dict], modality: str, out: str | os.PathLike,
                 batch_size: int = 256, calibrate: bool = True, progress: bool = True) -> ReferenceIndex:
     """Embed labelled records with the model saved in `model_dir` into a new index at `out`.
@@ -225,14 +236,9 @@ def build_index(model_dir: str | os.PathLike, records: list[dict], modality: str
     model, processor, digest = load_model(model_dir)
     work_dir = out.with_name(f".{out.name}.partial")
     embeddings = embed_in_shards(model, processor, records, modality, work_dir, batch_size, progress)
-    parts = model.embedding_parts(modality)
     meta = {"clibd_version": __version__, "model": str(Path(model_dir).resolve()), "model_hash": digest,
-            "modality": modality, "dim": int(embeddings.shape[1]), "parts": [p.to_dict() for p in parts]}
-    if calibrate:
-        meta["thresholds"] = _thresholds(embeddings, records, parts)
-    _write_index(out, meta, embeddings, records)
-    shutil.rmtree(work_dir, ignore_errors=True)
-    return ReferenceIndex.load(out)
+            "modality": modality, "dim": int(embeddings.shape[1])}
+    return _finish(out, meta, model.embedding_parts(modality), embeddings, records, calibrate, work_dir)
 
 
 def _reject_duplicates(new: list[dict], existing: list[dict]) -> None:
@@ -269,10 +275,6 @@ def add_to_index(directory: str | os.PathLike, records: list[dict], replace: boo
     new = embed_in_shards(model, processor, records, index.modality, work_dir, batch_size, progress)
     all_records = kept_records + records
     embeddings = torch.cat([kept, new])
-    parts = model.embedding_parts(index.modality)
-    meta = {k: v for k, v in index.meta.items() if k != "novelty_dim"} | {"parts": [p.to_dict() for p in parts]}
-    if recalibrate:
-        meta["thresholds"] = _thresholds(embeddings, all_records, parts)
-    _write_index(Path(directory), meta, embeddings, all_records)
-    shutil.rmtree(work_dir, ignore_errors=True)
-    return ReferenceIndex.load(directory)
+    meta = {k: v for k, v in index.meta.items() if k != "novelty_dim"}  # legacy: the parts replace it
+    return _finish(Path(directory), meta, model.embedding_parts(index.modality), embeddings, all_records,
+                   recalibrate, work_dir)

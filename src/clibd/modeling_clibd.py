@@ -22,8 +22,8 @@ from transformers.utils import ModelOutput
 
 from .configuration_clibd import CLIBDConfig, CLIBDTextConfig
 from .loss import contrastive_loss, modality_pairs
-from .towers import CLIBDPositionalBranch, create_dna_tower
-from .towers.barcodebert import masked_mean
+from .towers import create_dna_tower
+from .towers.barcodebert import load_pretrained_bert, masked_mean
 from .towers.parts import EmbeddingPart, whole
 
 
@@ -88,8 +88,9 @@ class CLIBDPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, CLIBDModel):
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
-        if isinstance(module, CLIBDPositionalBranch):  # not a Linear: transformers would leave it as allocated
-            module.reset_parameters()
+        if callable(getattr(module, "init_tower_weights", None)):
+            # parameters transformers' default initialisation does not know (e.g. the positional branch)
+            module.init_tower_weights()
 
 
 class CLIBDModel(CLIBDPreTrainedModel):
@@ -125,10 +126,10 @@ class CLIBDModel(CLIBDPreTrainedModel):
         if model.image_encoder is not None and config.image_config.pretrained:
             model.image_encoder = create_image_encoder(config, pretrained=True)
         if model.text_encoder is not None and text_source:
-            _load_pretrained_bert(model.text_encoder.bert, text_source)
-        dna_source = getattr(config.dna_config, "pretrained_model_name_or_path", None)  # BarcodeBERT only
-        if model.dna_encoder is not None and dna_source:
-            _load_pretrained_bert(model.dna_encoder.bert, dna_source)
+            load_pretrained_bert(model.text_encoder.bert, text_source)
+        dna_source = getattr(config.dna_config, "pretrained_model_name_or_path", None)
+        if model.dna_encoder is not None and dna_source:  # a tower kind that starts from weights loads them
+            model.dna_encoder.load_pretrained(dna_source)
         return model
 
     @classmethod
@@ -177,23 +178,18 @@ class CLIBDModel(CLIBDPreTrainedModel):
         """L2-normalised image embeddings [B, projection_dim] from `pixel_values` [B, 3, H, W]."""
         return F.normalize(self._tower("image")(pixel_values), dim=-1)
 
-    def get_dna_features(
-        self,
-        dna_input_ids: torch.Tensor | None = None,
-        dna_attention_mask: torch.Tensor | None = None,
-        dna_profile: torch.Tensor | None = None,
-        dna_aligned: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def get_dna_features(self, dna_input_ids: torch.Tensor | None = None,
+                         dna_attention_mask: torch.Tensor | None = None, **dna_inputs: torch.Tensor) -> torch.Tensor:
         """L2-normalised barcode embeddings [B, embedding_dim("dna")] from what the processor made
-        for this model's DNA tower: k-mer ids [B, tokens] (BarcodeBERT) or k-mer count profiles
-        [B, 4^k] and aligned barcodes [B, 4 x 658] (k-mer-profile tower). A missing input the
-        tower needs is a ValueError saying which.
+        for this model's DNA tower: k-mer ids [B, tokens] (BarcodeBERT), or `dna_profile` k-mer
+        count profiles [B, 4^k] and `dna_aligned` barcodes [B, 4 x 658] (k-mer-profile tower), or
+        whatever `dna_*` inputs another registered tower reads. A missing input the tower needs is
+        a ValueError saying which.
 
         Usage:
             embeds = model.get_dna_features(**processor(barcodes=["ACGT..."]))
         """
-        return self._tower("dna")(dna_input_ids=dna_input_ids, dna_attention_mask=dna_attention_mask,
-                                  dna_profile=dna_profile, dna_aligned=dna_aligned)
+        return self._tower("dna")(dna_input_ids=dna_input_ids, dna_attention_mask=dna_attention_mask, **dna_inputs)
 
     def get_text_features(
         self,
@@ -207,26 +203,26 @@ class CLIBDModel(CLIBDPreTrainedModel):
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
-        dna_input_ids: torch.Tensor | None = None,
-        dna_attention_mask: torch.Tensor | None = None,
-        dna_profile: torch.Tensor | None = None,
-        dna_aligned: torch.Tensor | None = None,
         text_input_ids: torch.Tensor | None = None,
         text_attention_mask: torch.Tensor | None = None,
         text_token_type_ids: torch.Tensor | None = None,
         return_loss: bool = False,
-        **kwargs,
+        **dna_inputs: torch.Tensor | None,
     ) -> CLIBDOutput:
-        """Embed whichever modalities are given; logits for every present pair; loss if asked."""
+        """Embed whichever modalities are given (`dna_*` inputs: those of the DNA tower, see
+        `get_dna_features`); logits for every present pair; loss if asked."""
+        unknown = sorted(name for name in dna_inputs if not name.startswith("dna_"))
+        if unknown:
+            raise TypeError(f"CLIBDModel.forward got unexpected arguments {unknown}")
+        dna_inputs = {name: value for name, value in dna_inputs.items() if value is not None}
         embeds = {
             "image": self.get_image_features(pixel_values) if pixel_values is not None else None,
-            "dna": (self.get_dna_features(dna_input_ids, dna_attention_mask, dna_profile, dna_aligned)
-                    if dna_input_ids is not None or dna_profile is not None else None),
+            "dna": self.get_dna_features(**dna_inputs) if dna_inputs else None,
             "text": (self.get_text_features(text_input_ids, text_attention_mask, text_token_type_ids)
                      if text_input_ids is not None else None),
         }
         if all(value is None for value in embeds.values()):
-            raise ValueError("give at least one of pixel_values, dna_input_ids or text_input_ids")
+            raise ValueError("give at least one of pixel_values, dna_* inputs (the processor's) or text_input_ids")
         present = {name: value for name, value in embeds.items() if value is not None}
         scale = self.logit_scale.exp()
         logits = {f"logits_{a}_{b}": scale * present[a] @ present[b].T for a, b in modality_pairs(list(present))}
@@ -239,16 +235,6 @@ class CLIBDModel(CLIBDPreTrainedModel):
             logit_scale=self.logit_scale,
             **logits,
         )
-
-
-def _load_pretrained_bert(target: BertModel, source: str) -> None:
-    """Copy the encoder weights of a pretrained BERT (local dir or Hub id) into `target`; its
-    pooler is not used. Any tensor of `target` left without a weight is an error."""
-    state = {k: v for k, v in AutoModel.from_pretrained(source).state_dict().items() if not k.startswith("pooler.")}
-    result = target.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"pretrained BERT {source} does not fit the tower: missing {result.missing_keys}, "
-                         f"unexpected {result.unexpected_keys}")
 
 
 AutoConfig.register(CLIBDConfig.model_type, CLIBDConfig)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from .constants import MODALITIES
+from .data.collate import LABEL_PREFIX
 from .loss import contrastive_loss, supervised_contrastive_loss
 from .towers.parts import EmbeddingPart, split_parts
 
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
     from .modeling_clibd import CLIBDModel
 
 OBJECTIVES = ("clip", "supcon")
-LABEL_PREFIX = "labels_"  # batch keys of the labels the collator adds (`labels_species`, ...)
 
 
 class ObjectiveConfig(Protocol):

@@ -1,4 +1,8 @@
-"""Specimen records: one schema (id, order, family, genus, species, dna, image) whatever the source."""
+"""Specimen records: one schema (id, order, family, genus, species, dna, image) whatever the source.
+
+`records` (TSV/CSV, FASTA), `bioscan` (BIOSCAN releases), `split` (the paper's split by species),
+`loading` (the YAML `data` section and `load_splits`), `collate` (training batches).
+"""
 
 from .bioscan import official_splits, read_bioscan
 from .loading import DataSection, load_splits

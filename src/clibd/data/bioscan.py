@@ -15,6 +15,7 @@ from pathlib import Path
 
 import datasets
 
+from ..constants import RANKS
 from .records import _clean
 
 VERSIONS = {
@@ -71,7 +72,7 @@ def read_bioscan(
     def text(column: str) -> list[str]:
         return [_clean(v) for v in frame[column].astype("string").fillna("").tolist()]
 
-    columns = {"id": text("processid"), **{rank: text(rank) for rank in ("order", "family", "genus", "species")},
+    columns = {"id": text("processid"), **{rank: text(rank) for rank in RANKS},
                "dna": text(dna_column), "image": image_paths(frame, image_dir), "split": text(split_column)}
     features = datasets.Features({name: datasets.Value("string") for name in columns})
     return datasets.Dataset.from_dict(columns, features=features)

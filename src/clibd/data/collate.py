@@ -26,6 +26,8 @@ def has_modalities(dataset: datasets.Dataset, modalities: list[str]) -> datasets
 
     return dataset.filter(keep)
 
+LABEL_PREFIX = "labels_"  # batch keys of rank labels (`labels_species`, ...): not model inputs
+
 
 class ContrastiveCollator:
     """Decode and encode a list of records. Image augmentations are seeded per (seed, epoch, record
@@ -60,6 +62,6 @@ class ContrastiveCollator:
         if "text" in self.modalities:
             batch.update(self.processor.process_taxonomy([{r: row[r] for r in RANKS} for row in rows], ids))
         for rank in self.label_ranks:  # ids equal across processes and workers; -1 = unknown
-            batch[f"labels_{rank}"] = torch.tensor([zlib.crc32(row[rank].encode()) if row[rank] else -1
+            batch[f"{LABEL_PREFIX}{rank}"] = torch.tensor([zlib.crc32(row[rank].encode()) if row[rank] else -1
                                                     for row in rows], dtype=torch.long)
         return batch

@@ -15,16 +15,22 @@ from .bioscan import official_splits, read_bioscan
 from .records import read_records, records_to_dataset
 from .split import paper_split
 
+TRAIN_SPLITS = ("pretrain", "train_seen")  # the splits trained on by default: no unseen species
+
 
 @dataclass
 class DataSection:
-    """Where records come from and how they are split."""
+    """Where records come from and how they are split (the `data` section of a YAML config).
+
+    Usage:
+        DataSection(path="../shared/data/insect_bold_coi/insect_bold_coi.tsv", split_seed=1)
+    """
 
     source: str = "table"  # table (TSV/CSV), fasta, bioscan1m, bioscan5m
     path: str = ""
     split: str = "paper"  # paper: split by species here; official: the release's own partition
     split_seed: int = 42
-    train_splits: list[str] = field(default_factory=lambda: ["pretrain", "train_seen"])
+    train_splits: list[str] = field(default_factory=lambda: list(TRAIN_SPLITS))
     image_package: str = "cropped_256"
     num_workers: int = 0
     limit: int | None = None
@@ -47,7 +53,12 @@ OFFICIAL_NAMES = {
 
 
 def load_splits(data: DataSection) -> datasets.DatasetDict:
-    """Records of the configured source, split as configured."""
+    """Records of the configured source, split as configured: the paper's split by species
+    (`train_seen`, `seen_keys`, `val_unseen`, ...) or the release's own partition.
+
+    Usage:
+        splits = load_splits(ExperimentConfig.from_yaml("configs/demo.yaml").data)
+    """
     if data.source in ("bioscan1m", "bioscan5m"):
         dataset = read_bioscan(data.path, version=data.source[-2:], image_package=data.image_package,
                                partitioning="clibd" if data.source == "bioscan1m" and data.split == "official"

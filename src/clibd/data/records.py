@@ -26,7 +26,7 @@ from ..processing.barcodes import normalise_barcode
 
 logger = logging.getLogger(__name__)
 
-RECORD_FIELDS = ("id", "order", "family", "genus", "species", "dna", "image")
+RECORD_FIELDS = ("id", *RANKS, "dna", "image")
 BAD_ROW_POLICIES = ("skip", "error")
 
 # Column names used by BOLD v3/v4 exports, BIOSCAN-1M/5M metadata and our own files, per field.

@@ -32,12 +32,12 @@ import numpy as np
 import torch
 
 from ..constants import RANKS
+from ..data.loading import TRAIN_SPLITS
 from ..identify import Identifier, Prediction
 from ..index import ReferenceIndex, build_index
 from ..processing import kmer_profiles
 from ..towers.parts import part_columns
 
-DEFAULT_TRAIN_SPLITS = ("pretrain", "train_seen")
 # The README quotes identify's first answer of each kind: (which queries, the deepest rank given).
 EXAMPLE_KINDS = {"known species": ("seen", "species"), "novel, stops at genus": ("novel", "genus"),
                  "novel, stops at family": ("novel", "family"), "novel, stops at order": ("novel", "order")}
@@ -132,7 +132,7 @@ class NovelSpeciesReport:
 
 
 def stage_datasets(splits: datasets.DatasetDict, stage: str = "test",
-                   train_splits: Sequence[str] = DEFAULT_TRAIN_SPLITS) -> StageDatasets:
+                   train_splits: Sequence[str] = TRAIN_SPLITS) -> StageDatasets:
     """(training, references, novel queries, seen queries) of a stage: `test` scores the
     test-unseen species against seen + validation-unseen keys; `val` scores the validation-unseen
     species against seen + test-unseen keys. `training`: the `train_splits` present in `splits`.
@@ -259,22 +259,17 @@ def species_misses(true: Sequence[dict], predicted: Sequence[dict], other: Seque
     return sorted(misses, key=lambda miss: -miss.wrong)
 
 
-def nearest_references(queries: torch.Tensor, keys: torch.Tensor,
-                       chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def nearest_references(queries: torch.Tensor, keys: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Index and cosine of each query's most similar key (inputs L2-normalised; the first of
-    equally similar keys), in query chunks.
+    equally similar keys), from one [Q, K] product. Not `clibd.retrieval.topk_search`: raw k-mer
+    profiles tie often, and the baseline's figures rely on this fixed rule (topk's order among
+    ties is not specified; chunked products round differently and break ties otherwise).
 
     Usage:
         indices, similarities = nearest_references(kmer_profiles(queries, 5), kmer_profiles(keys, 5))
     """
-    indices, values = [], []
-    for start in range(0, queries.shape[0], chunk_size):
-        top = (queries[start : start + chunk_size] @ keys.T).max(dim=1)
-        indices.append(top.indices.numpy())
-        values.append(top.values.numpy())
-    if not indices:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
-    return np.concatenate(indices), np.concatenate(values)
+    top = (queries @ keys.T).max(dim=1)
+    return top.indices.numpy(), top.values.numpy()
 
 
 def raw_kmer_baseline(references: Sequence[dict], novel: Sequence[dict], seen: Sequence[dict], k: int,
@@ -326,7 +321,7 @@ def identify_queries(model_dir: str | os.PathLike, references: list[dict], queri
 
 
 def evaluate_novel_species(model_dir: str | os.PathLike, splits: datasets.DatasetDict, stage: str = "test",
-                           train_splits: Sequence[str] = DEFAULT_TRAIN_SPLITS, kmax: int = 8, top_k: int = 5,
+                           train_splits: Sequence[str] = TRAIN_SPLITS, kmax: int = 8, top_k: int = 5,
                            workdir: str | os.PathLike | None = None) -> NovelSpeciesReport:
     """Score a trained model on the novel species of `splits` (see the module docstring): index
     the stage's references, identify its novel and seen queries, and compare with raw k-mer 1-NN

@@ -24,7 +24,11 @@ def run_evaluation(model_dir: str | os.PathLike, data: DataSection | datasets.Da
                    out_dir: str | os.PathLike, batch_size: int = 256, progress: bool = True) -> dict:
     """Evaluate `model_dir` on `data` (an experiment's `data` section, loaded and split as it says,
     or splits already loaded); write metrics.json (test), metrics_val.json and metrics.md.
-    Returns `{"val": metrics, "test": metrics}`."""
+    Returns `{"val": metrics, "test": metrics}`.
+
+    Usage:
+        run_evaluation("runs/demo/best", ExperimentConfig.from_yaml("configs/demo.yaml").data, "runs/demo/eval")
+    """
     model = CLIBDModel.from_pretrained(model_dir).eval()
     processor = CLIBDProcessor.from_pretrained(model_dir)
     splits = load_splits(data) if isinstance(data, DataSection) else data

@@ -1,11 +1,14 @@
 """DNA towers: registered kinds, each a module with its own config class, built by one factory.
 
 A DNA tower kind is a config class (a transformers sub-config whose `model_type` selects it) and
-an `nn.Module` taking `(config, projection_dim)`. The module's `forward(**dna_inputs)` returns the
-L2-normalised embedding, `embedding_parts()` declares its parts (`clibd.towers.parts`) and
-`encoder_modules()` says what `train.freeze` freezes. The config says what the processor must
-make (`processor_settings`), how wide the embedding is (`embedding_dim`) and one line for the
-model card (`describe`).
+an `nn.Module` taking `(config, projection_dim)`. The module's `forward(**dna_inputs)` takes the
+processor's `dna_*` tensors and returns the L2-normalised embedding, `embedding_parts()` declares
+its parts (`clibd.towers.parts`), `encoder_modules()` says what `train.freeze` freezes, and, where
+they apply, `load_pretrained(source)` starts it from the config's `pretrained_model_name_or_path`
+and `init_tower_weights()` (on any of its submodules) initialises parameters that transformers'
+default initialisation does not know. The config says what the processor must make
+(`processor_settings`: today k-mer token ids, k-mer profiles or aligned barcodes), how wide the
+embedding is (`embedding_dim`) and one line for the model card (`describe`).
 
 Kinds: `clibd_barcodebert` (the paper's BarcodeBERT, `barcodebert.py`) and `clibd_kmer_profile`
 (k-mer counts and aligned barcodes, `kmer_profile.py`).
@@ -22,53 +25,48 @@ from transformers import AutoConfig, PreTrainedConfig
 
 from .barcodebert import CLIBDBarcodeBERTConfig, CLIBDBarcodeBERTTower
 from .kmer_profile import CLIBDKmerProfileConfig, CLIBDKmerProfileTower, CLIBDPositionalBranch
+from .legacy import upgrade_legacy_dna_config
 from .parts import EmbeddingPart
 
-DNA_TOWERS: dict[str, type[nn.Module]] = {}
+DNA_TOWERS: dict[str, type[nn.Module]] = {}  # model_type -> tower module class
+DNA_CONFIGS: dict[str, type[PreTrainedConfig]] = {}  # model_type -> its config class
 DEFAULT_DNA_TOWER = CLIBDBarcodeBERTConfig.model_type
 
 
 def register_dna_tower(config_class: type[PreTrainedConfig], tower_class: type[nn.Module]) -> None:
-    """Make a DNA tower kind selectable by `dna_config.model_type` (and loadable by AutoConfig)."""
-    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-    DNA_TOWERS[config_class.model_type] = tower_class
+    """Make a DNA tower kind selectable by `dna_config.model_type` (and loadable by AutoConfig).
+    A name already registered to another tower or config class is an error.
+
+    Usage:
+        register_dna_tower(MyDNAConfig, MyDNATower)     # MyDNAConfig.model_type = "my_dna_tower"
+        CLIBDConfig(modalities=["dna"], dna_config={"model_type": "my_dna_tower"})
+    """
+    name = config_class.model_type
+    if DNA_TOWERS.get(name, tower_class) is not tower_class:
+        raise ValueError(f"DNA tower {name!r} is already registered to {DNA_TOWERS[name].__name__}")
+    AutoConfig.register(name, config_class, exist_ok=True)
+    if AutoConfig.for_model(name).__class__ is not config_class:
+        raise ValueError(f"model_type {name!r} already names the config class "
+                         f"{type(AutoConfig.for_model(name)).__name__}")
+    DNA_TOWERS[name], DNA_CONFIGS[name] = tower_class, config_class
 
 
 def create_dna_tower(config: PreTrainedConfig, projection_dim: int) -> nn.Module:
-    """The DNA tower of the kind `config.model_type` names."""
+    """The DNA tower of the kind `config.model_type` names.
+
+    Usage:
+        tower = create_dna_tower(CLIBDKmerProfileConfig(kmer_size=5), projection_dim=256)
+    """
     if config.model_type not in DNA_TOWERS:
         raise ValueError(f"unknown DNA tower {config.model_type!r}; registered: {sorted(DNA_TOWERS)}")
     return DNA_TOWERS[config.model_type](config, projection_dim)
-
-
-# Saved before the towers were separate kinds (clibd <= commit 19b8be4): one `clibd_dna_model`
-# config with an `encoder` switch and `profile_*` fields for the k-mer-profile tower.
-LEGACY_MODEL_TYPE = "clibd_dna_model"
-LEGACY_PROFILE_FIELDS = {"profile_kmer_size": "kmer_size", "profile_hidden_size": "hidden_size",
-                         "profile_sketch_dim": "sketch_dim", "profile_sketch_weight": "sketch_weight",
-                         "profile_aligned": "aligned"}
-
-
-def upgrade_legacy_dna_config(values: dict) -> dict:
-    """A `dna_config` dict as saved by older clibd -> the dict of today's kind; others unchanged."""
-    if values.get("model_type") != LEGACY_MODEL_TYPE and "encoder" not in values:
-        return values
-    values = dict(values)
-    encoder = values.pop("encoder", "bert")
-    if encoder == "kmer_profile":
-        kept = {new: values[old] for old, new in LEGACY_PROFILE_FIELDS.items() if old in values}
-        return {"model_type": CLIBDKmerProfileConfig.model_type, **kept}
-    if encoder != "bert":
-        raise ValueError(f"dna_config.encoder must be 'bert' or 'kmer_profile', got {encoder!r}")
-    fields = set(CLIBDBarcodeBERTConfig.__dataclass_fields__)
-    kept = {k: v for k, v in values.items() if k in fields and k not in LEGACY_PROFILE_FIELDS}
-    return {**kept, "model_type": CLIBDBarcodeBERTConfig.model_type}
 
 
 register_dna_tower(CLIBDBarcodeBERTConfig, CLIBDBarcodeBERTTower)
 register_dna_tower(CLIBDKmerProfileConfig, CLIBDKmerProfileTower)
 
 __all__ = [
+    "DNA_CONFIGS",
     "DNA_TOWERS",
     "CLIBDBarcodeBERTConfig",
     "CLIBDBarcodeBERTTower",

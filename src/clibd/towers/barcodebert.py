@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BertConfig, BertModel, PreTrainedConfig
+from transformers import AutoModel, BertConfig, BertModel, PreTrainedConfig
 from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
 from .parts import EmbeddingPart, whole
@@ -42,6 +42,9 @@ class CLIBDBarcodeBERTConfig(PreTrainedConfig):
     over features, mean over every token including padding); `mean` = attention-masked mean of the
     last hidden state then a linear projection (clibd's default for new models).
     `pretrained_model_name_or_path`: a BarcodeBERT checkpoint that `from_pretrained_towers` loads.
+
+    Usage:
+        CLIBDConfig(dna_config={"tokenizer_flavour": "barcodebert", "pooling": "mean"})   # the default kind
     """
 
     model_type = "clibd_barcodebert"
@@ -109,6 +112,16 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
+def load_pretrained_bert(target: BertModel, source: str) -> None:
+    """Copy the encoder weights of a pretrained BERT (local dir or Hub id) into `target`; its
+    pooler is not used. Any tensor of `target` left without a weight is an error."""
+    state = {k: v for k, v in AutoModel.from_pretrained(source).state_dict().items() if not k.startswith("pooler.")}
+    result = target.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"pretrained BERT {source} does not fit the tower: missing {result.missing_keys}, "
+                         f"unexpected {result.unexpected_keys}")
+
+
 class CLIBDBarcodeBERTTower(nn.Module):
     """BERT over k-mer tokens, pooled the official way (`compat`) or by masked mean (`mean`),
     projected and L2-normalised."""
@@ -141,6 +154,10 @@ class CLIBDBarcodeBERTTower(nn.Module):
 
     def embedding_parts(self) -> list[EmbeddingPart]:
         return whole(self.projection.out_features)
+
+    def load_pretrained(self, source: str) -> None:
+        """Start the BERT from a BarcodeBERT checkpoint (`pretrained_model_name_or_path`)."""
+        load_pretrained_bert(self.bert, source)
 
     def encoder_modules(self) -> list[nn.Module]:
         """The pretrained part (frozen by `train.freeze`, adapted by LoRA): all but the projection."""

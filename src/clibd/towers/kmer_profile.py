@@ -36,7 +36,11 @@ class CLIBDKmerProfileConfig(PreTrainedConfig):
     projection of the counts to that many dimensions joins the embedding with weight
     `sketch_weight`; with `aligned` an MLP and a positional model over the barcode placed on
     COI-5P join it with weight 1 each. Wider than projection_dim when it has a sketch or aligned
-    branches: only for DNA-only models."""
+    branches: only for DNA-only models.
+
+    Usage:
+        CLIBDConfig(modalities=["dna"], dna_config={"model_type": "clibd_kmer_profile", "kmer_size": 7})
+    """
 
     model_type = "clibd_kmer_profile"
     base_config_key = "dna_config"
@@ -78,10 +82,11 @@ class CLIBDPositionalBranch(nn.Module):
         super().__init__()
         self.log_weight = nn.Parameter(torch.empty(COI_BARCODE_LENGTH))
         self.base_map = nn.Parameter(torch.empty(3, 4, 4))  # for the 1st, 2nd, 3rd base of a codon
-        self.reset_parameters()
+        self.init_tower_weights()
 
-    def reset_parameters(self) -> None:
-        """Start as the plain cosine of the one-hot: every weight 1, every base map the identity."""
+    def init_tower_weights(self) -> None:
+        """Start as the plain cosine of the one-hot: every weight 1, every base map the identity
+        (called by CLIBDModel's initialisation, which does not know these parameters)."""
         init.zeros_(self.log_weight)
         init.copy_(self.base_map, torch.eye(4).repeat(3, 1, 1))
 

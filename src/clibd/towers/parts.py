@@ -24,7 +24,11 @@ import torch.nn.functional as F
 @dataclass(frozen=True)
 class EmbeddingPart:
     """A contiguous block of an embedding: `dim` wide, `weight` in the cosine, `trained` (it has
-    a loss of its own), `scores_novelty` (its cosine says whether a library holds a species)."""
+    a loss of its own), `scores_novelty` (its cosine says whether a library holds a species).
+
+    Usage:
+        EmbeddingPart("kmer_sketch", 1024, weight=1.0, trained=False)
+    """
 
     name: str
     dim: int
@@ -46,7 +50,11 @@ def whole(dim: int) -> list[EmbeddingPart]:
 
 
 def combine_parts(units: Sequence[torch.Tensor], parts: Sequence[EmbeddingPart]) -> torch.Tensor:
-    """Unit vectors per part -> one unit vector whose cosines are the weighted mean of theirs."""
+    """Unit vectors per part -> one unit vector whose cosines are the weighted mean of theirs.
+
+    Usage:
+        embeds = combine_parts([kmer_unit, sketch_unit], tower.embedding_parts())
+    """
     if len(units) == 1:
         return units[0]
     total = sum(part.weight for part in parts)
@@ -54,7 +62,11 @@ def combine_parts(units: Sequence[torch.Tensor], parts: Sequence[EmbeddingPart])
 
 
 def split_parts(embeds: torch.Tensor, parts: Sequence[EmbeddingPart]) -> list[torch.Tensor]:
-    """An embedding cut into its parts, each re-normalised to a unit vector (the inverse of `combine_parts`)."""
+    """An embedding cut into its parts, each re-normalised to a unit vector (the inverse of `combine_parts`).
+
+    Usage:
+        kmer, sketch = split_parts(model.get_dna_features(**batch), model.embedding_parts("dna"))
+    """
     if len(parts) == 1:
         return [embeds]
     pieces = embeds.split([part.dim for part in parts], dim=-1)
@@ -73,7 +85,11 @@ def part_columns(parts: Sequence[EmbeddingPart], flag: str) -> list[int]:
 
 def select_parts(embeds: torch.Tensor, parts: Sequence[EmbeddingPart], flag: str) -> torch.Tensor:
     """The unit vectors whose cosine is that of the parts flagged `flag` (e.g. "scores_novelty"),
-    their weights kept; `embeds` itself when every part is flagged."""
+    their weights kept; `embeds` itself when every part is flagged.
+
+    Usage:
+        novelty_keys = select_parts(index.embeddings, index.parts, "scores_novelty")
+    """
     columns = part_columns(parts, flag)
     if not columns:
         raise ValueError(f"no part of the embedding has {flag}: {[p.name for p in parts]}")

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from ..configuration_clibd import CLIBDConfig
+from ..configuration_clibd import CLIBDConfig, check_tower_keys
 from ..constants import MODALITIES, RANKS
 from ..data.loading import DataSection
 from ..objectives import OBJECTIVES
@@ -58,6 +58,8 @@ class ModelSection:
             raise ValueError(f"model.preset must be omitted or one of {PRESETS}, got {self.preset!r}")
         if not self.modalities or set(self.modalities) - set(MODALITIES):
             raise ValueError(f"model.modalities must be a non-empty subset of {MODALITIES}, got {self.modalities}")
+        for tower in MODALITIES:
+            check_tower_keys(tower, getattr(self, tower))
 
 
 @dataclass

@@ -25,11 +25,12 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import AutoTokenizer
 
 from ..atomic import atomic_directory, atomic_write_text
+from ..configuration_clibd import CLIBDConfig
 from ..data import load_splits, split_statistics
 from ..data.collate import ContrastiveCollator, has_modalities
 from ..evaluation.retrieval import evaluate_retrieval, evaluation_pairs, format_table
 from ..modeling_clibd import CLIBDModel
-from ..objectives import create_objective
+from ..objectives import Objective, create_objective
 from ..processing import CLIBDProcessor
 from .checkpointing import TrainState, latest_checkpoint, save_pretrained_atomic
 from .config import ExperimentConfig, TrainSection
@@ -78,10 +79,7 @@ def train(config: ExperimentConfig, resume: bool = False, progress: bool = True)
     run_dir = Path(cfg.output_dir)
     set_seed(cfg.seed)
     data = build_data(config, accelerator, run_dir)
-    model, processor = build_model_and_processor(config)
-    objective = create_objective(cfg, model)
-    if not objective.trains_temperature:
-        model.logit_scale.requires_grad_(False)
+    model, processor, objective = build_model(config)
     collator = ContrastiveCollator(processor, config.model.modalities, train=True, seed=cfg.seed,
                                    label_ranks=objective.label_ranks)
     optimizer, scheduler = build_optimizer_and_schedule(model, cfg, data)
@@ -132,16 +130,25 @@ def _report_truncation(accelerator: Accelerator, config: ExperimentConfig, train
     accelerator.print(f"{long} of {len(train_set)} training barcodes are longer than {limit} bp and are truncated")
 
 
-def build_model_and_processor(config: ExperimentConfig) -> tuple[CLIBDModel, CLIBDProcessor]:
-    """The model to train (pretrained towers, or `model.init_from`), its trainable parameters set,
-    and the processor that feeds it."""
+def build_model(config: ExperimentConfig, model_config: CLIBDConfig | None = None,
+                ) -> tuple[CLIBDModel, CLIBDProcessor, Objective]:
+    """The model to train (pretrained towers, or `model.init_from`), the processor that feeds it
+    and the objective; trainable parameters set as the config says, the temperature frozen where
+    the objective does not use it. `model_config` replaces `config.model_config()` (benchmarks).
+
+    Usage:
+        model, processor, objective = build_model(ExperimentConfig.from_yaml("configs/demo.yaml"))
+    """
     cfg = config.train
     model = (CLIBDModel.from_pretrained(config.model.init_from) if config.model.init_from
-             else CLIBDModel.from_pretrained_towers(config.model_config()))
+             else CLIBDModel.from_pretrained_towers(model_config or config.model_config()))
     configure_trainable(model, frozen=cfg.freeze, lora_rank=cfg.lora_rank if cfg.lora else None)
+    objective = create_objective(cfg, model)
+    if not objective.trains_temperature:
+        model.logit_scale.requires_grad_(False)
     tokenizer_source = config.text_tokenizer_source()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source) if tokenizer_source else None
-    return model, CLIBDProcessor.from_model_config(model.config, tokenizer)
+    return model, CLIBDProcessor.from_model_config(model.config, tokenizer), objective
 
 
 def build_optimizer_and_schedule(
