@@ -27,8 +27,10 @@ def run_model_config(run: Path, experiment: ExperimentConfig) -> CLIBDConfig:
     return experiment.model_config()
 
 
-def tower_rows(config: CLIBDConfig) -> str:
-    """One markdown table row per tower: architecture and where its weights started."""
+def tower_rows(config: CLIBDConfig, sources: dict[str, str | None] | None = None) -> str:
+    """One markdown table row per tower: architecture and where its weights started (`sources`:
+    a tower's source as the experiment names it, e.g. `pkg://...`, rather than this machine's path)."""
+    sources = sources or {}
     rows = []
     if "image" in config.modalities:
         image = config.image_config
@@ -36,11 +38,12 @@ def tower_rows(config: CLIBDConfig) -> str:
                     f"{'timm ImageNet weights' if image.pretrained else 'random'} |")
     if "dna" in config.modalities:
         dna = config.dna_config
-        rows.append(f"| DNA | {dna.describe()} | {getattr(dna, 'pretrained_model_name_or_path', None) or 'random'} |")
+        source = sources.get("dna") or getattr(dna, "pretrained_model_name_or_path", None)
+        rows.append(f"| DNA | {dna.describe()} | {source or 'random'} |")
     if "text" in config.modalities:
         text = config.text_config
         rows.append(f"| taxonomy text | BERT ({text.num_hidden_layers} layers, width {text.hidden_size}; "
-                    f"{text.pooling} pooling) | {text.pretrained_model_name_or_path or 'random'} |")
+                    f"{text.pooling} pooling) | {sources.get('text') or text.pretrained_model_name_or_path or 'random'} |")
     return "\n".join(rows)
 
 
@@ -65,7 +68,8 @@ def render_model_card(run_dir: str | os.PathLike, repo_id: str | None = None) ->
     template = Template(resources.files("clibd").joinpath("templates/model_card.md").read_text())
     return template.substitute(
         title=repo_id or f"CLIBD model ({run.name})", repo_hint=repo_id or "path/to/model",
-        towers=tower_rows(config), modalities=", ".join(config.modalities), projection_dim=config.projection_dim,
+        towers=tower_rows(config, {tower: getattr(experiment.model, tower).get("pretrained_model_name_or_path")
+                                   for tower in ("dna", "text")}), modalities=", ".join(config.modalities), projection_dim=config.projection_dim,
         dna_dim=config.dna_config.embedding_dim(config.projection_dim),
         dna_limit=f", truncated to {max_bp} bp" if max_bp else " (read whole, as k-mer counts)",
         data_path=data.path, data_source=data.source, data_split=data.split, split_seed=data.split_seed, splits=splits,

@@ -245,17 +245,24 @@ def species_misses(true: Sequence[dict], predicted: Sequence[dict], other: Seque
         species_misses(novel, nearest, raw_nearest, [p.answer for p in predictions], references, "genus")
     """
     counts = Counter(reference[rank] for reference in references)
-    by_species: dict[str, list] = {}
-    for t, p, o, a in zip(true, predicted, other, answered, strict=True):
-        if t[rank] in counts:
-            row = by_species.setdefault(t["species"], [0, 0, 0, 0, counts[t[rank]], Counter()])
-            row[0] += 1
-            row[1] += p[rank] != t[rank]
-            row[2] += o[rank] != t[rank]
-            row[3] += bool(a.get(rank)) and a[rank] != t[rank]
-            if p[rank] != t[rank]:
-                row[5][p[rank]] += 1
-    misses = [SpeciesMiss(name, *row[:5], row[5].most_common(1)[0][0]) for name, row in by_species.items() if row[1]]
+    tallies: dict[str, Counter] = {}  # species -> queries, wrong, other_wrong, answered_wrong
+    wrong_answers: dict[str, Counter] = {}  # species -> the wrong taxa `predicted` gave
+    taxon = {}  # species -> its true taxon at `rank`
+    for truth, ours, theirs, answer in zip(true, predicted, other, answered, strict=True):
+        if truth[rank] not in counts:
+            continue
+        tally = tallies.setdefault(truth["species"], Counter())
+        taxon[truth["species"]] = truth[rank]
+        tally["queries"] += 1
+        tally["wrong"] += ours[rank] != truth[rank]
+        tally["other_wrong"] += theirs[rank] != truth[rank]
+        tally["answered_wrong"] += bool(answer.get(rank)) and answer[rank] != truth[rank]
+        if ours[rank] != truth[rank]:
+            wrong_answers.setdefault(truth["species"], Counter())[ours[rank]] += 1
+    misses = [SpeciesMiss(species, t["queries"], t["wrong"], t["other_wrong"], t["answered_wrong"],
+                          counts[taxon[species]],
+                          wrong_answers[species].most_common(1)[0][0])
+              for species, t in tallies.items() if t["wrong"]]
     return sorted(misses, key=lambda miss: -miss.wrong)
 
 
