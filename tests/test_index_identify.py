@@ -242,7 +242,9 @@ def test_evaluation_report_writes_metrics(trained_model, data_dir, tmp_path):
     entry = saved["dna"]["dna"]
     assert set(entry) == {"seen", "unseen", "hm"} and set(entry["seen"]) == {"order", "family", "genus", "species"}
     assert {"micro_top1", "macro_top1", "micro_top5"} <= set(entry["seen"]["genus"])
-    assert 0.0 <= entry["unseen"]["species"]["micro_top1"] <= 1.0
+    hm = entry["hm"]["species"]["micro_top1"]  # the harmonic mean of the seen and unseen figures
+    seen, unseen = entry["seen"]["species"]["micro_top1"], entry["unseen"]["species"]["micro_top1"]
+    assert hm == pytest.approx(2 * seen * unseen / (seen + unseen) if seen + unseen else 0.0)
     table = (tmp_path / "eval" / "metrics.md").read_text()
     assert "| DNA -> DNA |" in table and "macro top1" in table
 
