@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,13 +108,41 @@ class TrainSection:
             raise ValueError(f"train.supcon_weights names unknown ranks: {sorted(self.supcon_weights)}")
 
 
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    """`value` as the field type `kind`, converting only where unambiguous ("1e-3" for a float,
+    2.0 or "2" for an int); anything else is a ValueError naming `key` and the expected type."""
+    if value is None and type(None) in typing.get_args(kind):
+        return None
+    if typing.get_origin(kind) in (types.UnionType, typing.Union):  # X | None with a value: check it as X
+        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is list and isinstance(value, list):
+        return [_coerce(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
+    if origin is dict and isinstance(value, dict):
+        return {name: _coerce(item, args[1], f"{key}.{name}") for name, item in value.items()}
+    if kind is Any or (origin is None and isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
+        return float(value) if kind is float else value
+    if kind in (int, float) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is not None and (kind is float or number.is_integer()):
+            return kind(number)
+    name = getattr(kind, "__name__", str(kind))
+    raise ValueError(f"{key} must be {'a' if name[0] not in 'aeiou' else 'an'} {name}, got {value!r}")
+
+
 def _build(cls, values: dict[str, Any] | None, where: str):
+    """A config section from its YAML dict: unknown keys and values of the wrong type are errors
+    naming `where.key`, before any data is read."""
     values = values or {}
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
-    section = cls(**values)
+    kinds = typing.get_type_hints(cls)
+    section = cls(**{key: _coerce(value, kinds[key], f"{where}.{key}") for key, value in values.items()})
     section.validate()
     return section
 
