@@ -76,6 +76,8 @@ def test_interrupted_run_resumes_to_identical_weights(data_dir, tmp_path):
     train(ExperimentConfig.from_dict(interrupted), progress=False)  # stops after step 6; checkpoint at 4
     assert (tmp_path / "cut" / "checkpoints" / "latest").read_text() == "step-00000004"
     assert not (tmp_path / "cut" / "final").exists()
+    pickled = sorted(p.name for p in (tmp_path / "cut" / "checkpoints" / "step-00000004").glob("*.pkl"))
+    assert pickled == ["random_states_0.pkl"]  # nothing of clibd's is pickled; accelerate reads the RNG weights_only
     resumed = copy.deepcopy(interrupted)
     resumed["train"]["max_steps"] = None
     train(ExperimentConfig.from_dict(resumed), resume=True, progress=False)
@@ -92,6 +94,37 @@ def test_interrupted_run_resumes_to_identical_weights(data_dir, tmp_path):
     assert set(saved) >= {"train_seen", "seen_keys", "val_unseen", "test_unseen_keys"} and len(saved["train_seen"]) > 0
     steps = [json.loads(line)["step"] for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, len(steps) + 1))
+
+
+
+class Payload:
+    """Unpickling this runs code: it writes a file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "ran"))
+
+
+@pytest.mark.slow
+def test_resume_never_unpickles_planted_code(data_dir, tmp_path):
+    """A checkpoint folder with a pickle payload (from a shared drive, a download) cannot run code on
+    --resume: accelerate's custom-state file is not read, clibd's own state is read weights_only."""
+    interrupted = tiny_experiment(data_dir, tmp_path / "cut", max_steps=4)
+    train(ExperimentConfig.from_dict(interrupted), progress=False)
+    checkpoint = tmp_path / "cut" / "checkpoints" / "step-00000004"
+    marker = tmp_path / "pwned"
+    resumed = {**interrupted, "train": {**interrupted["train"], "max_steps": 1}}
+    torch.save(Payload(str(marker)), checkpoint / "custom_checkpoint_0.pkl")  # accelerate unpickles these
+    with pytest.raises(RuntimeError, match="does not match the number of registered objects"):
+        train(ExperimentConfig.from_dict(resumed), resume=True, progress=False)  # refused, not unpickled
+    assert not marker.exists()
+    (checkpoint / "custom_checkpoint_0.pkl").unlink()
+    torch.save(Payload(str(marker)), checkpoint / "clibd_state.pt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        train(ExperimentConfig.from_dict(resumed), resume=True, progress=False)
+    assert not marker.exists()
 
 
 def test_freezing_and_lora_choose_trainable_parameters():

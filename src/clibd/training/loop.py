@@ -32,7 +32,7 @@ from ..evaluation.retrieval import evaluate_retrieval, evaluation_pairs, format_
 from ..modeling_clibd import CLIBDModel
 from ..objectives import Objective, create_objective
 from ..processing import CLIBDProcessor
-from .checkpointing import TrainState, latest_checkpoint, save_pretrained_atomic
+from .checkpointing import TrainState, latest_checkpoint, load_checkpoint, save_pretrained_atomic
 from .config import ExperimentConfig, TrainSection
 from .steps import TrainData, TrainingRun, end_epoch, train_one_epoch
 from .trainable import configure_trainable
@@ -177,11 +177,10 @@ def build_loader(train_set: datasets.Dataset, collator: ContrastiveCollator, con
 
 def resume_state(accelerator: Accelerator, scheduler: torch.optim.lr_scheduler.LRScheduler, run_dir: Path,
                  resume: bool) -> TrainState:
-    """Register what a checkpoint holds beyond the prepared objects; with `resume`, restore the latest."""
+    """A fresh training state; with `resume`, the latest checkpoint's (and the schedule's) restored."""
     state = TrainState()
-    accelerator.register_for_checkpointing(scheduler, state)
     if resume and (checkpoint := latest_checkpoint(run_dir)) is not None:
-        accelerator.load_state(str(checkpoint))
+        load_checkpoint(accelerator, checkpoint, state, scheduler)
         accelerator.print(f"resumed from {checkpoint} (epoch {state.epoch}, step {state.global_step})")
     return state
 

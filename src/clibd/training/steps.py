@@ -119,7 +119,7 @@ def train_one_epoch(run: TrainingRun, progress: bool) -> bool:
         if state.global_step % cfg.log_every == 0 or state.step_in_epoch == run.data.steps_per_epoch:
             log_step(run, loss, bar)
         if state.global_step % cfg.checkpoint_every == 0:
-            save_checkpoint(accelerator, run.run_dir, state)
+            save_checkpoint(accelerator, run.run_dir, state, run.scheduler)
         if cfg.max_steps is not None and run.steps_this_run >= cfg.max_steps:
             return False
     return True
@@ -131,7 +131,7 @@ def end_epoch(run: TrainingRun) -> None:
     run.state.step_in_epoch = 0
     if run.state.epoch >= run.config.train.eval_from_epoch:
         validate(run)
-    save_checkpoint(run.accelerator, run.run_dir, run.state)
+    save_checkpoint(run.accelerator, run.run_dir, run.state, run.scheduler)
 
 
 def validate(run: TrainingRun) -> None:
