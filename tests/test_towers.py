@@ -226,6 +226,28 @@ def test_models_saved_before_the_tower_registry_load_unchanged():
                         "sketch_weight": 1.0, "aligned": True}
 
 
+class LinearProfileConfig(CLIBDKmerProfileConfig):
+    model_type = "clibd_test_linear_profile"
+
+
+class LinearProfileTower(nn.Module):
+    """A linear map of k-mer frequencies: a real (if weak) DNA tower of another kind. Defined once
+    per process, so registering it again (a rerun of the test) is the same registration."""
+
+    def __init__(self, config, projection_dim):
+        super().__init__()
+        self.projection = nn.Linear(4**config.kmer_size, projection_dim)
+
+    def forward(self, dna_profile=None, **other_inputs):
+        return F.normalize(self.projection(dna_profile), dim=-1)
+
+    def embedding_parts(self):
+        return [EmbeddingPart("linear_profile", self.projection.out_features)]
+
+    def encoder_modules(self):
+        return []
+
+
 def test_dna_tower_kinds_are_chosen_by_model_type_and_registered(tmp_path):
     with pytest.raises(ValueError, match="clibd_no_such_tower"):
         CLIBDConfig.tiny(modalities=["dna"], dna_config={"model_type": "clibd_no_such_tower"})
@@ -240,31 +262,12 @@ def test_dna_tower_kinds_are_chosen_by_model_type_and_registered(tmp_path):
     with pytest.raises(ValueError, match=r"\['sketch_dim'\] for the clibd_barcodebert DNA tower"):
         ExperimentConfig.from_dict(experiment)
 
-    class CodonUsageConfig(CLIBDKmerProfileConfig):
-        model_type = "clibd_test_codon_usage"
-
-    class CodonUsageTower(nn.Module):
-        """A linear map of k-mer frequencies: a real (if weak) DNA tower of another kind."""
-
-        def __init__(self, config, projection_dim):
-            super().__init__()
-            self.projection = nn.Linear(4**config.kmer_size, projection_dim)
-
-        def forward(self, dna_profile=None, **other_inputs):
-            return F.normalize(self.projection(dna_profile), dim=-1)
-
-        def embedding_parts(self):
-            return [EmbeddingPart("codon_usage", self.projection.out_features)]
-
-        def encoder_modules(self):
-            return []
-
-    register_dna_tower(CodonUsageConfig, CodonUsageTower)
+    register_dna_tower(LinearProfileConfig, LinearProfileTower)
     with pytest.raises(ValueError, match="already registered to CLIBDBarcodeBERTTower"):
-        register_dna_tower(type("Other", (CodonUsageConfig,), {"model_type": "clibd_barcodebert"}), CodonUsageTower)
-    config = CLIBDConfig.tiny(modalities=["dna"], dna_config={"model_type": "clibd_test_codon_usage", "kmer_size": 2})
+        register_dna_tower(type("Other", (LinearProfileConfig,), {"model_type": "clibd_barcodebert"}), LinearProfileTower)
+    config = CLIBDConfig.tiny(modalities=["dna"], dna_config={"model_type": "clibd_test_linear_profile", "kmer_size": 2})
     model = CLIBDModel(config).eval()
-    assert isinstance(model.dna_encoder, CodonUsageTower) and model.embedding_dim("dna") == 32
+    assert isinstance(model.dna_encoder, LinearProfileTower) and model.embedding_dim("dna") == 32
     batch = CLIBDProcessor.from_model_config(config)(barcodes=["ACGTTGCA" * 20, "TTGACCA" * 20])
     model.save_pretrained(tmp_path)
     reloaded = CLIBDModel.from_pretrained(tmp_path).eval()

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -112,7 +113,7 @@ class ReferenceIndex:
     def thresholds(self) -> dict[str, float]:
         return self.meta.get("thresholds", {})
 
-    @property
+    @cached_property
     def parts(self) -> list[EmbeddingPart]:
         """The parts of the stored embeddings. Indexes written before parts were stored have a
         `novelty_dim`: a leading block that scores novelty and a rest that does not."""
@@ -125,7 +126,7 @@ class ReferenceIndex:
         return [EmbeddingPart("novelty", novelty_dim), EmbeddingPart("placement", dim - novelty_dim,
                                                                      scores_novelty=False)]
 
-    @property
+    @cached_property
     def scores_novelty_apart(self) -> bool:
         """Whether only some parts score novelty (`novelty_similarity` then differs from the best similarity)."""
         return len(part_columns(self.parts, "scores_novelty")) < self.embeddings.shape[1]
