@@ -13,6 +13,7 @@ Usage:
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +143,11 @@ def build_model(config: ExperimentConfig, model_config: CLIBDConfig | None = Non
     cfg = config.train
     model = (CLIBDModel.from_pretrained(config.model.init_from) if config.model.init_from
              else CLIBDModel.from_pretrained_towers(model_config or config.model_config()))
+    if not config.model.init_from and hasattr(model.dna_encoder, "load_pretrained") \
+            and not model.config.dna_config.pretrained_model_name_or_path:  # the paper starts from BarcodeBERT
+        logging.getLogger(__name__).warning(
+            "DNA tower starts from random weights: set model.dna.pretrained_model_name_or_path (e.g. "
+            "barcodebert-canada-1.5m-5mer, the paper's BarcodeBERT) to start it from a pretrained BarcodeBERT")
     configure_trainable(model, frozen=cfg.freeze, lora_rank=cfg.lora_rank if cfg.lora else None)
     objective = create_objective(cfg, model)
     if not objective.trains_temperature:
