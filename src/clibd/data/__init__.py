@@ -6,10 +6,21 @@
 
 from .bioscan import official_splits, read_bioscan
 from .loading import DataSection, load_splits
-from .records import RECORD_FIELDS, read_fasta, read_records, read_table, records_to_dataset, shared_data_dir
+from .records import (
+    RECORD_FIELDS,
+    BadRow,
+    BadRows,
+    read_fasta,
+    read_records,
+    read_table,
+    records_to_dataset,
+    shared_data_dir,
+)
 from .split import SPLIT_NAMES, paper_split, split_statistics
 
 __all__ = [
+    "BadRow",
+    "BadRows",
     "DataSection",
     "load_splits",
     "RECORD_FIELDS",

@@ -31,10 +31,14 @@ LABEL_PREFIX = "labels_"  # batch keys of rank labels (`labels_species`, ...): n
 
 class ContrastiveCollator:
     """Decode and encode a list of records. Image augmentations are seeded per (seed, epoch, record
-    id), so a batch is the same whichever worker builds it and after a resume."""
+    id), so a batch is the same whichever worker builds it and after a resume.
+
+    Over-length barcodes are logged by record id once per batch (`warn_truncated`, default: when not
+    training; training counts them once before the first epoch instead of every epoch)."""
 
     def __init__(self, processor: CLIBDProcessor, modalities: list[str], train: bool = False, seed: int = 0,
-                 label_ranks: tuple[str, ...] = ()):
+                 label_ranks: tuple[str, ...] = (), warn_truncated: bool | None = None):
+        self.warn_truncated = not train if warn_truncated is None else warn_truncated
         self.label_ranks = tuple(label_ranks)
         self.processor = processor
         self.modalities = list(modalities)
@@ -58,7 +62,8 @@ class ContrastiveCollator:
         if "image" in self.modalities:
             batch["pixel_values"] = self._images(rows)
         if "dna" in self.modalities:
-            batch.update(self.processor.process_barcodes([row["dna"] for row in rows], ids, warn_truncated=False))
+            batch.update(self.processor.process_barcodes([row["dna"] for row in rows], ids,
+                                                         warn_truncated=self.warn_truncated))
         if "text" in self.modalities:
             batch.update(self.processor.process_taxonomy([{r: row[r] for r in RANKS} for row in rows], ids))
         for rank in self.label_ranks:  # ids equal across processes and workers; -1 = unknown

@@ -2,15 +2,19 @@
 
 Every reader yields dicts with `RECORD_FIELDS`: id, order, family, genus, species (empty string =
 unknown), dna (raw barcode or empty) and image (path or empty). Rows that cannot be used are
-reported with file, line and reason, then skipped (`on_bad_row="skip"`) or fatal (`"error"`).
+reported with file, line, record id and reason, then skipped (`on_bad_row="skip"`) or fatal
+(`"error"`); pass your own `BadRows` to read the skipped rows afterwards. Files are read as UTF-8
+(a byte order mark is dropped); other encodings are an error naming the file and line.
 
 Usage:
     records = read_records("../shared/data/insect_bold_coi/insect_bold_coi.tsv")
     dataset = records_to_dataset(records)          # a datasets.Dataset, images stay paths
+    bad = BadRows(); read_records("queries.fasta", bad_rows=bad); bad.rows  # [BadRow(file, line, id, reason)]
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import logging
 import os
@@ -18,6 +22,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import datasets
 
@@ -50,26 +55,61 @@ def shared_data_dir() -> Path:
     return next((c for c in candidates if c.is_dir()), candidates[0])
 
 
+class BadRow(NamedTuple):
+    """A row a reader could not use: where it is, the record's id ("" when unknown) and why."""
+
+    file: str
+    line: int
+    id: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.reason}" + (f" (record {self.id!r})" if self.id else "")
+
+
 @dataclass
 class BadRows:
-    """Rows a reader could not use: (file, line, reason) each."""
+    """Rows a reader could not use, as `BadRow`s; `policy` "error" raises at the first instead.
+
+    Usage:
+        bad = BadRows()
+        records = read_records("queries.tsv", bad_rows=bad)
+        errors = [(row.id, row.reason) for row in bad.rows if row.id]  # one error row per skipped query
+    """
 
     policy: str = "skip"
-    rows: list[tuple[str, int, str]] = field(default_factory=list)
+    rows: list[BadRow] = field(default_factory=list)
 
     def __post_init__(self):
         if self.policy not in BAD_ROW_POLICIES:
             raise ValueError(f"on_bad_row must be one of {BAD_ROW_POLICIES}, got {self.policy!r}")
 
-    def report(self, file: str | os.PathLike, line: int, reason: str) -> None:
+    def report(self, file: str | os.PathLike, line: int, reason: str, id: str = "") -> None:
+        row = BadRow(os.fspath(file), line, id, reason)
         if self.policy == "error":
-            raise ValueError(f"{file}:{line}: {reason}")
-        self.rows.append((os.fspath(file), line, reason))
+            raise ValueError(str(row))
+        self.rows.append(row)
 
-    def log_summary(self) -> None:
-        if self.rows:
-            shown = "; ".join(f"{f}:{line}: {reason}" for f, line, reason in self.rows[:5])
-            logger.warning("skipped %d bad rows: %s%s", len(self.rows), shown, " ..." if len(self.rows) > 5 else "")
+    def log_summary(self, start: int = 0) -> None:
+        """Warn about the rows from `start` on (a reader logs only those it added itself)."""
+        rows = self.rows[start:]
+        if rows:
+            shown = "; ".join(str(row) for row in rows[:5])
+            logger.warning("skipped %d bad rows: %s%s", len(rows), shown, " ..." if len(rows) > 5 else "")
+
+
+def _not_utf8(path: Path) -> ValueError:
+    """Where `path` stops being UTF-8, as `file:line`: the decoder only knows an offset in its buffer."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            raw = raw.removeprefix(codecs.BOM_UTF8) if number == 1 else raw
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                column = len(raw[: error.start].decode("utf-8")) + 1
+                return ValueError(f"{path}:{number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
+                                  f"{column}); save the file as UTF-8")
+    return ValueError(f"{path}: not UTF-8 text; save the file as UTF-8")
 
 
 def _clean(value: str | None) -> str:
@@ -98,38 +138,52 @@ def read_table(
     require_dna: bool = False,
     image_root: str | os.PathLike | None = None,
     limit: int | None = None,
+    bad_rows: BadRows | None = None,
 ) -> list[dict[str, str]]:
     """Records of a TSV (`.tsv`, `.txt`) or CSV (`.csv`) export with a header line.
 
     Image paths are resolved against `image_root` (default: the table's folder). A file without an
-    id column raises `ValueError` naming the file; bad rows follow `on_bad_row`.
+    id column or that is not UTF-8 raises `ValueError` naming the file; bad rows follow `on_bad_row`,
+    or go to `bad_rows` (whose policy then applies) when given.
     """
     path = Path(path)
-    bad = BadRows(on_bad_row)
+    bad = bad_rows if bad_rows is not None else BadRows(on_bad_row)
+    first_bad = len(bad.rows)
     delimiter = "," if path.suffix.lower() == ".csv" else "\t"
     image_root = Path(image_root) if image_root is not None else path.parent
+    try:
+        # utf-8-sig: Excel and Windows tools start files with a BOM, which would hide the id column
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f, delimiter=delimiter)
+            records = _table_records(reader, path, bad, require_dna, image_root, limit)
+    except UnicodeDecodeError as error:
+        raise _not_utf8(path) from error
+    bad.log_summary(first_bad)
+    return records
+
+
+def _table_records(
+    reader: csv.DictReader, path: Path, bad: BadRows, require_dna: bool, image_root: Path, limit: int | None
+) -> list[dict[str, str]]:
+    header = reader.fieldnames or []
+    columns = {name: next((a for a in aliases if a in header), None) for name, aliases in COLUMN_ALIASES.items()}
+    if columns["id"] is None:
+        raise ValueError(f"{path}: no id column (one of {COLUMN_ALIASES['id']}) in header {header}")
     records: list[dict[str, str]] = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        header = reader.fieldnames or []
-        columns = {name: next((a for a in aliases if a in header), None) for name, aliases in COLUMN_ALIASES.items()}
-        if columns["id"] is None:
-            raise ValueError(f"{path}: no id column (one of {COLUMN_ALIASES['id']}) in header {header}")
-        for row in reader:
-            line = reader.line_num
-            if None in row or any(v is None for v in row.values()):
-                bad.report(path, line, f"expected {len(header)} fields")
-                continue
-            record = {name: _clean(row[col]) if col else "" for name, col in columns.items()}
-            if record["image"]:
-                record["image"] = os.fspath(image_root / record["image"])
-            if reason := _check_record(record, require_dna):
-                bad.report(path, line, reason)
-                continue
-            records.append(record)
-            if limit is not None and len(records) >= limit:
-                break
-    bad.log_summary()
+    for row in reader:
+        line = reader.line_num
+        if None in row or any(v is None for v in row.values()):
+            bad.report(path, line, f"expected {len(header)} fields", _clean(row.get(columns["id"])))
+            continue
+        record = {name: _clean(row[col]) if col else "" for name, col in columns.items()}
+        if record["image"]:
+            record["image"] = os.fspath(image_root / record["image"])
+        if reason := _check_record(record, require_dna):
+            bad.report(path, line, reason, record["id"])
+            continue
+        records.append(record)
+        if limit is not None and len(records) >= limit:
+            break
     return records
 
 
@@ -166,11 +220,20 @@ def parse_fasta_header(header: str) -> dict[str, str]:
 
 
 def read_fasta(
-    path: str | os.PathLike, *, on_bad_row: str = "skip", limit: int | None = None
+    path: str | os.PathLike,
+    *,
+    on_bad_row: str = "skip",
+    limit: int | None = None,
+    bad_rows: BadRows | None = None,
 ) -> list[dict[str, str]]:
-    """Records of a FASTA file whose headers carry the taxonomy (see `parse_fasta_header`)."""
+    """Records of a FASTA file whose headers carry the taxonomy (see `parse_fasta_header`).
+
+    A file that is not UTF-8 raises `ValueError` naming the file and line; bad records follow
+    `on_bad_row`, or go to `bad_rows` (whose policy then applies) when given.
+    """
     path = Path(path)
-    bad = BadRows(on_bad_row)
+    bad = bad_rows if bad_rows is not None else BadRows(on_bad_row)
+    first_bad = len(bad.rows)
     records: list[dict[str, str]] = []
 
     def finish(header: str | None, line: int, sequence: list[str]) -> None:
@@ -178,37 +241,46 @@ def read_fasta(
             return
         record = {**parse_fasta_header(header), "dna": "".join(sequence), "image": ""}
         if reason := _check_record(record, require_dna=True):
-            bad.report(path, line, reason)
+            bad.report(path, line, reason, record["id"])
         else:
             records.append(record)
 
     header, header_line, sequence = None, 0, []
-    with open(path, encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
-            text = text.strip()
-            if text.startswith(">"):
+    try:
+        # utf-8-sig: a BOM before the first '>' would otherwise turn that header into sequence
+        with open(path, encoding="utf-8-sig") as f:
+            for number, text in enumerate(f, start=1):
+                text = text.strip()
+                if text.startswith(">"):
+                    finish(header, header_line, sequence)
+                    if limit is not None and len(records) >= limit:
+                        break
+                    header, header_line, sequence = text, number, []
+                elif text:
+                    if header is None:
+                        bad.report(path, number, "sequence before the first '>' header")
+                        continue
+                    sequence.append(text)
+            else:
                 finish(header, header_line, sequence)
-                if limit is not None and len(records) >= limit:
-                    break
-                header, header_line, sequence = text, number, []
-            elif text:
-                if header is None:
-                    bad.report(path, number, "sequence before the first '>' header")
-                    continue
-                sequence.append(text)
-        else:
-            finish(header, header_line, sequence)
-    bad.log_summary()
+    except UnicodeDecodeError as error:
+        raise _not_utf8(path) from error
+    bad.log_summary(first_bad)
     return records[:limit] if limit is not None else records
 
 
-def read_records(path: str | os.PathLike, **kwargs) -> list[dict[str, str]]:
-    """Records of a TSV/CSV table or a FASTA file (`.fasta`, `.fa`, `.fas`, `.fna`), by extension."""
+def read_records(
+    path: str | os.PathLike, *, bad_rows: BadRows | None = None, **kwargs
+) -> list[dict[str, str]]:
+    """Records of a TSV/CSV table or a FASTA file (`.fasta`, `.fa`, `.fas`, `.fna`), by extension.
+
+    Keyword arguments go to `read_table` or `read_fasta`; skipped rows are added to `bad_rows` when given.
+    """
     if Path(path).suffix.lower() in (".fasta", ".fa", ".fas", ".fna"):
         kwargs.pop("image_root", None)
         kwargs.pop("require_dna", None)
-        return read_fasta(path, **kwargs)
-    return read_table(path, **kwargs)
+        return read_fasta(path, bad_rows=bad_rows, **kwargs)
+    return read_table(path, bad_rows=bad_rows, **kwargs)
 
 
 def records_to_dataset(records: Iterable[dict[str, str]]) -> datasets.Dataset:

@@ -1,14 +1,23 @@
 """Specimen photos -> RGB -> the paper's eval or train transform (a [0, 1] tensor, no mean/std).
 
+Images larger than `max_image_pixels()` (width x height) are refused from their header, before
+decoding: `$CLIBD_MAX_IMAGE_PIXELS`, else `MAX_IMAGE_PIXELS` (PIL's default). A higher limit works:
+PIL's own decompression-bomb limit is switched off while a header is read and, when our limit is above
+PIL's, while the image is decoded (under a lock; PIL keeps it in a module global).
+
 Usage:
     image = load_image("photo.jpg")                       # any mode -> RGB PIL image
     pixels = image_transform(224, 256, train=False)(image) # FloatTensor [3, 224, 224]
+    load_image("scan.tif", max_pixels=300_000_000)        # or: export CLIBD_MAX_IMAGE_PIXELS=300000000
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -17,6 +26,46 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
 ImageInput = str | os.PathLike | bytes | Image.Image
+
+MAX_IMAGE_PIXELS = 89_478_485  # PIL's default: ~0.25 GiB as 24-bit RGB; specimen photos are far smaller
+MAX_PIXELS_ENV = "CLIBD_MAX_IMAGE_PIXELS"
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def max_image_pixels() -> int:
+    """The largest width x height `load_image` accepts: `$CLIBD_MAX_IMAGE_PIXELS`, else `MAX_IMAGE_PIXELS`."""
+    value = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not value:
+        return MAX_IMAGE_PIXELS
+    try:
+        limit = int(value.replace("_", ""))
+    except ValueError:
+        limit = 0
+    if limit <= 0:
+        raise ValueError(f"{MAX_PIXELS_ENV} must be a positive whole number of pixels, got {value!r}")
+    return limit
+
+
+@contextlib.contextmanager
+def _pil_limit_off() -> Iterator[None]:
+    """PIL's decompression-bomb check off (ours is done instead): it raises at twice its limit, which
+    would block a user's higher limit, and warns above it. It is a module global, so other threads
+    see it off while this is held: hold it only for a header read, or a decode our limit admitted."""
+    with _PIL_LIMIT_LOCK:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _check_pixels(size: tuple[int, int], label: str, limit: int) -> None:
+    width, height = size
+    if width * height > limit:
+        raise ValueError(
+            f"{label}: image is {width} x {height} = {width * height:,} px, above the limit of {limit:,} px; "
+            f"to accept it, set the environment variable {MAX_PIXELS_ENV} (or pass max_pixels=) to a higher count"
+        )
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -36,21 +85,32 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(image: ImageInput, name: str | None = None) -> Image.Image:
+def load_image(image: ImageInput, name: str | None = None, max_pixels: int | None = None) -> Image.Image:
     """Open a path, bytes or PIL image fully and return it as RGB.
 
-    Raises `ValueError` naming the file for a missing, unreadable or truncated image.
+    Raises `ValueError` naming the file for a missing, unreadable or truncated image, and for one
+    larger than `max_pixels` (width x height; default `max_image_pixels()`), checked before decoding.
     """
     if isinstance(image, Image.Image):
         return to_rgb(image)
     label = name or (os.fspath(image) if isinstance(image, (str, os.PathLike)) else "<image bytes>")
+    limit = max_image_pixels() if max_pixels is None else max_pixels
     source: Any = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image
     try:
-        with Image.open(source) as opened:
-            opened.load()  # decode now: a truncated file fails here, not later inside a worker
+        with _pil_limit_off():
+            opened = Image.open(source)  # the header only: the size is known, nothing decoded yet
+        with opened:
+            _check_pixels(opened.size, label, limit)
+            pil_limit = Image.MAX_IMAGE_PIXELS
+            # decode now: a truncated file fails here, not later inside a worker. Some formats check
+            # PIL's limit again while decoding (GIF frames, TIFF tiles): lift it if ours is higher.
+            with _pil_limit_off() if pil_limit is not None and limit > pil_limit else contextlib.nullcontext():
+                opened.load()
             return to_rgb(opened)
     except FileNotFoundError as error:
         raise ValueError(f"{label}: image file not found") from error
+    except Image.DecompressionBombError as error:  # a frame or tile larger than the header said
+        raise ValueError(f"{label}: {error}") from error
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"{label}: unreadable or truncated image ({error})") from error
 

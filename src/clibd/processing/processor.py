@@ -35,6 +35,8 @@ class CLIBDProcessor(PushToHubMixin):
 
     Outputs: `pixel_values` [B, 3, H, W]; `dna_input_ids`, `dna_attention_mask` [B, tokens];
     `text_input_ids`, `text_attention_mask`, `text_token_type_ids` [B, text_max_length].
+    `max_image_pixels` caps width x height of the photos it opens (default `$CLIBD_MAX_IMAGE_PIXELS`,
+    else PIL's limit); a limit of this machine, not of the model, so it is not saved.
     """
 
     def __init__(
@@ -49,8 +51,10 @@ class CLIBDProcessor(PushToHubMixin):
         resize_size: int = 256,
         dna_profile_kmer_size: int | None = None,
         dna_aligned: bool = False,
+        max_image_pixels: int | None = None,
     ):
         self.text_tokenizer = text_tokenizer
+        self.max_image_pixels = max_image_pixels
         self.dna_profile_kmer_size = dna_profile_kmer_size
         self.dna_aligned = dna_aligned
         # Training meets the same barcodes every epoch; placing one costs more than the rest of its
@@ -91,7 +95,7 @@ class CLIBDProcessor(PushToHubMixin):
     # --- the three modalities -------------------------------------------------------------------
     def process_images(self, images: Sequence[ImageInput], train: bool = False) -> torch.Tensor:
         transform = self.train_transform if train else self.eval_transform
-        return torch.stack([transform(load_image(image)) for image in images])
+        return torch.stack([transform(load_image(image, max_pixels=self.max_image_pixels)) for image in images])
 
     def process_barcodes(
         self, barcodes: Sequence[str], ids: Sequence[str] | None = None, warn_truncated: bool = True
