@@ -8,12 +8,12 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "clibd"
 # Lowest first. A module may import from its own layer and those below, never from one above.
 LAYERS = [
-    ("base", ["constants", "atomic"]),
+    ("base", ["constants", "atomic", "lazy"]),
     ("processing", ["processing"]),
     ("data", ["data"]),
     ("model", ["configuration_clibd", "towers", "modeling_clibd", "loss", "objectives"]),
-    ("retrieval", ["retrieval"]),
-    ("index", ["novelty", "index"]),
+    ("retrieval", ["retrieval", "checked_embedding"]),
+    ("index", ["novelty", "index", "index_store"]),
     ("identify and evaluation", ["identify", "evaluation"]),
     ("training", ["training"]),
     ("apps", ["cli", "demo", "hub", "model_card", "plots", "convert"]),

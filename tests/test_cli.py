@@ -1,4 +1,8 @@
 import re
+import subprocess
+import sys
+
+import pytest
 
 from clibd.cli import main
 
@@ -24,3 +28,20 @@ def test_tokenize(capsys):
     assert capsys.readouterr().out.split() == ["0", "3", "4"]
     assert main(["tokenize", "ACGTZ", "--id", "rec9"]) == 2
     assert "rec9" in capsys.readouterr().err
+
+
+def test_help_and_tokenize_start_without_torch():
+    """`clibd --help` and `clibd tokenize` import no torch, transformers or datasets (lazy imports):
+    they answer in well under a second instead of several."""
+    probe = ("import sys\nfrom clibd.cli import main\n"
+             "assert main(['tokenize', 'ACGTACGTAC', '--flavour', 'barcodebert']) == 0\n"
+             "heavy = sorted(m for m in ('torch', 'transformers', 'datasets', 'timm') if m in sys.modules)\n"
+             "print('HEAVY', heavy)\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert "HEAVY []" in result.stdout
+    assert result.stdout.split()[0].isdigit()  # the token ids were printed
+    import clibd
+
+    assert clibd.CLIBDModel.__name__ == "CLIBDModel"  # names still resolve, on first use
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchThing'"):
+        clibd.NoSuchThing  # noqa: B018

@@ -39,8 +39,14 @@ def test_predict_stops_at_the_deepest_confident_rank():
     assert (p.similarity, p.novelty_similarity) == (0.95, 0.6)
     p = predict("q", hits([0.75, 0.5, 0.2], [2, 1, 0]), THRESHOLDS, novelty_similarity=0.99)
     assert (p.answer["family"], p.answer["genus"], p.answer["species"], p.novel) == ("Culicidae", "", "", False)
-    # a rank without a calibrated threshold does not stop the answer, and no species threshold flags nothing
-    p = predict("q", hits([0.1], [0]), dict.fromkeys(RANKS, float("nan")))
+    # a threshold that could not be calibrated (NaN) gives no answer at its rank or below, and a
+    # species threshold of NaN flags the query novel: never an unchecked species name
+    p = predict("q", hits([0.99], [0]), {**THRESHOLDS, "family": float("nan")})
+    assert (p.answer, p.novel) == ({"order": "Diptera", "family": "", "genus": "", "species": ""}, False)
+    p = predict("q", hits([0.99], [0]), dict.fromkeys(RANKS, float("nan")))
+    assert (p.deepest_rank, p.novel) == (None, True)
+    # an index built without calibration (no thresholds at all) answers every rank
+    p = predict("q", hits([0.1], [0]), {})
     assert (p.deepest_rank, p.novel) == ("species", False)
 
 

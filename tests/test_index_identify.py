@@ -16,7 +16,14 @@ from clibd.constants import RANKS
 from clibd.data import read_records
 from clibd.identify import Hit, Identifier, identify_to_tsv, prediction_columns, read_predictions_tsv
 from clibd.index import ReferenceIndex, add_to_index, build_index
-from clibd.novelty import best_threshold, calibrate_thresholds
+from clibd.novelty import (
+    best_threshold,
+    calibrate,
+    calibrate_thresholds,
+    precision_at,
+    precision_curve,
+    precision_threshold,
+)
 from clibd.towers.parts import EmbeddingPart, select_parts
 from clibd.training import ExperimentConfig, train
 
@@ -59,6 +66,7 @@ def as_written(prediction):
     return replace(prediction, similarity=round(prediction.similarity, 4),
                    novelty_similarity=round(prediction.novelty_similarity, 4),
                    support={rank: round(value, 2) for rank, value in prediction.support.items()},
+                   precision={rank: round(value, 3) for rank, value in prediction.precision.items()},
                    hits=[Hit(h.id, round(h.similarity, 4), {"species": h.taxonomy["species"]}) for h in prediction.hits])
 
 
@@ -144,7 +152,7 @@ def test_index_refuses_another_model_and_bad_input(trained_model, library, tmp_p
     with pytest.raises(ValueError, match="not the one that built this index"):
         Identifier.load(tmp_path / "refs")
     identifier = Identifier.load(tmp_path / "refs", model_dir=trained_model)  # the right model, given explicitly
-    with pytest.raises(ValueError, match="1 queries .* have no dna"):
+    with pytest.raises(ValueError, match="1 queries cannot be identified: .*: no dna"):
         identifier.identify([keys[0], {**keys[1], "dna": ""}])
     with pytest.raises(ValueError, match="no dna"):
         build_index(trained_model, [{**keys[0], "dna": ""}], "dna", tmp_path / "x", progress=False)
@@ -161,7 +169,7 @@ def test_interrupted_build_reuses_finished_shards(trained_model, library, tmp_pa
 
     monkeypatch.setattr(index_module, "SHARD_SIZE", 50)
     calls = []
-    real = index_module.embed_records
+    real = index_module.embed_checked
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -169,13 +177,13 @@ def test_interrupted_build_reuses_finished_shards(trained_model, library, tmp_pa
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(index_module, "embed_records", failing)
+    monkeypatch.setattr(index_module, "embed_checked", failing)
     with pytest.raises(KeyboardInterrupt):
         build_index(trained_model, keys, "dna", tmp_path / "refs", progress=False)
     assert len(list((tmp_path / ".refs.partial").glob("shard-*.safetensors"))) == 2
     assert not (tmp_path / "refs").exists()
     calls.clear()
-    monkeypatch.setattr(index_module, "embed_records", real)
+    monkeypatch.setattr(index_module, "embed_checked", real)
     fresh = build_index(trained_model, keys, "dna", tmp_path / "refs", progress=False)
     reference = build_index(trained_model, keys, "dna", tmp_path / "again", progress=False)
     assert torch.equal(fresh.embeddings, reference.embeddings)
@@ -204,7 +212,9 @@ def test_cli_index_and_identify(trained_model, library, tmp_path, capsys):
     assert cli(["identify", "--index", str(tmp_path / "refs"), "--dna", known[0]["dna"], "--top-k", "2"]) == 0
     out = capsys.readouterr().out
     assert "query_id\torder\tfamily\tgenus\tspecies\tsimilarity\tnovel" in out and "\ndna1\t" in out
-    assert cli(["identify", "--index", str(tmp_path / "refs"), "--dna", "ACGT?"]) == 2
+    assert cli(["identify", "--index", str(tmp_path / "refs"), "--dna", "ACGT?", "--on-bad-input", "error"]) == 2
+    assert cli(["identify", "--index", str(tmp_path / "refs"), "--dna", "ACGT?"]) == 0  # an error row instead
+    assert "\ndna1\t" in (out := capsys.readouterr().out) and "not nucleotides" in out
 
     queries = tmp_path / "queries.fasta"
     queries.write_text("".join(f">{r['id']}\n{r['dna']}\n" for r in known))
@@ -267,7 +277,12 @@ def test_thresholds_calibrated_from_held_out_species():
     within_species = float(embeddings[0] @ embeddings[1])
     across_species = float(embeddings[0] @ embeddings[3])
     assert across_species < thresholds["species"] < within_species
-    assert math.isnan(thresholds["order"])  # nothing wrong to separate at order
+    # one order: only right answers at order, so its threshold keeps 99 % of them (not NaN, which
+    # would answer anything, however unlike the library)
+    calibration = calibrate(embeddings, records)
+    assert calibration.thresholds == thresholds and calibration.methods["order"] == "below right"
+    assert calibration.methods["species"] == "separates" and calibration.methods["genus"] == "below right"
+    assert 0 < thresholds["order"] <= across_species
 
     # Novelty scored on some parts only: the species threshold is the one of those parts alone,
     # the other ranks keep the whole embedding's.
@@ -303,3 +318,16 @@ def test_novel_species_placed_at_genus_or_family(data_dir, library, tmp_path):
     placed = [(p, r) for p, r in flagged if p.answer["family"]]
     assert len(placed) / len(flagged) > 0.3
     assert sum(p.answer["family"] == r["family"] for p, r in placed) / len(placed) > 0.8
+
+
+def test_precision_thresholds_and_curves():
+    right, wrong = [0.9, 0.95, 0.99, 0.8], [0.85, 0.7, 0.6]
+    assert precision_threshold(right, wrong, 0.75) == (0.8, "precision")  # >= 0.8: 4 of 5 right
+    assert precision_threshold(right, wrong, 0.9) == (0.9, "precision")  # >= 0.9: 3 of 3
+    cut, method = precision_threshold([0.9], [0.95], 0.99)
+    assert method == "precision unreachable" and cut > 0.95  # no answer clears it
+    assert math.isnan(precision_threshold([], [], 0.9)[0])
+    curve = precision_curve(right, wrong)
+    assert precision_at(curve, 0.86) == 1.0 and precision_at(curve, 0.85) == 0.75  # >= 0.85: 3 of 4 right
+    assert precision_at(curve, 0.5) == round(4 / 7, 4) and precision_at(curve, 1.0) == 1.0
+    assert math.isnan(precision_at([], 0.9))

@@ -12,65 +12,103 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections import Counter
 from pathlib import Path
 
-from .constants import DEFAULT_TEXT_MODEL, RANKS
-from .data import read_fasta, read_records, shared_data_dir
-from .identify import Identifier, identify_to_tsv, image_records, read_predictions_tsv
-from .index import INDEX_MODALITIES, ReferenceIndex, add_to_index, build_index
-from .retrieval import SEARCH_BACKENDS
+# Only constants at module level: each command imports what it needs, so `clibd --help` and
+# `clibd tokenize` answer without loading torch, transformers and datasets.
+from .constants import DEFAULT_TEXT_MODEL, INDEX_MODALITIES, RANKS, SEARCH_BACKENDS
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from .data import shared_data_dir
     from .demo import run_demo
 
-    run_demo(Path(args.data_dir), sys.stdout, limit=args.limit, show=args.show, seed=args.seed)
+    run_demo(Path(args.data_dir or shared_data_dir()), sys.stdout, limit=args.limit, show=args.show, seed=args.seed)
     return 0
 
 
 def _tokenize(args: argparse.Namespace) -> int:
-    from .processing import BarcodeTokenizer
+    from .processing.barcodes import BarcodeTokenizer
 
     tokenizer = BarcodeTokenizer(args.flavour, args.kmer_size, args.max_length)
-    encoded = tokenizer([args.sequence], ids=[args.id])
-    print(" ".join(str(i) for i in encoded.input_ids[0].tolist()))
-    if encoded.truncated:
+    token_ids, _, truncated = tokenizer.encode(args.sequence, args.id)  # lists: no torch needed
+    print(" ".join(map(str, token_ids)))
+    if truncated:
         print(f"(truncated to {args.max_length} bp)", file=sys.stderr)
     return 0
 
 
 def _index_build(args: argparse.Namespace) -> int:
-    index = build_index(args.model, read_records(args.records), args.modality, args.out, batch_size=args.batch_size)
+    from .index import build_index
+
+    records = _read_with_errors([args.records])
+    index = build_index(args.model, records, args.modality, args.out, batch_size=args.batch_size,
+                        on_bad_input=args.on_bad_input, precision=args.precision)
     print(f"{args.out}: {index.meta['count']} {index.modality} references; thresholds {index.thresholds}")
     return 0
 
 
 def _index_add(args: argparse.Namespace) -> int:
-    index = add_to_index(args.index, read_records(args.records), replace=args.replace, batch_size=args.batch_size)
+    from .index import add_to_index
+
+    records = _read_with_errors([args.records])
+    index = add_to_index(args.index, records, replace=args.replace, batch_size=args.batch_size,
+                         on_bad_input=args.on_bad_input)
     print(f"{args.index}: {index.meta['count']} {index.modality} references; thresholds {index.thresholds}")
     return 0
 
 
-def _identify(args: argparse.Namespace) -> int:
-    queries = []
-    for path in args.records or []:
-        queries += read_records(path)
-    for path in args.fasta or []:
-        queries += read_fasta(path)
+def _index_recalibrate(args: argparse.Namespace) -> int:
+    from .index import recalibrate_index
+
+    index = recalibrate_index(args.index, precision=args.precision)
+    print(f"{args.index}: {index.meta['count']} {index.modality} references; thresholds {index.thresholds}")
+    return 0
+
+
+def _read_with_errors(paths: list[str]) -> list[dict[str, str]]:
+    """Records of TSV/CSV/FASTA files; a row a reader cannot use becomes a record carrying its
+    `error` (file, line, why), so identify writes an error row for it and index build names it
+    (or lists it in skipped.tsv) instead of it vanishing."""
+    from .data import BadRows, read_records
+
+    bad, records = BadRows("skip"), []
+    for path in paths:
+        records += read_records(path, bad_rows=bad)
+    where = [f"{row.file}:{row.line}" for row in bad.rows]  # the id of a row without one, else part of why
+    return records + [{"id": row.id or at, **dict.fromkeys(RANKS, ""), "dna": "", "image": "",
+                       "error": f"{at}: {row.reason}" if row.id else row.reason} for row, at in zip(bad.rows, where, strict=True)]
+
+
+def _read_queries(args: argparse.Namespace) -> list[dict[str, str]]:
+    """Query records from every source given (see `_read_with_errors`)."""
+    from .identify import image_records
+
+    queries = _read_with_errors([*(args.records or []), *(args.fasta or [])])
     for i, sequence in enumerate(args.dna or []):
         queries.append({"id": f"dna{i + 1}", **dict.fromkeys(RANKS, ""), "dna": sequence, "image": ""})
-    queries += image_records(args.image or [])
+    return queries + image_records(args.image or [])
+
+
+def _identify(args: argparse.Namespace) -> int:
+    from .identify import Identifier, identify_to_tsv
+
+    queries = _read_queries(args)
     if not queries:
         raise ValueError("no queries: give --records, --fasta, --dna or --image")
     identifier = Identifier.load(args.index, model_dir=args.model, backend=args.search, batch_size=args.batch_size,
-                                 progress=True)
+                                 progress=True, on_bad_input=args.on_bad_input)
     identify_to_tsv(identifier, queries, args.out, top_k=args.top_k)
     return 0
 
 
 def _plot(args: argparse.Namespace) -> int:
+    from .data import read_records
+    from .identify import read_predictions_tsv
+    from .index import ReferenceIndex
     from .plots import plot_accuracy_by_key_count, plot_umap
 
     index = ReferenceIndex.load(args.index)
@@ -98,6 +136,17 @@ def _convert(args: argparse.Namespace) -> int:
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
     print(f"{args.out}: CLIBD model ({', '.join(model.config.modalities)}; compat tokenizer and pooling)")
+    return 0
+
+
+def _convert_barcodebert(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .convert.barcodebert import convert_barcodebert
+
+    settings = convert_barcodebert(args.source, args.out, cache_dir=args.cache_dir)
+    print(f"{args.out}: BarcodeBERT weights for the DNA tower; in a config:")
+    print(yaml.safe_dump({"model": {"dna": settings}}, sort_keys=False), end="")
     return 0
 
 
@@ -131,13 +180,25 @@ def _add_index_commands(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--modality", choices=INDEX_MODALITIES, default="dna")
     build.add_argument("--out", required=True, help="index folder to create")
     build.add_argument("--batch-size", type=int, default=256)
+    build.add_argument("--on-bad-input", choices=("error", "skip"), default="error",
+                       help="records that cannot be indexed: stop with an error naming them (default), or leave "
+                            "them out, warn and list them in the index's skipped.tsv")
+    build.add_argument("--precision", type=float,
+                       help="set each rank's threshold so that answers are right at least this often on species "
+                            "held out of the library at calibration (e.g. 0.95); default: the threshold that best "
+                            "separates right from wrong answers")
     build.set_defaults(run=_index_build)
     add = index_commands.add_parser("add", help="add labelled records (new species too) without retraining")
     add.add_argument("index", help="an index folder")
     add.add_argument("--records", required=True)
     add.add_argument("--replace", action="store_true", help="overwrite records whose id is already indexed")
     add.add_argument("--batch-size", type=int, default=256)
+    add.add_argument("--on-bad-input", choices=("error", "skip"), default="error", help="as for index build")
     add.set_defaults(run=_index_add)
+    recalibrate = index_commands.add_parser("recalibrate", help="calibrate an index's thresholds again and store them")
+    recalibrate.add_argument("index", help="an index folder")
+    recalibrate.add_argument("--precision", type=float, help="as for index build (default: the index's own)")
+    recalibrate.set_defaults(run=_index_recalibrate)
 
     push_idx = index_commands.add_parser("push", help="upload an index to a Hub dataset repo")
     push_idx.add_argument("index")
@@ -164,6 +225,9 @@ def _add_identify_command(commands: argparse._SubParsersAction) -> None:
                             "(libraries of millions; pip install 'clibd[faiss]')")
     ident.add_argument("--out", help="predictions TSV (default: stdout); an existing file is resumed")
     ident.add_argument("--batch-size", type=int, default=256)
+    ident.add_argument("--on-bad-input", choices=("skip", "error"), default="skip",
+                       help="queries that cannot be identified (unreadable photo, bad barcode, repeated id): write "
+                            "an error row saying why and go on (default), or stop with an error naming them")
     ident.set_defaults(run=_identify)
 
 
@@ -188,6 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="tokenizer of the text tower (a Hub id or a local folder)")
     convert.set_defaults(run=_convert)
 
+    barcodebert = commands.add_parser("convert-barcodebert",
+                                      help="turn a BarcodeBERT checkpoint into starting weights for the DNA tower")
+    barcodebert.add_argument("source", help="a released name (barcodebert-canada-1.5m-5mer, ...), a local "
+                                            ".pth/.pt/.safetensors, a URL or hf://OWNER/REPO/path")
+    barcodebert.add_argument("--out", required=True, help="folder for the converted weights")
+    barcodebert.add_argument("--cache-dir", help="where downloads are kept")
+    barcodebert.set_defaults(run=_convert_barcodebert)
+
     plot = commands.add_parser("plot", help="figures: UMAP of an index, accuracy by number of keys")
     plot.add_argument("kind", choices=("umap", "keys"))
     plot.add_argument("--index", required=True)
@@ -198,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.set_defaults(run=_plot)
 
     demo = commands.add_parser("demo", help="embed the shared real barcodes and photos, print nearest neighbours")
-    demo.add_argument("--data-dir", default=str(shared_data_dir()), help="the shared/data folder")
+    demo.add_argument("--data-dir", help="the shared/data folder (default: $CLIBD_SHARED_DATA or ../shared/data)")
     demo.add_argument("--limit", type=int, default=None, help="read at most this many barcode records")
     demo.add_argument("--show", type=int, default=12, help="rows to print per table")
     demo.add_argument("--seed", type=int, default=0)
@@ -216,11 +288,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # clibd's warnings (skipped rows, truncated barcodes, thresholds it could not learn) reach the user
+    logging.basicConfig(level=logging.WARNING, format="clibd: %(levelname)s: %(message)s")
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"clibd {args.command}: error: {error}", file=sys.stderr)
+    except Exception as error:
+        if _is_network_error(error):
+            print(f"clibd {args.command}: error: cannot reach the Hugging Face Hub or the download site "
+                  f"({type(error).__name__}: {error}); check the network (and HF_TOKEN for private repos)",
+                  file=sys.stderr)
+        elif isinstance(error, (ValueError, FileNotFoundError)):
+            print(f"clibd {args.command}: error: {error}", file=sys.stderr)
+        else:
+            raise
         return 2
+
+
+def _is_network_error(error: Exception) -> bool:
+    """Whether `error` comes from the network: the HTTP clients or the Hub client, or a refused,
+    reset or timed-out connection."""
+    roots = {"httpx", "httpcore", "requests", "urllib3", "huggingface_hub"}
+    return isinstance(error, (ConnectionError, TimeoutError)) or any(
+        cls.__module__.split(".")[0] in roots for cls in type(error).__mro__)
 
 
 if __name__ == "__main__":

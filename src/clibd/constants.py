@@ -12,3 +12,7 @@ RANKS = ("order", "family", "genus", "species")
 MODALITIES = ("image", "dna", "text")
 # The paper's taxonomy-text BERT (and its tokenizer).
 DEFAULT_TEXT_MODEL = "prajjwal1/bert-small"
+# What a reference index embeds: the record field each modality reads has the same name.
+INDEX_MODALITIES = ("dna", "image")
+# `clibd identify --search`: exact torch, exact faiss, approximate faiss inverted file.
+SEARCH_BACKENDS = ("torch", "faiss", "faiss-ivf")

@@ -54,8 +54,9 @@ def push_index(index_dir: str | os.PathLike, repo_id: str, token: str | None = N
         raise FileNotFoundError(f"{index_dir}: not a clibd index (no index.json)")
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    # the persisted faiss file (`clibd.index_store`) is rebuilt where it is needed: not shipped
     info = api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=str(index_dir),
-                             commit_message="Upload clibd reference index")
+                             commit_message="Upload clibd reference index", ignore_patterns=["faiss-ivf*", ".*"])
     return str(info)
 
 

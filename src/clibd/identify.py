@@ -10,8 +10,10 @@ stops at the deepest rank whose threshold its similarity clears, deeper ranks ar
 The TSV (`write_predictions_tsv`, `read_predictions_tsv`; `identify_to_tsv` streams and resumes):
 a `# ` provenance line, then columns query_id, order, family, genus, species, similarity, novel,
 order_support ... species_support (the fraction of the top-k references that agree with the
-nearest one at that rank, like SINTAX's per-rank bootstrap), novelty_similarity, then hit1_id,
-hit1_species, hit1_similarity, ... for the top-k references.
+nearest one at that rank, like SINTAX's per-rank bootstrap), novelty_similarity, order_precision
+... species_precision (the calibrated precision of the answer at that rank, empty where none is
+given), error (why a query could not be identified; its other columns are then empty), then
+hit1_id, hit1_species, hit1_similarity, ... for the top-k references.
 
 Usage:
     identifier = Identifier.load("refs/")
@@ -22,12 +24,15 @@ Usage:
 from __future__ import annotations
 
 import csv
+import io
+import logging
 import math
 import os
 import re
 import sys
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
@@ -35,15 +40,19 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from .atomic import atomic_write_text
+from .checked_embedding import embed_checked
 from .constants import RANKS
-from .data import records_to_dataset
 from .index import ReferenceIndex, require_field
 from .modeling_clibd import CLIBDModel
+from .novelty import precision_at
 from .processing import CLIBDProcessor
-from .retrieval import SEARCH_BACKENDS, embed_records
+from .retrieval import SEARCH_BACKENDS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 COMMENT = "# "  # provenance lines of a predictions TSV
+ON_BAD_INPUT = ("error", "skip")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,7 +72,10 @@ class Prediction:
     `answer`: rank -> label, "" below the deepest confident rank; `similarity`: best cosine
     (places the query); `novelty_similarity`: best cosine on the parts that score novelty;
     `novel`: the library probably does not hold the species; `support`: rank -> fraction of the
-    top-k hits agreeing with the nearest one at that rank; `hits`: nearest first.
+    top-k hits agreeing with the nearest one at that rank; `hits`: nearest first; `error`: why
+    the query could not be identified (`on_bad_input="skip"`: then no answer, no hits, NaN
+    similarities), "" otherwise; `precision`: rank -> how often the index's calibration answers
+    at this similarity were right at that rank, for the ranks answered (where the index has a curve).
     """
 
     query_id: str
@@ -73,6 +85,8 @@ class Prediction:
     novel: bool
     support: dict[str, float]
     hits: list[Hit]
+    error: str = ""
+    precision: dict[str, float] = field(default_factory=dict)
 
     @property
     def deepest_rank(self) -> str | None:
@@ -82,11 +96,14 @@ class Prediction:
 
 
 def predict(query_id: str, hits: Sequence[Hit], thresholds: Mapping[str, float],
-            novelty_similarity: float | None = None) -> Prediction:
+            novelty_similarity: float | None = None,
+            curves: Mapping[str, list[tuple[float, float]]] | None = None) -> Prediction:
     """The decision for one query from its hits (nearest first), the index's per-rank thresholds
     and its novelty similarity (the best similarity when None). The answer is filled from order
     down and stops at the first rank whose threshold is not cleared (species: by the novelty
-    similarity); a rank without a calibrated threshold (NaN or absent) does not stop it.
+    similarity). A rank whose threshold could not be calibrated (NaN) stops it too: no answer
+    is better than an unchecked one; an absent threshold (an index built with
+    `calibrate=False`) does not stop it.
 
     Usage:
         predict("q1", [Hit("k1", 0.95, {"order": "Diptera", ...}), ...], index.thresholds)
@@ -95,15 +112,28 @@ def predict(query_id: str, hits: Sequence[Hit], thresholds: Mapping[str, float],
     novelty = best.similarity if novelty_similarity is None else novelty_similarity
     answer, support, confident = {}, {}, True
     for rank in RANKS:
-        threshold = thresholds.get(rank, math.nan)
+        threshold = thresholds.get(rank, -math.inf)
         score = novelty if rank == "species" else best.similarity
-        confident = confident and (math.isnan(threshold) or score >= threshold)
+        confident = confident and score >= threshold  # False for a NaN threshold
         label = best.taxonomy.get(rank, "")
         answer[rank] = label if confident else ""
         support[rank] = sum(hit.taxonomy.get(rank, "") == label for hit in hits) / len(hits)
-    species_threshold = thresholds.get("species", math.nan)
-    novel = not math.isnan(species_threshold) and novelty < species_threshold
-    return Prediction(query_id, answer, best.similarity, novelty, novel, support, list(hits))
+    novel = not novelty >= thresholds.get("species", -math.inf)
+    curves = curves or {}
+    precision = {rank: precision_at(curves.get(rank, []), novelty if rank == "species" else best.similarity)
+                 for rank in RANKS if answer[rank]}
+    precision = {rank: value for rank, value in precision.items() if not math.isnan(value)}
+    return Prediction(query_id, answer, best.similarity, novelty, novel, support, list(hits), precision=precision)
+
+
+def failed(query_id: str, reason: str) -> Prediction:
+    """The row of a query that could not be identified: no answer, no hits, and why.
+
+    Usage:
+        failed("photo_17.jpg", "unreadable or truncated image")
+    """
+    return Prediction(query_id, dict.fromkeys(RANKS, ""), math.nan, math.nan, False, dict.fromkeys(RANKS, 0.0), [],
+                      reason)
 
 
 class Identifier:
@@ -116,48 +146,97 @@ class Identifier:
 
     def __init__(self, index: ReferenceIndex, model: CLIBDModel, processor: CLIBDProcessor,
                  model_dir: str | os.PathLike, backend: str = "torch", batch_size: int = 256,
-                 progress: bool = False):
+                 progress: bool = False, on_bad_input: str = "error"):
         if backend not in SEARCH_BACKENDS:
             raise ValueError(f"unknown search backend {backend!r}; use one of {SEARCH_BACKENDS}")
+        if on_bad_input not in ON_BAD_INPUT:
+            raise ValueError(f"on_bad_input must be one of {ON_BAD_INPUT}, got {on_bad_input!r}")
         self.index, self.model, self.processor = index, model, processor
         self.model_dir, self.backend, self.batch_size, self.progress = Path(model_dir), backend, batch_size, progress
+        self.on_bad_input = on_bad_input
 
     @classmethod
     def load(cls, index_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None,
-             backend: str = "torch", batch_size: int = 256, progress: bool = False) -> Identifier:
+             backend: str = "torch", batch_size: int = 256, progress: bool = False,
+             on_bad_input: str = "error") -> Identifier:
         """Load the index at `index_dir` and its model: from `model_dir` (e.g. with an index pulled
-        from the Hub) or where the index says; its weights must be the ones that built the index."""
+        from the Hub) or where the index says; its weights must be the ones that built the index.
+        `on_bad_input`: "error" raises at a query that cannot be identified (naming it), "skip"
+        gives it a `failed` prediction (its `error` says why) and goes on."""
         index = ReferenceIndex.load(index_dir)
         model_dir = model_dir or index.meta["model"]
         model, processor = index.load_model(model_dir)
-        return cls(index, model, processor, model_dir, backend, batch_size, progress)
+        return cls(index, model, processor, model_dir, backend, batch_size, progress, on_bad_input)
 
     def embed(self, records: Sequence[dict[str, str]]) -> torch.Tensor:
         """Embeddings [N, D] (float32, L2-normalised) of query records, by the index's modality."""
         records = list(records)
         self._check(records)
-        dataset = records_to_dataset(records)
-        return embed_records(self.model, self.processor, dataset, self.index.modality, self.batch_size)
+        return embed_checked(self.model, self.processor, records, self.index.modality, self.batch_size)[0]
 
     def identify_embeddings(self, embeddings: torch.Tensor, query_ids: Sequence[str],
                             top_k: int = 5) -> list[Prediction]:
         """Predictions for queries already embedded (`embed`), in order."""
         similarities, rows = self.index.search(embeddings, top_k, self.backend)
+        if not torch.isfinite(similarities).all():  # queries are checked when embedded: a key is damaged
+            raise ValueError(f"{self.index.directory / 'embeddings.safetensors'}: holds embeddings that are not "
+                             "finite (NaN or inf): the index is damaged; rebuild it")
         novelty = (self.index.novelty_similarity(embeddings, self.backend) if self.index.scores_novelty_apart
                    else similarities[:, 0])
-        thresholds = self.index.thresholds
-        return [predict(query_id, [self._hit(j, s) for j, s in zip(js, ss, strict=True)], thresholds, n)
+        thresholds, curves = self.index.thresholds, self.index.precision_curves
+        return [predict(query_id, [self._hit(j, s) for j, s in zip(js, ss, strict=True)], thresholds, n, curves)
                 for query_id, ss, js, n in zip(query_ids, similarities.tolist(), rows.tolist(), novelty.tolist(),
                                                strict=True)]
 
     def iter_identify(self, records: Iterable[dict[str, str]], top_k: int = 5) -> Iterator[list[Prediction]]:
-        """Predictions batch by batch (`batch_size` records), so a long run holds one batch."""
+        """Predictions batch by batch (`batch_size` records), so a long run holds one batch. Queries
+        that cannot be identified (no barcode or photo for the index's modality, a repeated id, a
+        reader's `error`, an unreadable photo, a non-finite embedding) follow `on_bad_input`."""
         records = list(records)
-        self._check(records)  # before the first batch, so no partial output
+        problems = self._problems(records)  # before the first batch, so "error" leaves no partial output
         starts = range(0, len(records), self.batch_size)
         for start in tqdm(starts, desc="identify", disable=not self.progress):
             batch = records[start : start + self.batch_size]
-            yield self.identify_embeddings(self.embed(batch), [r["id"] for r in batch], top_k)
+            yield self._identify_batch(batch, {i - start: problems[i] for i in problems
+                                               if start <= i < start + len(batch)}, top_k)
+
+    def _problems(self, records: list[dict[str, str]]) -> dict[int, str]:
+        """Position -> why, for queries that cannot be identified as given; raised under "error"."""
+        modality, first_seen, problems = self.index.modality, {}, {}
+        for i, record in enumerate(records):
+            if record.get("error"):
+                problems[i] = record["error"]
+            elif not record.get(modality):
+                problems[i] = f"no {modality} (this index holds {modality} references)"
+            elif record["id"] in first_seen:
+                problems[i] = f"duplicate query id (first given as query {first_seen[record['id']] + 1})"
+            first_seen.setdefault(record["id"], i)
+        self._raise_or_warn([(records[i]["id"], reason) for i, reason in problems.items()])
+        return problems
+
+    def _raise_or_warn(self, bad: list[tuple[str, str]]) -> None:
+        if not bad:
+            return
+        shown = "; ".join(f"{query_id}: {reason}" for query_id, reason in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        if self.on_bad_input == "error":
+            raise ValueError(f"{len(bad)} queries cannot be identified: {shown}")
+        logger.warning("%d queries cannot be identified (error rows): %s", len(bad), shown)
+
+    def _identify_batch(self, batch: list[dict[str, str]], problems: dict[int, str], top_k: int) -> list[Prediction]:
+        good = [i for i in range(len(batch)) if i not in problems]
+        embeddings, failures = self._embed_checked([batch[i] for i in good])
+        problems = {**problems, **{good[j]: reason for j, reason in failures.items()}}
+        kept = [j for j in range(len(good)) if j not in failures]
+        found = iter(self.identify_embeddings(embeddings[kept], [batch[good[j]]["id"] for j in kept], top_k)
+                     if kept else [])
+        return [failed(record["id"], problems[i]) if i in problems else next(found) for i, record in enumerate(batch)]
+
+    def _embed_checked(self, records: list[dict[str, str]]) -> tuple[torch.Tensor, dict[int, str]]:
+        """Embeddings of `records` and position -> why for those that could not be embedded."""
+        embeddings, failures = embed_checked(self.model, self.processor, records, self.index.modality,
+                                             self.batch_size, skip=self.on_bad_input == "skip")
+        self._raise_or_warn([(records[i]["id"], reason) for i, reason in failures.items()])
+        return embeddings, failures
 
     def identify(self, records: Iterable[dict[str, str]], top_k: int = 5) -> list[Prediction]:
         """One `Prediction` per record (record schema: id and a dna barcode or image path), in order."""
@@ -198,18 +277,25 @@ def prediction_columns(top_k: int) -> list[str]:
     """The TSV's columns for `top_k` hits."""
     hits = [f"hit{i}_{field}" for i in range(1, top_k + 1) for field in ("id", "species", "similarity")]
     return ["query_id", *RANKS, "similarity", "novel", *(f"{rank}_support" for rank in RANKS),
-            "novelty_similarity", *hits]
+            "novelty_similarity", *(f"{rank}_precision" for rank in RANKS), "error", *hits]
 
 
 def _row(prediction: Prediction) -> dict[str, str]:
+    if prediction.error:  # no answer: only the id and why (tabs and line breaks would break the table)
+        return {"query_id": prediction.query_id, "error": " ".join(prediction.error.split())}
     row = {"query_id": prediction.query_id, **{rank: prediction.answer.get(rank, "") for rank in RANKS},
            "similarity": f"{prediction.similarity:.4f}", "novel": str(prediction.novel).lower(),
            **{f"{rank}_support": f"{prediction.support[rank]:.2f}" for rank in RANKS},
-           "novelty_similarity": f"{prediction.novelty_similarity:.4f}"}
+           "novelty_similarity": f"{prediction.novelty_similarity:.4f}",
+           **{f"{rank}_precision": _number(prediction.precision.get(rank, math.nan), 3) for rank in RANKS}}
     for i, hit in enumerate(prediction.hits, start=1):
         row |= {f"hit{i}_id": hit.id, f"hit{i}_species": hit.taxonomy.get("species", ""),
                 f"hit{i}_similarity": f"{hit.similarity:.4f}"}
     return row
+
+
+def _number(value: float, digits: int) -> str:
+    return "" if math.isnan(value) else f"{value:.{digits}f}"
 
 
 def _prediction(row: dict[str, str]) -> Prediction:
@@ -217,9 +303,12 @@ def _prediction(row: dict[str, str]) -> Prediction:
     while row.get(f"hit{i}_id"):
         hits.append(Hit(row[f"hit{i}_id"], float(row[f"hit{i}_similarity"]), {"species": row[f"hit{i}_species"]}))
         i += 1
+    if row.get("error"):
+        return failed(row["query_id"], row["error"])
     return Prediction(row["query_id"], {rank: row[rank] for rank in RANKS}, float(row["similarity"]),
                       float(row["novelty_similarity"]), row["novel"] == "true",
-                      {rank: float(row[f"{rank}_support"]) for rank in RANKS}, hits)
+                      {rank: float(row[f"{rank}_support"]) for rank in RANKS}, hits,
+                      precision={rank: float(row[f"{rank}_precision"]) for rank in RANKS if row[f"{rank}_precision"]})
 
 
 def write_predictions_tsv(predictions: Iterable[Prediction], stream: TextIO, top_k: int, header: bool = True) -> None:
@@ -258,10 +347,11 @@ def _run_of(provenance: str) -> tuple[str, ...] | None:
     return match.groups() if provenance.startswith(COMMENT) and match else None
 
 
-def _resume(path: Path, provenance: str, columns: list[str]) -> set[str] | None:
-    """Query ids already written to `path`; None when there is nothing to resume (no file, or one
-    cut before its header). A last line cut by an interruption is removed first. A file written
-    by another run (model, index, thresholds) or with another top-k is a `ValueError`."""
+def _resume(path: Path, provenance: str, columns: list[str]) -> list[str] | None:
+    """Query ids already written to `path` (one per row); None when there is nothing to resume (no
+    file, or one cut before its header). A last line cut by an interruption is removed first. A
+    file written by another run (model, index, thresholds) or with other columns (another top-k,
+    an older clibd) is a `ValueError`."""
     if not path.exists():
         return None
     data = path.read_bytes()
@@ -278,29 +368,51 @@ def _resume(path: Path, provenance: str, columns: list[str]) -> set[str] | None:
             raise ValueError(f"{path} holds predictions of another run ({first.strip() or 'no provenance line'}); "
                              f"this run: {provenance.strip()}. Write to a new file or remove it")
         if table.fieldnames != columns:
-            raise ValueError(f"{path} was written with another --top-k ({len(table.fieldnames)} columns, "
-                             f"this run writes {len(columns)}); write to a new file or remove it")
-        return {row["query_id"] for row in table}
+            raise ValueError(f"{path} was written with other columns (another --top-k or an older clibd: "
+                             f"{len(table.fieldnames)} columns, this run writes {len(columns)}); write to a new "
+                             "file or remove it")
+        return [row["query_id"] for row in table]
+
+
+def _still_to_do(records: Sequence[dict[str, str]], done: list[str]) -> list[dict[str, str]]:
+    """The records an earlier run did not write, counting repeated ids: a repeat of an id written
+    before becomes a "duplicate query id" error row, as it would have in one run."""
+    rows_written, written = Counter(done), set(done)
+    todo = []
+    for record in records:
+        if rows_written[record["id"]]:
+            rows_written[record["id"]] -= 1
+        elif record["id"] in written:
+            todo.append({**record, "error": "duplicate query id (given earlier in this run)"})
+        else:
+            todo.append(record)
+    return todo
 
 
 def identify_to_tsv(identifier: Identifier, records: Sequence[dict[str, str]],
                     out: str | os.PathLike | None = None, top_k: int = 5) -> int:
     """Stream predictions for `records` as TSV to `out` (stdout when None); return rows written.
 
-    Rows are appended batch by batch and flushed, so an interrupted run, started again with the
-    same `out`, skips the queries already written (the file's provenance must match this run).
+    The provenance line and header are written at once (the file exists with both or not at all);
+    rows are appended batch by batch and flushed, so an interrupted run, started again with the
+    same `out`, skips the queries already written (the file's provenance and columns must match
+    this run).
 
     Usage:
         identify_to_tsv(Identifier.load("refs/", progress=True), records, "preds.tsv", top_k=5)
     """
     top_k = min(top_k, len(identifier.index.records))
     done = _resume(Path(out), identifier.provenance_line(), prediction_columns(top_k)) if out is not None else None
-    todo = [r for r in records if r["id"] not in done] if done is not None else list(records)
-    stream: TextIO = sys.stdout if out is None else open(out, "w" if done is None else "a", newline="")  # noqa: SIM115
+    todo = _still_to_do(records, done) if done is not None else list(records)
+    header = io.StringIO()
+    header.write(identifier.provenance_line())
+    write_predictions_tsv([], header, top_k)
+    if out is None:
+        sys.stdout.write(header.getvalue())
+    elif done is None:
+        atomic_write_text(Path(out), header.getvalue())
+    stream: TextIO = sys.stdout if out is None else open(out, "a", newline="")  # noqa: SIM115
     try:
-        if done is None:
-            stream.write(identifier.provenance_line())
-            write_predictions_tsv([], stream, top_k)
         written = 0
         for batch in identifier.iter_identify(todo, top_k):
             write_predictions_tsv(batch, stream, top_k, header=False)

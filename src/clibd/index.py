@@ -16,27 +16,33 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
+import math
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import __version__
 from .atomic import atomic_directory
-from .constants import RANKS
-from .data import records_to_dataset
+from .checked_embedding import NOT_FINITE, check_finite_weights, embed_checked, not_finite_rows
+from .constants import INDEX_MODALITIES, RANKS
+from .index_store import RecordTable, map_embeddings, persisted_ivf
 from .modeling_clibd import CLIBDModel
-from .novelty import calibrate_thresholds
+from .novelty import Calibration, calibrate
 from .processing import CLIBDProcessor
-from .retrieval import embed_records, search
+from .retrieval import active_processes, embedding_processes, faiss_search, launched_processes, search
 from .towers.parts import EmbeddingPart, part_columns, select_parts, whole
 
-INDEX_MODALITIES = ("dna", "image")  # the record field each modality reads has the same name
+logger = logging.getLogger(__name__)
+
 RECORD_COLUMNS = ("id", *RANKS, "source")
 SHARD_SIZE = 2048
 
@@ -70,7 +76,13 @@ def load_model(model_dir: str | os.PathLike, expected_hash: str | None = None
     if expected_hash is not None and digest != expected_hash:
         raise ValueError(f"{model_dir}: not the one that built this index (weights hash differs); "
                          "pass the model that built it, or rebuild the index")
-    return CLIBDModel.from_pretrained(model_dir).eval(), CLIBDProcessor.from_pretrained(model_dir), digest
+    try:
+        model = CLIBDModel.from_pretrained(model_dir).eval()
+    except (OSError, RuntimeError, ValueError, SafetensorError) as error:
+        raise ValueError(f"{model_dir}: cannot load the model's weights (model.safetensors truncated or damaged? "
+                         f"{type(error).__name__}: {error})") from error
+    check_finite_weights(model, model_dir)
+    return model, CLIBDProcessor.from_pretrained(model_dir), digest
 
 
 @dataclass
@@ -83,23 +95,25 @@ class ReferenceIndex:
 
     directory: Path
     meta: dict
-    embeddings: torch.Tensor  # [N, D] fp16, L2-normalised
-    records: list[dict[str, str]]
-    # built on first use: faiss indexes by (keys, backend); the novelty part of the keys
+    embeddings: torch.Tensor  # [N, D] fp16, L2-normalised; loaded: mapped from the file, not copied
+    records: Sequence[dict[str, str]]  # loaded: a RecordTable (an Arrow table; each record a dict)
+    # built on first use: faiss indexes by (keys, backend) (faiss-ivf: read from or written to the
+    # folder, `clibd.index_store`); the novelty part of the keys
     _faiss: dict = field(default_factory=dict, repr=False, compare=False)
     _keys: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> ReferenceIndex:
-        """Read an index folder written by `build_index` / `add_to_index` (or an older clibd)."""
+        """Read an index folder written by `build_index` / `add_to_index` (or an older clibd): the
+        embeddings memory-mapped (read when searched, shared between processes), the records as
+        columns (`clibd.index_store`), so a million references open in seconds."""
         directory = Path(directory)
         meta_path = directory / "index.json"
         if not meta_path.exists():
             raise FileNotFoundError(f"{directory}: not a clibd index (no index.json)")
         meta = json.loads(meta_path.read_text())
-        embeddings = load_file(directory / "embeddings.safetensors")[meta["modality"]]
-        with open(directory / "records.tsv", newline="") as f:
-            records = list(csv.DictReader(f, delimiter="\t"))
+        embeddings = map_embeddings(directory / "embeddings.safetensors", meta["modality"])
+        records = RecordTable.read(directory / "records.tsv")
         if len(records) != embeddings.shape[0] or meta["count"] != len(records):
             raise ValueError(f"{directory}: {len(records)} records but {embeddings.shape[0]} embeddings "
                              f"(index.json says {meta['count']}): the index is damaged")
@@ -109,9 +123,23 @@ class ReferenceIndex:
     def modality(self) -> str:
         return self.meta["modality"]
 
-    @property
+    @cached_property
     def thresholds(self) -> dict[str, float]:
-        return self.meta.get("thresholds", {})
+        """Per-rank thresholds (`clibd.novelty`). An index from a clibd that left a rank NaN where
+        it had only right or only wrong answers (which then answered anything) is recalibrated
+        here, in memory, with a warning; `recalibrate_index` stores the result."""
+        thresholds = self.meta.get("thresholds", {})
+        if "calibration" in self.meta or not any(math.isnan(value) for value in thresholds.values()):
+            return thresholds
+        logger.warning("%s: built by an older clibd whose thresholds for %s could not be set; recalibrated in "
+                       "memory (store it with `clibd index recalibrate %s`)", self.directory,
+                       [rank for rank, value in thresholds.items() if math.isnan(value)], self.directory)
+        return _calibrate(self.embeddings, self.records, self.parts).thresholds
+
+    @property
+    def precision_curves(self) -> dict[str, list[tuple[float, float]]]:
+        """Per rank, the calibrated precision of answers by similarity (`clibd.novelty.precision_curve`)."""
+        return self.meta.get("precision_curves", {})
 
     @cached_property
     def parts(self) -> list[EmbeddingPart]:
@@ -132,6 +160,8 @@ class ReferenceIndex:
         return len(part_columns(self.parts, "scores_novelty")) < self.embeddings.shape[1]
 
     def labels(self, rank: str) -> list[str]:
+        if isinstance(self.records, RecordTable):
+            return self.records.column(rank)
         return [r[rank] for r in self.records]
 
     def load_model(self, model_dir: str | os.PathLike | None = None) -> tuple[CLIBDModel, CLIBDProcessor]:
@@ -143,21 +173,40 @@ class ReferenceIndex:
     def search(self, queries: torch.Tensor, k: int = 5, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
         """Cosine similarities and indices [Q, k] of the k nearest references; `backend` as in
         `clibd.retrieval.search` ("torch", "faiss", "faiss-ivf"; a faiss index is built on first
-        use and kept)."""
-        return search(queries, self.embeddings, k, backend, cache=self._faiss, name="embeddings")
+        use and kept; "faiss-ivf" is also kept in the index folder, for later processes)."""
+        return self._search(queries, "embeddings", lambda: self.embeddings, k, backend)
 
     def novelty_similarity(self, queries: torch.Tensor, backend: str = "torch") -> torch.Tensor:
         """Each query's best cosine [Q] to any reference on the parts that score novelty
         (`select_parts(..., "scores_novelty")`). `queries`: whole embeddings [Q, D]."""
+        queries = select_parts(queries, self.parts, "scores_novelty")
+        return self._search(queries, "novelty", self._novelty_keys, 1, backend)[0][:, 0]
+
+    def _novelty_keys(self) -> torch.Tensor:
         if "novelty" not in self._keys:
             self._keys["novelty"] = select_parts(self.embeddings, self.parts, "scores_novelty").to(torch.float16)
-        queries = select_parts(queries, self.parts, "scores_novelty")
-        return search(queries, self._keys["novelty"], 1, backend, cache=self._faiss, name="novelty")[0][:, 0]
+        return self._keys["novelty"]
+
+    def _search(self, queries: torch.Tensor, name: str, keys: Callable[[], torch.Tensor], k: int,
+                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """`clibd.retrieval.search` over the keys `name`; `keys()` is only called when they are
+        needed: a faiss-ivf index persisted in the folder is memory-mapped and never reads them."""
+        if backend == "faiss-ivf" and (name, backend) not in self._faiss:
+            describe = {"parts": [part.to_dict() for part in self.parts]} if name == "novelty" else None
+            self._faiss[(name, backend)] = persisted_ivf(self.directory, name, keys, describe)
+        if (name, backend) in self._faiss:
+            return faiss_search(queries, self._faiss[(name, backend)], k)
+        return search(queries, keys(), k, backend, cache=self._faiss, name=name)
 
 
-def _write_index(directory: Path, meta: dict, embeddings: torch.Tensor, records: list[dict]) -> None:
-    """Write all three files into a temporary folder, then swap it into place."""
+def _write_index(directory: Path, meta: dict, embeddings: torch.Tensor, records: list[dict],
+                 skipped: list[tuple[str, str]] | None = None) -> None:
+    """Write all files into a temporary folder, then swap it into place; `skipped.tsv` lists the
+    records the last build or add left out (`on_bad_input="skip"`) and why."""
     with atomic_directory(directory) as tmp:
+        if skipped:
+            with open(tmp / "skipped.tsv", "w", newline="") as f:
+                f.write("id\treason\n" + "".join(f"{i}\t{' '.join(why.split())}\n" for i, why in skipped))
         save_file({meta["modality"]: embeddings.to(torch.float16).contiguous()}, tmp / "embeddings.safetensors")
         with open(tmp / "records.tsv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=RECORD_COLUMNS, delimiter="\t", extrasaction="ignore")
@@ -173,20 +222,59 @@ def require_field(records: list[dict], modality: str, what: str = "records") -> 
         raise ValueError(f"{len(missing)} {what} have no {modality}, e.g. {missing[:5]}")
 
 
-def _usable(records: list[dict], modality: str) -> list[dict]:
-    require_field(records, modality, "records to index")
-    unlabelled = [r["id"] for r in records if not any(r.get(rank) for rank in RANKS)]
-    if unlabelled:
-        raise ValueError(f"{len(unlabelled)} records have no taxonomy, e.g. {unlabelled[:5]}")
-    return [{**r, "source": r.get("source", "")} for r in records]
+def _screen(records: list[dict], modality: str, existing: list[dict], skip: bool
+            ) -> tuple[list[dict], list[tuple[str, str]]]:
+    """(records that can be indexed, (id, why) of those that cannot): no barcode or photo, no
+    taxonomy, an id already indexed or repeated. Without `skip`, a `ValueError` naming them."""
+    seen, usable, skipped = {r["id"] for r in existing}, [], []
+    for record in records:
+        if record.get("error"):
+            why = record["error"]
+        elif not record.get(modality):
+            why = f"no {modality}"
+        elif not any(record.get(rank) for rank in RANKS):
+            why = "no taxonomy"
+        elif record["id"] in seen:
+            why = "id already in the index or repeated (use replace=True / --replace to overwrite it)"
+        else:
+            why = ""
+            usable.append({**record, "source": record.get("source", "")})
+        seen.add(record["id"])
+        if why:
+            skipped.append((record["id"], why))
+    if skipped and not skip:
+        shown = "; ".join(f"{i}: {why}" for i, why in skipped[:10])
+        raise ValueError(f"{len(skipped)} records cannot be indexed: {shown} (or skip them: on_bad_input='skip')")
+    return usable, skipped
+
+
+def _drop_failures(records: list[dict], embeddings: torch.Tensor, failures: dict[int, str],
+                   skipped: list[tuple[str, str]]) -> tuple[list[dict], torch.Tensor]:
+    """The records and embeddings left once those that could not be embedded are dropped (and
+    added to `skipped`, with a warning)."""
+    if not failures:
+        return records, embeddings
+    skipped += [(records[i]["id"], why) for i, why in sorted(failures.items())]
+    logger.warning("%d records could not be embedded and are not indexed (listed in skipped.tsv): %s",
+                   len(failures), "; ".join(f"{records[i]['id']}: {why}" for i, why in list(failures.items())[:5]))
+    keep = [i for i in range(len(records)) if i not in failures]
+    return [records[i] for i in keep], embeddings[keep]
 
 
 def embed_in_shards(model: CLIBDModel, processor: CLIBDProcessor, records: list[dict], modality: str,
-                    work_dir: Path, batch_size: int = 256, progress: bool = True) -> torch.Tensor:
-    """Embed `records` shard by shard into `work_dir`; shards already there are reused (resume)."""
+                    work_dir: Path, batch_size: int = 256, progress: bool = True, skip: bool = False,
+                    accelerator=None) -> tuple[torch.Tensor, dict[int, str]]:
+    """Embed `records` shard by shard into `work_dir`; shards already there are reused (resume).
+    Returns the embeddings and {position: why} of records that could not be embedded (`skip`;
+    without it, a `ValueError`; see `clibd.checked_embedding`). Under several processes
+    (`accelerator`, an `accelerate.PartialState` / `Accelerator`, or an enclosing
+    `clibd.retrieval.embedding_processes`) each shard is embedded by all of them
+    (`clibd.retrieval.embed_records`) and written by the main one: `work_dir` must be shared."""
+    processes = accelerator if accelerator is not None else active_processes()
+    main = processes is None or processes.is_main_process
     work_dir.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for start in tqdm(range(0, len(records), SHARD_SIZE), desc=f"index {modality}", disable=not progress):
+    shards, failures = [], {}
+    for start in tqdm(range(0, len(records), SHARD_SIZE), desc=f"index {modality}", disable=not (progress and main)):
         shard = work_dir / f"shard-{start // SHARD_SIZE:06d}.safetensors"
         ids = [r["id"] for r in records[start : start + SHARD_SIZE]]
         ids_hash = hashlib.sha256("\n".join(ids).encode()).hexdigest()
@@ -194,88 +282,140 @@ def embed_in_shards(model: CLIBDModel, processor: CLIBDProcessor, records: list[
             saved = load_file(shard)
             if bytes(saved["ids_hash"].tolist()).decode() == ids_hash:
                 shards.append(saved["embeddings"])
+                failures |= {start + i: NOT_FINITE for i in not_finite_rows(saved["embeddings"])}
                 continue
-        dataset = records_to_dataset(records[start : start + SHARD_SIZE])
-        embeddings = embed_records(model, processor, dataset, modality, batch_size).to(torch.float16)
-        tmp = shard.with_suffix(".tmp")
-        save_file({"embeddings": embeddings, "ids_hash": torch.tensor(list(ids_hash.encode()), dtype=torch.uint8)},
-                  tmp)
-        os.replace(tmp, shard)
+        with embedding_processes(processes):
+            embeddings, shard_failures = embed_checked(model, processor, records[start : start + SHARD_SIZE],
+                                                       modality, batch_size, skip)
+        embeddings = embeddings.to(torch.float16)
+        failures |= {start + i: why for i, why in shard_failures.items()}
+        if main:  # every process holds the whole shard; two writing one file would collide
+            tmp = shard.with_suffix(".tmp")
+            save_file({"embeddings": embeddings,
+                       "ids_hash": torch.tensor(list(ids_hash.encode()), dtype=torch.uint8)}, tmp)
+            os.replace(tmp, shard)
         shards.append(embeddings)
-    return torch.cat(shards) if shards else torch.empty(0, model.embedding_dim(modality), dtype=torch.float16)
+    empty = torch.empty(0, model.embedding_dim(modality), dtype=torch.float16)
+    return (torch.cat(shards) if shards else empty), failures
 
 
-def _thresholds(embeddings: torch.Tensor, records: list[dict], parts: list[EmbeddingPart]) -> dict[str, float]:
+def _calibrate(embeddings: torch.Tensor, records: list[dict], parts: list[EmbeddingPart],
+               precision: float | None = None) -> Calibration:
     embeddings = embeddings.float()
-    return calibrate_thresholds(embeddings, records,
-                                novelty_embeddings=select_parts(embeddings, parts, "scores_novelty"))
+    return calibrate(embeddings, records, novelty_embeddings=select_parts(embeddings, parts, "scores_novelty"),
+                     precision=precision)
+
+
+def _store_calibration(meta: dict, embeddings: torch.Tensor, records: list[dict], parts: list[EmbeddingPart],
+                       directory: Path) -> dict:
+    """`meta` with the library's thresholds and how each was set; warns where one is not learned
+    from both right and wrong answers (e.g. a library with one reference per species)."""
+    calibration = _calibrate(embeddings, records, parts, meta.get("precision"))
+    for line in calibration.warnings():
+        logger.warning("%s: threshold for %s", directory, line)
+    return {**meta, "thresholds": calibration.thresholds, "calibration": calibration.methods,
+            "precision_curves": calibration.curves}
 
 
 def _finish(directory: Path, meta: dict, parts: list[EmbeddingPart], embeddings: torch.Tensor,
-            records: list[dict], calibrate: bool, work_dir: Path) -> ReferenceIndex:
-    """Store the parts (and thresholds, if asked), write the index, drop the build's shards."""
-    meta = {**meta, "parts": [part.to_dict() for part in parts]}
-    if calibrate:
-        meta["thresholds"] = _thresholds(embeddings, records, parts)
-    _write_index(directory, meta, embeddings, records)
-    shutil.rmtree(work_dir, ignore_errors=True)
+            records: list[dict], calibrate: bool, work_dir: Path, skipped: list[tuple[str, str]],
+            processes=None) -> ReferenceIndex:
+    """Store the parts (and thresholds, if asked), write the index, drop the build's shards. Under
+    several processes (`accelerate launch`) the main one writes and the others wait for it."""
+    if not records:
+        raise ValueError(f"{directory}: no record could be indexed ({len(skipped)} skipped, e.g. {skipped[:3]})")
+    if processes is None or processes.is_main_process:
+        meta = {**meta, "parts": [part.to_dict() for part in parts]}
+        if calibrate:
+            meta = _store_calibration(meta, embeddings, records, parts, directory)
+        _write_index(directory, meta, embeddings, records, skipped)
+        shutil.rmtree(work_dir, ignore_errors=True)
+    if processes is not None:
+        processes.wait_for_everyone()
     return ReferenceIndex.load(directory)
 
 
 def build_index(model_dir: str | os.PathLike, records: list[dict], modality: str, out: str | os.PathLike,
-                batch_size: int = 256, calibrate: bool = True, progress: bool = True) -> ReferenceIndex:
+                batch_size: int = 256, calibrate: bool = True, progress: bool = True,
+                on_bad_input: str = "error", precision: float | None = None) -> ReferenceIndex:
     """Embed labelled records with the model saved in `model_dir` into a new index at `out`.
+    `on_bad_input`: "error" refuses records that cannot be indexed (naming them); "skip" leaves
+    them out, warns and lists them in the index's `skipped.tsv`. `precision`: thresholds set so
+    that answers are right at least that often on species held out at calibration (`clibd.novelty`);
+    None: thresholds that best separate right from wrong answers. Kept for `add_to_index`.
 
     Usage:
         index = build_index("runs/demo/best", read_records("refs.tsv"), "dna", "refs/")
     """
     if modality not in INDEX_MODALITIES:
         raise ValueError(f"an index holds {' or '.join(INDEX_MODALITIES)} embeddings, not {modality!r}")
+    skip = _skip(on_bad_input)
     out = Path(out)
-    records = _usable(records, modality)
-    _reject_duplicates(records, [])
+    records, skipped = _screen(records, modality, [], skip)
     model, processor, digest = load_model(model_dir)
-    work_dir = out.with_name(f".{out.name}.partial")
-    embeddings = embed_in_shards(model, processor, records, modality, work_dir, batch_size, progress)
+    work_dir, processes = out.with_name(f".{out.name}.partial"), launched_processes()
+    embeddings, failures = embed_in_shards(model, processor, records, modality, work_dir, batch_size, progress, skip,
+                                           processes)
+    records, embeddings = _drop_failures(records, embeddings, failures, skipped)
     meta = {"clibd_version": __version__, "model": str(Path(model_dir).resolve()), "model_hash": digest,
-            "modality": modality, "dim": int(embeddings.shape[1])}
-    return _finish(out, meta, model.embedding_parts(modality), embeddings, records, calibrate, work_dir)
+            "modality": modality, "dim": int(embeddings.shape[1]), "precision": _checked_precision(precision)}
+    return _finish(out, meta, model.embedding_parts(modality), embeddings, records, calibrate, work_dir, skipped,
+                   processes)
 
 
-def _reject_duplicates(new: list[dict], existing: list[dict]) -> None:
-    seen = {r["id"] for r in existing}
-    duplicates = []
-    for record in new:
-        if record["id"] in seen:
-            duplicates.append(record["id"])
-        seen.add(record["id"])
-    if duplicates:
-        raise ValueError(f"{len(duplicates)} record ids are already in the index or repeated: {duplicates[:10]}"
-                         " (use replace=True / --replace to overwrite them)")
+def _checked_precision(precision: float | None) -> float | None:
+    if precision is not None and not 0 < precision < 1:
+        raise ValueError(f"precision must be between 0 and 1 (e.g. 0.95), got {precision}")
+    return precision
+
+
+def _skip(on_bad_input: str) -> bool:
+    if on_bad_input not in ("error", "skip"):
+        raise ValueError(f"on_bad_input must be 'error' or 'skip', got {on_bad_input!r}")
+    return on_bad_input == "skip"
 
 
 def add_to_index(directory: str | os.PathLike, records: list[dict], replace: bool = False,
-                 batch_size: int = 256, recalibrate: bool = True, progress: bool = True) -> ReferenceIndex:
+                 batch_size: int = 256, recalibrate: bool = True, progress: bool = True,
+                 on_bad_input: str = "error") -> ReferenceIndex:
     """Embed new labelled records with the index's own model and add them (new species included).
     An index written before parts were stored is rewritten with the model's parts.
+    `on_bad_input` as in `build_index`.
 
     Usage:
         index = add_to_index("refs/", read_records("new_species.fasta"))
     """
-    index = ReferenceIndex.load(directory)
-    records = _usable(records, index.modality)
+    index, skip = ReferenceIndex.load(directory), _skip(on_bad_input)
     kept_records, kept = index.records, index.embeddings
     if replace:
         incoming = {r["id"] for r in records}
         mask = torch.tensor([r["id"] not in incoming for r in index.records], dtype=torch.bool)
         kept_records = [r for r in index.records if r["id"] not in incoming]
         kept = index.embeddings[mask]
-    _reject_duplicates(records, kept_records)
+    records, skipped = _screen(records, index.modality, kept_records, skip)
     model, processor = index.load_model()
-    work_dir = Path(directory).with_name(f".{Path(directory).name}.partial")
-    new = embed_in_shards(model, processor, records, index.modality, work_dir, batch_size, progress)
-    all_records = kept_records + records
+    work_dir, processes = Path(directory).with_name(f".{Path(directory).name}.partial"), launched_processes()
+    new, failures = embed_in_shards(model, processor, records, index.modality, work_dir, batch_size, progress, skip,
+                                    processes)
+    records, new = _drop_failures(records, new, failures, skipped)
     embeddings = torch.cat([kept, new])
     meta = {k: v for k, v in index.meta.items() if k != "novelty_dim"}  # legacy: the parts replace it
-    return _finish(Path(directory), meta, model.embedding_parts(index.modality), embeddings, all_records,
-                   recalibrate, work_dir)
+    return _finish(Path(directory), meta, model.embedding_parts(index.modality), embeddings, kept_records + records,
+                   recalibrate, work_dir, skipped, processes)
+
+
+def recalibrate_index(directory: str | os.PathLike, precision: float | None = None) -> ReferenceIndex:
+    """Calibrate an index's thresholds again with this clibd (no model needed: the embeddings and
+    labels are in the folder) and store them; `precision` as in `build_index` (None: the index's own).
+
+    Usage:
+        index = recalibrate_index("refs/")
+    """
+    index = ReferenceIndex.load(directory)
+    meta = {k: v for k, v in index.meta.items() if k != "novelty_dim"}
+    meta["precision"] = _checked_precision(precision) if precision is not None else meta.get("precision")
+    meta = _store_calibration(meta,
+                              index.embeddings, index.records, index.parts, index.directory)
+    meta["parts"] = [part.to_dict() for part in index.parts]
+    _write_index(index.directory, meta, index.embeddings, index.records)
+    return ReferenceIndex.load(directory)

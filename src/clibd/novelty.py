@@ -1,16 +1,24 @@
-"""Per-rank confidence thresholds, calibrated on the reference library itself by holding species out.
+"""Per-rank confidence thresholds, calibrated on the reference library itself by holding taxa out.
 
-A sample of references (of species with at least two references) is matched twice against the
-library: once with only itself removed (a specimen of a species the library holds) and once with
-every reference of its species removed (a specimen of a species the library does not hold, the
-novel-species case). For each rank, the nearest reference's label is right or wrong; the rank's
-threshold is the similarity that best separates right from wrong answers (balanced accuracy).
-So the species threshold separates "the library holds this species" from "it does not" (the
-`novel` flag), and the genus, family and order thresholds say from which similarity the nearest
-reference's genus, family and order can be trusted for a specimen of an absent species. `identify`
-fills the answer from order down and stops at the first rank whose threshold the query's best
-similarity does not clear (in the spirit of BOLD's 97/95/90/85 % identity cut-offs, but learned
-per model and library).
+A sample of references is matched twice against the library: once with only itself removed (a
+specimen of a taxon the library holds) and once with every reference of its taxon removed (a
+specimen of a taxon the library does not hold, the novel-species case). The taxon held out is
+the deepest rank the library labels: the species, or the genus for a library without species
+names. For each rank, the nearest reference's label is right or wrong; the rank's threshold is
+the similarity that best separates right from wrong answers (balanced accuracy). So the species
+threshold separates "the library holds this species" from "it does not" (the `novel` flag), and
+the genus, family and order thresholds say from which similarity the nearest reference's genus,
+family and order can be trusted for a specimen of an absent species. `identify` fills the answer
+from order down and stops at the first rank whose threshold the query's best similarity does not
+clear (in the spirit of BOLD's 97/95/90/85 % identity cut-offs, but learned per model and library).
+
+A rank with only one kind of answer still gets a threshold, never a silent "anything goes":
+- only wrong answers (a library with one reference per species: no specimen of a held species
+  to learn from): the cut lets through at most 1 % of them (`ONE_SIDED_QUANTILE`);
+- only right answers (a library of one order): the cut keeps 99 % of them, so a query less like
+  the library than anything calibration saw gets no answer at that rank;
+- no answers at all (the rank has no labels, or fewer than two references): NaN, and `identify`
+  then gives no answer at that rank or below it. `Calibration.warnings` says which rank and why.
 
 The species rank (and with it the novel flag) may be judged on some parts of the embedding only:
 those a tower declares `scores_novelty` (`clibd.towers.parts.select_parts`; e.g. the k-mer parts
@@ -19,18 +27,32 @@ places.
 
 Usage:
     thresholds = calibrate_thresholds(embeddings, records)   # {"species": 0.93, "genus": 0.88, ...}
-    thresholds = calibrate_thresholds(embeddings, records,
-                                      novelty_embeddings=select_parts(embeddings, parts, "scores_novelty"))
+    calibration = calibrate(embeddings, records, novelty_embeddings=select_parts(embeddings, parts,
+                                                                                  "scores_novelty"))
+    calibration.thresholds, calibration.methods, calibration.warnings()
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 
 from .constants import RANKS
+
+# Share of the one kind of answer a one-sided threshold gets wrong (see the module doc).
+ONE_SIDED_QUANTILE = 0.01
+METHODS = {
+    "separates": "separates right from wrong answers",
+    "precision": "the lowest similarity at which answers reach the asked precision",
+    "precision unreachable": "no similarity gives the asked precision: set above every answer",
+    "above wrong": "only wrong answers to learn from: set above 99 % of them",
+    "below right": "only right answers to learn from: set below 99 % of them",
+    "none": "nothing to learn from: no answer is given at this rank or below",
+}
 
 
 def best_threshold(known: list[float], novel: list[float]) -> float:
@@ -49,47 +71,188 @@ def best_threshold(known: list[float], novel: list[float]) -> float:
     return float((best + lower[-1]) / 2) if lower else float(best)
 
 
-def nearest_held_out(embeddings: torch.Tensor, species: list[str], queries: list[int],
+def rank_threshold(right: list[float], wrong: list[float]) -> tuple[float, str]:
+    """(threshold, method) for one rank from the similarities of its right and wrong answers."""
+    if right and wrong:
+        return best_threshold(right, wrong), "separates"
+    if wrong:  # just above all but ONE_SIDED_QUANTILE of the wrong answers
+        cut = torch.quantile(torch.tensor(wrong, dtype=torch.float64), 1 - ONE_SIDED_QUANTILE).item()
+        return math.nextafter(cut, math.inf), "above wrong"
+    if right:
+        return torch.quantile(torch.tensor(right, dtype=torch.float64), ONE_SIDED_QUANTILE).item(), "below right"
+    return float("nan"), "none"
+
+
+def precision_threshold(right: list[float], wrong: list[float], precision: float) -> tuple[float, str]:
+    """(threshold, method): the lowest cut at which the answers with similarity >= cut are right
+    at least `precision` of the time; above every answer when no cut is ("precision unreachable"),
+    NaN when there are no answers."""
+    scored = sorted([(s, 1) for s in right] + [(s, 0) for s in wrong], reverse=True)
+    if not scored:
+        return float("nan"), "none"
+    cut, n_right = None, 0
+    for n, (sim, ok) in enumerate(scored, start=1):
+        n_right += ok
+        at_boundary = n == len(scored) or scored[n][0] < sim  # cut between distinct values only
+        if at_boundary and n_right >= precision * n:
+            cut = sim
+    if cut is None:
+        return math.nextafter(scored[0][0], math.inf), "precision unreachable"
+    return cut, "precision"
+
+
+def precision_curve(right: list[float], wrong: list[float], points: int = 128) -> list[tuple[float, float]]:
+    """[(similarity, precision of the answers at or above it)] at up to `points` similarities
+    (quantiles of the answers), highest first: what `precision_at` reads for one query.
+
+    Usage:
+        curve = precision_curve(right, wrong); precision_at(curve, 0.91)
+    """
+    scored = sorted([(s, 1) for s in right] + [(s, 0) for s in wrong], reverse=True)
+    if not scored:
+        return []
+    keep = sorted({round(i * (len(scored) - 1) / max(points - 1, 1)) for i in range(points)})
+    n_right, curve, wanted = 0, [], set(keep)
+    for n, (sim, ok) in enumerate(scored):
+        n_right += ok
+        if n in wanted:
+            curve.append((round(sim, 6), round(n_right / (n + 1), 4)))
+    return curve
+
+
+def precision_at(curve: list[tuple[float, float]], similarity: float) -> float:
+    """The calibrated precision of an answer at `similarity`: that of the calibration answers at or
+    above it, read at the curve point at or just above it (exact for a curve of every answer);
+    above the curve, its highest point's; NaN without a curve."""
+    above = [precision for sim, precision in curve if sim >= similarity]
+    return above[-1] if above else (curve[0][1] if curve else float("nan"))
+
+
+def nearest_held_out(embeddings: torch.Tensor, taxa: list[str], queries: list[int],
                      chunk_size: int = 512) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For each query reference: (similarity, index) of its nearest other reference, and of its
-    nearest reference of another species."""
-    label_ids = {label: i for i, label in enumerate(sorted(set(species)))}
-    key_species = torch.tensor([label_ids[label] for label in species])
+    nearest reference of another taxon (`taxa`: each reference's held-out label)."""
+    label_ids = {label: i for i, label in enumerate(sorted(set(taxa)))}
+    key_taxa = torch.tensor([label_ids[label] for label in taxa])
     parts: list[tuple[torch.Tensor, ...]] = []
     for start in range(0, len(queries), chunk_size):
         rows = torch.tensor(queries[start : start + chunk_size])
         sims = embeddings[rows] @ embeddings.T
         sims[torch.arange(len(rows)), rows] = -2.0  # a record is not its own reference
         loo = sims.max(dim=1)
-        own_species = key_species[rows].unsqueeze(1) == key_species.unsqueeze(0)
-        held_out = sims.masked_fill(own_species, -2.0).max(dim=1)
+        own_taxon = key_taxa[rows].unsqueeze(1) == key_taxa.unsqueeze(0)
+        held_out = sims.masked_fill(own_taxon, -2.0).max(dim=1)
         parts.append((loo.values, loo.indices, held_out.values, held_out.indices))
     return tuple(torch.cat(column) for column in zip(*parts, strict=True))
 
 
-def calibrate_thresholds(embeddings: torch.Tensor, records: list[dict], max_queries: int = 2000,
-                         seed: int = 0, novelty_embeddings: torch.Tensor | None = None) -> dict[str, float]:
-    """Per-rank similarity thresholds (see the module doc); NaN where a rank has no right or no
-    wrong answers to separate (it then never stops an answer). The species threshold is on the
-    cosine of `novelty_embeddings` (unit vectors, one per record; `embeddings` when None)."""
-    species = [r.get("species", "") for r in records]
-    counts = Counter(label for label in species if label)
-    eligible = [i for i, label in enumerate(species) if label and counts[label] >= 2]
-    queries = random.Random(seed).sample(eligible, min(max_queries, len(eligible)))
-    if len(counts) < 2 or not queries:
-        return dict.fromkeys(RANKS, float("nan"))
-    placing = nearest_held_out(embeddings, species, queries)
+@dataclass
+class Calibration:
+    """Per-rank thresholds, how each was set (`METHODS`), and the right/wrong answers counted."""
+
+    thresholds: dict[str, float]
+    methods: dict[str, str]
+    counts: dict[str, tuple[int, int]] = field(default_factory=dict)
+    held_out_rank: str | None = None
+    curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    precision: float | None = None
+
+    def warnings(self) -> list[str]:
+        """One line per rank whose threshold is not learned from both right and wrong answers."""
+        lines = []
+        for rank in RANKS:
+            method = self.methods[rank]
+            if method not in ("separates", "precision"):
+                right, wrong = self.counts.get(rank, (0, 0))
+                lines.append(f"{rank}: {METHODS[method]} ({right} right, {wrong} wrong calibration answers)")
+        if self.held_out_rank not in (None, "species"):
+            lines.append(f"no species names in the library: calibrated by holding out whole {self.held_out_rank}"
+                         " taxa; identify names no species and flags every query novel")
+        return lines
+
+
+def _query_sample(taxa: list[str], max_queries: int, seed: int) -> tuple[list[int], set[int]]:
+    """(queries, those whose taxon has another reference): records of taxa with at least two
+    references; where the library has none (one reference per taxon), every labelled record."""
+    counts = Counter(label for label in taxa if label)
+    eligible = [i for i, label in enumerate(taxa) if label and counts[label] >= 2]
+    pool = eligible or [i for i, label in enumerate(taxa) if label]
+    queries = random.Random(seed).sample(pool, min(max_queries, len(pool)))
+    return queries, {i for i in queries if counts[taxa[i]] >= 2}
+
+
+@dataclass
+class Answers:
+    """Similarities of the right and wrong nearest-reference answers at one rank, with the
+    query's taxon held out (`held_*`: the novel-species case) and with only itself removed (`own_*`)."""
+
+    held_right: list[float] = field(default_factory=list)
+    held_wrong: list[float] = field(default_factory=list)
+    own_right: list[float] = field(default_factory=list)
+    own_wrong: list[float] = field(default_factory=list)
+
+    @property
+    def right(self) -> list[float]:
+        return self.held_right + self.own_right
+
+    @property
+    def wrong(self) -> list[float]:
+        return self.held_wrong + self.own_wrong
+
+
+def _answers(records: list[dict], rank: str, queries: list[int], shared: set[int],
+             matches: tuple[torch.Tensor, ...]) -> Answers:
+    """The right and wrong nearest-reference answers at `rank`: with only itself removed (queries
+    whose taxon has another reference) and with its taxon held out."""
+    loo_sims, loo_idx, out_sims, out_idx = (m.tolist() for m in matches)
+    answers = Answers()
+    for n, query in enumerate(queries):
+        truth = records[query].get(rank, "")
+        if not truth:
+            continue
+        cases = [("held", out_sims[n], out_idx[n])] + ([("own", loo_sims[n], loo_idx[n])] if query in shared else [])
+        for case, sim, j in cases:
+            if sim > -2.0:  # -2: nothing left once the taxon was removed
+                kind = "right" if records[j].get(rank, "") == truth else "wrong"
+                getattr(answers, f"{case}_{kind}").append(sim)
+    return answers
+
+
+def calibrate(embeddings: torch.Tensor, records: list[dict], max_queries: int = 2000, seed: int = 0,
+              novelty_embeddings: torch.Tensor | None = None, precision: float | None = None) -> Calibration:
+    """Per-rank thresholds of a library (see the module doc). The species threshold is on the
+    cosine of `novelty_embeddings` (unit vectors, one per record; `embeddings` when None).
+    `precision`: thresholds set for that precision instead of balanced accuracy (`precision_threshold`).
+
+    Usage:
+        calibration = calibrate(embeddings, records); calibration.thresholds["genus"]
+    """
+    held_out_rank = next((rank for rank in reversed(RANKS) if any(r.get(rank) for r in records)), None)
+    taxa = [r.get(held_out_rank, "") if held_out_rank else "" for r in records]
+    queries, shared = _query_sample(taxa, max_queries, seed)
+    if len(records) < 2 or not queries:
+        return Calibration(dict.fromkeys(RANKS, float("nan")), dict.fromkeys(RANKS, "none"), {}, held_out_rank)
+    placing = nearest_held_out(embeddings, taxa, queries)
     apart = novelty_embeddings is not None and novelty_embeddings is not embeddings
-    novelty = nearest_held_out(novelty_embeddings, species, queries) if apart else placing
-    thresholds = {}
+    novelty = nearest_held_out(novelty_embeddings, taxa, queries) if apart else placing
+    thresholds, methods, counts, curves = {}, {}, {}, {}
     for rank in RANKS:
-        loo_sims, loo_idx, out_sims, out_idx = novelty if rank == "species" else placing
-        sims = torch.cat([loo_sims, out_sims]).tolist()
-        nearest = torch.cat([loo_idx, out_idx]).tolist()
-        right, wrong = [], []
-        for query, sim, j in zip(queries + queries, sims, nearest, strict=True):
-            truth = records[query].get(rank, "")
-            if truth:
-                (right if records[j].get(rank, "") == truth else wrong).append(sim)
-        thresholds[rank] = best_threshold(right, wrong)
-    return thresholds
+        answers = _answers(records, rank, queries, shared, novelty if rank == "species" else placing)
+        # the answers a threshold at this rank decides: for species, novel (held out) against known
+        # queries; above it, the placement of species the library does not hold
+        right, wrong = (answers.right, answers.wrong) if rank == "species" else (answers.held_right,
+                                                                                 answers.held_wrong)
+        if precision is None:
+            thresholds[rank], methods[rank] = rank_threshold(answers.right, answers.wrong)
+        else:
+            thresholds[rank], methods[rank] = precision_threshold(right, wrong, precision)
+        counts[rank] = (len(answers.right), len(answers.wrong))
+        curves[rank] = precision_curve(right, wrong)
+    return Calibration(thresholds, methods, counts, held_out_rank, curves, precision)
+
+
+def calibrate_thresholds(embeddings: torch.Tensor, records: list[dict], max_queries: int = 2000,
+                         seed: int = 0, novelty_embeddings: torch.Tensor | None = None,
+                         precision: float | None = None) -> dict[str, float]:
+    """`calibrate(...).thresholds`: rank -> similarity threshold (NaN: nothing to learn from)."""
+    return calibrate(embeddings, records, max_queries, seed, novelty_embeddings, precision).thresholds

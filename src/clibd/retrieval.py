@@ -3,6 +3,11 @@
 This layer knows models and records, not splits, indexes or metrics: index, identify, evaluation
 and the demo all embed and search through it.
 
+Embedding scales past one device: under `accelerate launch --num_processes N` (or torchrun), each
+process embeds a contiguous run of whole batches and all of them get every embedding back, in
+order and bit for bit what one process computes (`embed_records(..., accelerator=...)`, or every
+call inside `with embedding_processes(launched_processes()):`).
+
 Usage:
     keys = embed_records(model, processor, key_dataset, "dna")
     similarities, indices = search(queries, keys, k=5)                 # exact
@@ -11,33 +16,103 @@ Usage:
 
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING
+
 import datasets
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .constants import SEARCH_BACKENDS
 from .data.collate import ContrastiveCollator
 from .modeling_clibd import CLIBDModel
 from .processing import CLIBDProcessor
 
-SEARCH_BACKENDS = ("torch", "faiss", "faiss-ivf")
+if TYPE_CHECKING:
+    from accelerate import PartialState
+
+# The processes that `embed_records` shares its work among when a call names none: code that
+# embeds deep inside library functions (`run_evaluation`, `build_index`) opts in around the call
+# instead of threading an argument through every signature.
+_PROCESSES: ContextVar[PartialState | None] = ContextVar("clibd_embedding_processes", default=None)
+
+
+@contextmanager
+def embedding_processes(processes: PartialState | None) -> Iterator[None]:
+    """Within the block, `embed_records` calls that name no `accelerator` share their work among
+    `processes` (an `accelerate.PartialState` or `Accelerator`; None: each process embeds alone).
+    Every process must make the same calls in the same order: each one waits for the others.
+
+    Usage:
+        with embedding_processes(launched_processes()):
+            run_evaluation("runs/demo/best", data, out_dir)
+    """
+    token = _PROCESSES.set(processes)
+    try:
+        yield
+    finally:
+        _PROCESSES.reset(token)
+
+
+def active_processes() -> PartialState | None:
+    """The processes set by the enclosing `embedding_processes` block, if any."""
+    return _PROCESSES.get()
+
+
+def launched_processes() -> PartialState | None:
+    """accelerate's state (GPUs if there are any, else gloo on the CPU) when this program was
+    started as one of several processes (`accelerate launch --num_processes N`, torchrun); None
+    for a plain run, which then touches no distributed state.
+
+    Usage:
+        processes = launched_processes(); is_main = processes is None or processes.is_main_process
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 @torch.no_grad()
 def embed_records(
     model: CLIBDModel, processor: CLIBDProcessor, dataset: datasets.Dataset, modality: str,
-    batch_size: int = 256, num_workers: int = 0, progress: bool = False,
+    batch_size: int = 256, num_workers: int = 0, progress: bool = False, accelerator: PartialState | None = None,
+    warn_truncated: bool = True,
 ) -> torch.Tensor:
     """L2-normalised float32 CPU embeddings [N, D] of every record for one modality (the
     model's `get_<modality>_features`, all embedding parts included), in batches on the model's device.
 
+    With `accelerator` (an `accelerate.Accelerator` or `PartialState`; by default the one an
+    enclosing `embedding_processes` set) of several processes, each process embeds a contiguous
+    run of whole batches on its own device (the model is moved there) and every process returns
+    all N rows in order: the same bits one process computes, because every batch holds the same
+    records. Every process must call it with the same dataset. One process: the plain path.
+    `warn_truncated`: log the ids of barcodes cut to the tower's length, batch by batch.
+
     Usage:
         keys = embed_records(model, processor, records_to_dataset(records), "dna")
+        keys = embed_records(model, processor, dataset, "dna", accelerator=launched_processes())
     """
+    processes = accelerator if accelerator is not None else _PROCESSES.get()
+    if processes is not None and processes.num_processes > 1:
+        return _embed_across(model, processor, dataset, modality, processes, batch_size, num_workers, progress,
+                             warn_truncated)
+    return _embed_batches(model, processor, dataset, modality, batch_size, num_workers, progress, warn_truncated)
+
+
+def _embed_batches(model: CLIBDModel, processor: CLIBDProcessor, dataset: datasets.Dataset, modality: str,
+                   batch_size: int, num_workers: int, progress: bool, warn_truncated: bool = True) -> torch.Tensor:
+    """`embed_records` in this process alone."""
     model.eval()
     device = next(model.parameters()).device
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=ContrastiveCollator(processor, [modality]))
+                        collate_fn=ContrastiveCollator(processor, [modality], warn_truncated=warn_truncated))
     feature_fn = {"image": model.get_image_features, "dna": model.get_dna_features,
                   "text": model.get_text_features}[modality]
     chunks = []
@@ -46,6 +121,40 @@ def embed_records(
     if not chunks:
         return torch.empty(0, model.embedding_dim(modality))
     return torch.cat(chunks)
+
+
+def _embed_across(model: CLIBDModel, processor: CLIBDProcessor, dataset: datasets.Dataset, modality: str,
+                  processes: PartialState, batch_size: int, num_workers: int, progress: bool,
+                  warn_truncated: bool = True) -> torch.Tensor:
+    """Each process embeds ceil(batches / processes) whole batches, in order (the last processes
+    fewer or none), pads its rows to that many and all are gathered: the padding is all at the
+    end, so the first N gathered rows are the embeddings in the dataset's order. A failure in one
+    process is told to all, which raise its message too, so none waits forever in the gather and
+    all of them name the same record (`embed_checked` then looks for it the same way in each)."""
+    from accelerate.utils import gather, gather_object
+
+    n = len(dataset)
+    if n == 0:
+        return torch.empty(0, model.embedding_dim(modality))
+    rows = math.ceil(math.ceil(n / batch_size) / processes.num_processes) * batch_size
+    start, stop = min(n, processes.process_index * rows), min(n, (processes.process_index + 1) * rows)
+    model.to(processes.device)
+    failure, error = 0, None
+    try:
+        # datasets refuses a contiguous range that starts at its end: a process with no batch selects none
+        own = dataset.select(range(start, stop) if stop > start else [])
+        local = _embed_batches(model, processor, own, modality, batch_size, num_workers,
+                               progress and processes.is_local_main_process, warn_truncated)
+    except ValueError as raised:  # a record the processor refuses: `embed_checked` looks for it
+        failure, error = 1, raised
+    except Exception as raised:
+        failure, error = 2, raised
+    failed = [(kind, message) for kind, message in gather_object([(failure, str(error or ""))]) if kind]
+    if failed:  # the first failure's message, so that every process reports the same
+        raise (ValueError if all(kind == 1 for kind, _ in failed) else RuntimeError)(failed[0][1]) from error
+    padded = torch.zeros(rows, local.shape[1])
+    padded[: local.shape[0]] = local
+    return gather(padded.to(processes.device)).cpu()[:n]
 
 
 def topk_search(queries: torch.Tensor, keys: torch.Tensor, k: int, query_chunk: int = 256,
@@ -112,8 +221,14 @@ def faiss_index(keys: torch.Tensor, nlist: int | None = None, encoding: str = "F
     return index
 
 
+# What `approximate_faiss_index` builds. Inverted files persisted in index folders are keyed to it
+# (`clibd.index_store`): change it whenever the function changes, so that they are rebuilt.
+APPROXIMATE_RECIPE = "IVF sqrt(N) cells, SQ8 codes, 16 probed, seed 0"
+
+
 def approximate_faiss_index(keys: torch.Tensor):
-    """The `faiss-ivf` backend's index: sqrt(N) cells, 16 probed per query, 8-bit scalar-quantised keys."""
+    """The `faiss-ivf` backend's index: sqrt(N) cells, 16 probed per query, 8-bit scalar-quantised
+    keys (`APPROXIMATE_RECIPE`)."""
     return faiss_index(keys, nlist=max(1, int(keys.shape[0] ** 0.5)), encoding="SQ8", nprobe=16)
 
 

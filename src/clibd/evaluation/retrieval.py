@@ -75,10 +75,15 @@ def _unique_taxonomy(dataset: datasets.Dataset) -> datasets.Dataset:
 
 class EmbeddingCache:
     """Embeddings of a split for a modality, computed once; `image_dna` is the normalised mean of
-    the image and DNA embeddings (the paper's combined query)."""
+    the image and DNA embeddings (the paper's combined query). With `accelerator` (an
+    `accelerate.PartialState` / `Accelerator` of several processes, or an enclosing
+    `clibd.retrieval.embedding_processes`) the processes share each embedding
+    (`clibd.retrieval.embed_records`) and every one gets all of it."""
 
-    def __init__(self, model: CLIBDModel, processor: CLIBDProcessor, batch_size: int, progress: bool):
+    def __init__(self, model: CLIBDModel, processor: CLIBDProcessor, batch_size: int, progress: bool,
+                 accelerator=None):
         self.model, self.processor, self.batch_size, self.progress = model, processor, batch_size, progress
+        self.accelerator = accelerator
         self.cache: dict[tuple[str, str], torch.Tensor] = {}
 
     def __call__(self, name: str, dataset: datasets.Dataset, modality: str) -> torch.Tensor:
@@ -88,7 +93,10 @@ class EmbeddingCache:
                 self.cache[(name, modality)] = torch.nn.functional.normalize(mean, dim=-1)
             else:
                 self.cache[(name, modality)] = embed_records(self.model, self.processor, dataset, modality,
-                                                             self.batch_size, progress=self.progress)
+                                                             self.batch_size, progress=self.progress,
+                                                             accelerator=self.accelerator,
+                                                             # training counts long barcodes once; not per batch
+                                                             warn_truncated=False)
         return self.cache[(name, modality)]
 
 

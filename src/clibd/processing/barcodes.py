@@ -13,9 +13,12 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: `clibd tokenize` starts without it
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +130,8 @@ class BarcodeTokenizer:
                 len(truncated), len(sequences), self.max_length, ", ".join(truncated[:10])
                 + (" ..." if len(truncated) > 10 else ""),
             )
+        import torch
+
         return BarcodeEncoding(
             input_ids=torch.tensor(all_ids, dtype=torch.long),
             attention_mask=torch.tensor(all_masks, dtype=torch.long),
@@ -157,6 +162,8 @@ def kmer_profiles(sequences: Sequence[str], k: int = 6, ids: Sequence[str] | Non
         profiles = kmer_profiles(["ACGTAC...", ...], k=6)
     """
     names = barcode_names(len(sequences), ids)
+    import torch
+
     out = torch.zeros(len(sequences), 4**k)
     weights = 4 ** np.arange(k - 1, -1, -1)
     for row, (sequence, name) in enumerate(zip(sequences, names, strict=True)):

@@ -1,0 +1,274 @@
+"""Bad input and faults at every door, each with what clibd now does (bench/README.md's table).
+
+The model is a small k-mer-profile DNA tower whose fixed k-mer sketch makes untrained embeddings
+already place barcodes by k-mer similarity, so the libraries below behave like real ones without
+training. Records are the shared BOLD barcodes.
+"""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from clibd import CLIBDConfig, CLIBDModel, CLIBDProcessor
+from clibd.cli import main as cli
+from clibd.constants import RANKS
+from clibd.data import read_records
+from clibd.identify import Identifier, identify_to_tsv, read_predictions_tsv
+from clibd.index import ReferenceIndex, build_index, load_model
+
+DNA = {"model_type": "clibd_kmer_profile", "kmer_size": 5, "hidden_size": 16, "sketch_dim": 512}
+
+
+def save_model(config: CLIBDConfig, folder):
+    model = CLIBDModel(config).eval()
+    model.save_pretrained(folder)
+    CLIBDProcessor.from_model_config(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dna_model(tmp_path_factory):
+    return save_model(CLIBDConfig.tiny(modalities=["dna"], dna_config=DNA), tmp_path_factory.mktemp("dna_model"))
+
+
+@pytest.fixture(scope="module")
+def records(data_dir):
+    """Species with at least two records: one per species for a curated library, the others as
+    queries of held species; every third species left out of the library (absent)."""
+    by_species = {}
+    for record in read_records(data_dir / "insect_bold_coi" / "insect_bold_coi_small.tsv"):
+        by_species.setdefault(record["species"], []).append(record)
+    species = sorted(name for name, rows in by_species.items() if len(rows) >= 2)
+    absent = [row for name in species[::3] for row in by_species[name]]
+    held = [name for i, name in enumerate(species) if i % 3]
+    return {"one_each": [by_species[name][0] for name in held], "held": [by_species[name][1] for name in held],
+            "absent": absent, "many_each": [row for name in held for row in by_species[name][:-1]]}
+
+
+def write_tsv(path, rows, columns):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, delimiter="\t", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_one_reference_per_species_library_flags_absent_species_novel(dna_model, records, tmp_path, caplog):
+    index = build_index(dna_model, records["one_each"], "dna", tmp_path / "refs", progress=False)
+    assert all(math.isfinite(value) for value in index.thresholds.values())
+    assert index.meta["calibration"]["species"] == "above wrong"  # no second specimen to learn "held" from
+    assert "species: only wrong answers" in caplog.text  # the user is told how it was set
+    predictions = Identifier.load(tmp_path / "refs").identify(records["absent"])
+    novel = [p for p in predictions if p.novel and not p.answer["species"]]
+    assert len(novel) >= 0.95 * len(predictions)  # absent species: no species name, flagged novel
+    assert any(p.answer["order"] for p in novel)  # but still placed where the library can tell
+
+
+def test_library_without_species_column_names_no_species(dna_model, records, tmp_path):
+    table = write_tsv(tmp_path / "refs.tsv", records["many_each"], ["id", "order", "family", "genus", "dna"])
+    assert cli(["index", "build", "--model", str(dna_model), "--records", str(table), "--out",
+                str(tmp_path / "refs")]) == 0
+    index = ReferenceIndex.load(tmp_path / "refs")
+    assert math.isnan(index.thresholds["species"]) and math.isfinite(index.thresholds["genus"])
+    predictions = Identifier.load(tmp_path / "refs").identify(records["held"] + records["absent"])
+    assert all(p.novel and not p.answer["species"] for p in predictions)
+    assert any(p.answer["genus"] for p in predictions)  # the genus is calibrated from genus hold-outs
+
+
+def test_model_with_non_finite_weights_is_refused(dna_model, records, tmp_path, capsys):
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for file in dna_model.iterdir():
+        (damaged / file.name).write_bytes(file.read_bytes())
+    weights = load_file(damaged / "model.safetensors")
+    name = next(key for key, value in weights.items() if value.is_floating_point() and value.numel() > 1)
+    weights[name][0] = float("nan")
+    save_file(weights, damaged / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"{damaged}: the model's weights hold NaN or inf"):
+        load_model(damaged)
+    table = write_tsv(tmp_path / "refs.tsv", records["one_each"], ["id", *RANKS, "dna"])
+    assert cli(["index", "build", "--model", str(damaged), "--records", str(table), "--out", str(tmp_path / "x")]) == 2
+    assert "NaN or inf" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_truncated_model_file_is_a_clear_error(dna_model, records, tmp_path, capsys):
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    for file in dna_model.iterdir():
+        data = file.read_bytes()
+        (truncated / file.name).write_bytes(data[: len(data) // 2] if file.suffix == ".safetensors" else data)
+    table = write_tsv(tmp_path / "refs.tsv", records["one_each"], ["id", *RANKS, "dna"])
+    assert cli(["index", "build", "--model", str(truncated), "--records", str(table), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "truncated" in err and "model.safetensors" in err and "Traceback" not in err
+
+
+def test_index_with_non_finite_embeddings_is_refused(dna_model, records, tmp_path):
+    build_index(dna_model, records["many_each"], "dna", tmp_path / "refs", progress=False)
+    stored = load_file(tmp_path / "refs" / "embeddings.safetensors")
+    stored["dna"][3, 0] = float("nan")  # a NaN key outranks every other (NaN sorts first), so it is found
+    save_file(stored, tmp_path / "refs" / "embeddings.safetensors")
+    identifier = Identifier.load(tmp_path / "refs")
+    with pytest.raises(ValueError, match="embeddings.safetensors: holds embeddings that are not finite"):
+        identifier.identify(records["many_each"][3:4])
+
+
+def test_query_whose_embedding_is_not_finite_gets_an_error_row(dna_model, records, tmp_path, monkeypatch):
+    build_index(dna_model, records["many_each"], "dna", tmp_path / "refs", progress=False)
+    import clibd.checked_embedding as checked
+
+    real = checked.embed_records
+
+    def one_damaged(*args, **kwargs):  # as a damaged input or weights would give
+        embeddings = real(*args, **kwargs)
+        embeddings[1] = float("nan")
+        return embeddings
+
+    monkeypatch.setattr(checked, "embed_records", one_damaged)
+    queries = records["held"][:4]
+    with pytest.raises(ValueError, match=f"{queries[1]['id']}: its embedding is not finite"):
+        Identifier.load(tmp_path / "refs").identify(queries)
+    predictions = Identifier.load(tmp_path / "refs", on_bad_input="skip").identify(queries)
+    assert [p.query_id for p in predictions] == [r["id"] for r in queries]
+    assert "not finite" in predictions[1].error and not predictions[1].hits and not predictions[1].novel
+    assert all(p.hits and not p.error for i, p in enumerate(predictions) if i != 1)
+
+
+def test_bad_query_rows_and_duplicate_ids_each_get_an_error_row(dna_model, records, tmp_path):
+    build_index(dna_model, records["many_each"], "dna", tmp_path / "refs", progress=False)
+    held = records["held"]
+    fasta = tmp_path / "queries.fasta"
+    fasta.write_text(f">{held[0]['id']}\n{held[0]['dna']}\n>{held[1]['id']}\nACGTXXXXACGT\n"
+                     f">{held[2]['id']}\n{held[2]['dna'] * 2}\n>{held[0]['id']}\n{held[3]['dna']}\n")
+    out = tmp_path / "preds.tsv"
+    assert cli(["identify", "--index", str(tmp_path / "refs"), "--fasta", str(fasta), "--out", str(out)]) == 0
+    rows = {(p.query_id, p.error) for p in read_predictions_tsv(out)}
+    assert len(read_predictions_tsv(out)) == 4  # nothing vanished
+    assert (held[0]["id"], "") in rows and (held[2]["id"], "") in rows
+    assert any(query == held[1]["id"] and "not nucleotides" in why for query, why in rows)
+    assert any(query == held[0]["id"] and "duplicate query id" in why for query, why in rows)
+    assert cli(["identify", "--index", str(tmp_path / "refs"), "--fasta", str(fasta), "--on-bad-input", "error",
+                "--out", str(tmp_path / "strict.tsv")]) == 2
+
+
+def test_interrupted_before_the_first_row_resumes_as_one_table(dna_model, records, tmp_path, monkeypatch):
+    build_index(dna_model, records["many_each"], "dna", tmp_path / "refs", progress=False)
+    identifier = Identifier.load(tmp_path / "refs", batch_size=4)
+    out = tmp_path / "preds.tsv"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+        yield
+
+    with monkeypatch.context() as patch:
+        patch.setattr(identifier, "iter_identify", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            identify_to_tsv(identifier, records["held"], out, top_k=3)
+    lines = out.read_text().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("# clibd") and lines[1].startswith("query_id\t")
+    assert identify_to_tsv(identifier, records["held"], out, top_k=3) == len(records["held"])
+    text = out.read_text()
+    assert text.count("# clibd") == 1 and text.count("query_id\t") == 1
+    assert [p.query_id for p in read_predictions_tsv(out)] == [r["id"] for r in records["held"]]
+
+
+@pytest.fixture(scope="module")
+def photo_library(data_dir, tmp_path_factory):
+    """A tiny image+DNA model and an image index of a few shared BIOSCAN photos."""
+    folder = tmp_path_factory.mktemp("photos")
+    config = CLIBDConfig.tiny(modalities=["image", "dna"])
+    model_dir = save_model(config, folder / "model")
+    with open(data_dir / "bioscan1m_examples" / "images.csv", newline="") as f:
+        rows = list(csv.DictReader(f))[:8]
+    references = [{"id": row["image_file"].rsplit("/", 1)[-1], **dict.fromkeys(RANKS, ""), "order": row["order"],
+                   "dna": "", "image": str(data_dir / "bioscan1m_examples" / row["image_file"])} for row in rows]
+    build_index(model_dir, references, "image", folder / "refs", progress=False)
+    return folder, references
+
+
+def test_photo_folder_with_unreadable_and_oversized_files_keeps_the_good_ones(photo_library, tmp_path, monkeypatch):
+    folder, references = photo_library
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for reference in references[:3]:
+        Image.open(reference["image"]).save(photos / f"{reference['id']}.jpg")
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    Image.fromarray(np.zeros((400, 400), dtype=np.uint8)).save(photos / "huge.png")
+    monkeypatch.setenv("CLIBD_MAX_IMAGE_PIXELS", "100000")  # stands in for a 14,000 px photo (the shared: 341 x 256)
+    out = tmp_path / "preds.tsv"
+    assert cli(["identify", "--index", str(folder / "refs"), "--image", str(photos), "--out", str(out)]) == 0
+    predictions = {p.query_id.rsplit("/", 1)[-1]: p for p in read_predictions_tsv(out)}
+    assert len(predictions) == 5
+    assert "unreadable" in predictions["broken.jpg"].error and "limit" in predictions["huge.png"].error
+    assert all(p.hits and not p.error for name, p in predictions.items() if name not in ("broken.jpg", "huge.png"))
+
+
+def test_index_build_skips_records_it_cannot_embed_and_lists_them(photo_library, tmp_path):
+    folder, references = photo_library
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    records = references[:4] + [{**references[4], "id": "broken", "image": str(tmp_path / "broken.jpg")}]
+    with pytest.raises(ValueError, match="broken"):
+        build_index(folder / "model", records, "image", tmp_path / "strict", progress=False)
+    index = build_index(folder / "model", records, "image", tmp_path / "refs", progress=False, on_bad_input="skip")
+    assert [r["id"] for r in index.records] == [r["id"] for r in references[:4]]
+    skipped = (tmp_path / "refs" / "skipped.tsv").read_text().splitlines()
+    assert skipped[0] == "id\treason" and skipped[1].startswith("broken\t") and "unreadable" in skipped[1]
+
+
+def test_hub_commands_offline_give_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: connection refused
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "2")
+    (tmp_path / "index").mkdir()
+    (tmp_path / "index" / "index.json").write_text(json.dumps({"count": 0}))
+    assert cli(["index", "pull", "me/refs", "--out", str(tmp_path / "pulled")]) == 2
+    err = capsys.readouterr().err
+    assert "Hugging Face Hub" in err and "Traceback" not in err
+
+
+def test_legacy_index_without_stored_calibration_is_recalibrated(dna_model, records, tmp_path, caplog):
+    index = build_index(dna_model, records["many_each"], "dna", tmp_path / "refs", progress=False)
+    meta = json.loads((tmp_path / "refs" / "index.json").read_text())
+    del meta["calibration"]
+    meta["thresholds"] = {**meta["thresholds"], "order": float("nan")}  # as older clibd left one-sided ranks
+    (tmp_path / "refs" / "index.json").write_text(json.dumps(meta))
+    old = ReferenceIndex.load(tmp_path / "refs")
+    assert old.thresholds == pytest.approx(index.thresholds) and "recalibrated in memory" in caplog.text
+    assert cli(["index", "recalibrate", str(tmp_path / "refs")]) == 0
+    stored = json.loads((tmp_path / "refs" / "index.json").read_text())
+    assert stored["thresholds"] == pytest.approx(index.thresholds) and "calibration" in stored
+    assert torch.equal(ReferenceIndex.load(tmp_path / "refs").embeddings, index.embeddings)
+
+
+def test_barcodes_over_660_bp_are_named_when_index_build_and_identify_truncate_them(records, tmp_path, caplog):
+    model_dir = save_model(CLIBDConfig.tiny(modalities=["dna"]), tmp_path / "bert")  # BarcodeBERT: 660 bp
+    references = records["many_each"][:20]
+    long_reference = {**references[0], "dna": references[0]["dna"] * 2}
+    build_index(model_dir, [long_reference, *references[1:]], "dna", tmp_path / "refs", progress=False)
+    assert f"were truncated: barcode '{long_reference['id']}'" in caplog.text
+    caplog.clear()
+    query = {**records["held"][0], "dna": records["held"][0]["dna"] * 2}
+    Identifier.load(tmp_path / "refs").identify([query, records["held"][1]])
+    assert f"1 of 2 barcodes were longer than 660 bp and were truncated: barcode '{query['id']}'" in caplog.text
+
+
+def test_answers_at_a_stated_precision_report_it_per_rank(dna_model, records, tmp_path):
+    table = write_tsv(tmp_path / "refs.tsv", records["many_each"], ["id", *RANKS, "dna"])
+    assert cli(["index", "build", "--model", str(dna_model), "--records", str(table), "--out", str(tmp_path / "strict"),
+                "--precision", "0.9"]) == 0
+    balanced = build_index(dna_model, records["many_each"], "dna", tmp_path / "balanced", progress=False)
+    strict = ReferenceIndex.load(tmp_path / "strict")
+    assert strict.meta["precision"] == 0.9 and set(strict.meta["calibration"].values()) <= {
+        "precision", "precision unreachable", "below right"}
+    assert strict.thresholds["genus"] >= balanced.thresholds["genus"]  # asking more precision answers less
+    predictions = Identifier.load(tmp_path / "strict").identify(records["absent"])
+    answered = [p for p in predictions if p.answer["order"]]
+    assert answered and all(p.precision["order"] >= 0.9 for p in answered)  # the precision it was set for
+    assert all(set(p.precision) == {rank for rank in RANKS if p.answer[rank]} for p in predictions)
+    assert cli(["index", "recalibrate", str(tmp_path / "balanced"), "--precision", "0.9"]) == 0
+    assert ReferenceIndex.load(tmp_path / "balanced").thresholds == strict.thresholds
