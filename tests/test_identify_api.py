@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from clibd.constants import RANKS
-from clibd.identify import Hit, Identifier, predict
+from clibd.identify import Hit, Identifier, predict, read_predictions_tsv
 from clibd.index import ReferenceIndex, add_to_index
 from clibd.towers.parts import EmbeddingPart, whole
 
@@ -97,3 +97,15 @@ def test_legacy_index_identifies(tmp_path):
     assert "novelty_dim" not in grown.meta and grown.meta["count"] == 4
     # the model's own parts: k-mer MLP, sketch (these score novelty, as the legacy 24), aligned MLP, positional
     assert [(p.dim, p.scores_novelty) for p in grown.parts] == [(8, True), (16, True), (8, False), (2632, False)]
+
+
+def test_predictions_written_before_the_precision_and_error_columns_read_back(tmp_path):
+    """A predictions TSV from an older clibd (no *_precision or error columns) still reads."""
+    columns = ["query_id", *RANKS, "similarity", "novel", *(f"{r}_support" for r in RANKS), "novelty_similarity",
+               "hit1_id", "hit1_species", "hit1_similarity"]
+    row = ["q1", "Diptera", "Culicidae", "Aedes", "", "0.9100", "true", "1.00", "1.00", "1.00", "0.00", "0.9000",
+           "k1", "Aedes sp1", "0.9100"]
+    (tmp_path / "old.tsv").write_text("# clibd 0.1.0 identify; ...\n" + "\t".join(columns) + "\n" + "\t".join(row) + "\n")
+    [prediction] = read_predictions_tsv(tmp_path / "old.tsv")
+    assert prediction.answer["genus"] == "Aedes" and prediction.novel and prediction.precision == {}
+    assert prediction.error == "" and prediction.hits[0].id == "k1"

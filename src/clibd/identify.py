@@ -308,7 +308,9 @@ def _prediction(row: dict[str, str]) -> Prediction:
     return Prediction(row["query_id"], {rank: row[rank] for rank in RANKS}, float(row["similarity"]),
                       float(row["novelty_similarity"]), row["novel"] == "true",
                       {rank: float(row[f"{rank}_support"]) for rank in RANKS}, hits,
-                      precision={rank: float(row[f"{rank}_precision"]) for rank in RANKS if row[f"{rank}_precision"]})
+                      # files written before the precision columns read without them
+                      precision={rank: float(row[f"{rank}_precision"]) for rank in RANKS
+                                 if row.get(f"{rank}_precision")})
 
 
 def write_predictions_tsv(predictions: Iterable[Prediction], stream: TextIO, top_k: int, header: bool = True) -> None:
