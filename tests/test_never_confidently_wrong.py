@@ -272,3 +272,21 @@ def test_answers_at_a_stated_precision_report_it_per_rank(dna_model, records, tm
     assert all(set(p.precision) == {rank for rank in RANKS if p.answer[rank]} for p in predictions)
     assert cli(["index", "recalibrate", str(tmp_path / "balanced"), "--precision", "0.9"]) == 0
     assert ReferenceIndex.load(tmp_path / "balanced").thresholds == strict.thresholds
+
+
+def test_training_names_the_barcodes_it_truncates_once(records):
+    from types import SimpleNamespace
+
+    from clibd.data import records_to_dataset
+    from clibd.training import ExperimentConfig
+    from clibd.training.loop import _report_truncation
+
+    rows = records["held"][:5]
+    rows = [{**rows[0], "dna": rows[0]["dna"] * 2}, *rows[1:], {**rows[2], "id": "LONG-2", "dna": rows[2]["dna"] * 3}]
+    printed = []
+    config = ExperimentConfig.from_dict({"model": {"preset": "tiny", "modalities": ["dna", "text"]},
+                                         "data": {"path": "x.tsv"}})
+    _report_truncation(SimpleNamespace(print=printed.append), config, records_to_dataset(rows))
+    long = [r["id"] for r in rows if len(r["dna"]) > 660]  # the two made long, and any already so
+    assert {rows[0]["id"], "LONG-2"} <= set(long)
+    assert printed == [f"{len(long)} of 6 training barcodes are longer than 660 bp and are truncated: {', '.join(long)}"]

@@ -127,8 +127,11 @@ def _report_truncation(accelerator: Accelerator, config: ExperimentConfig, train
     limit = config.model_config().dna_config.processor_settings().get("max_sequence_length")
     if limit is None:
         return
-    long = sum(len(s) > limit for s in train_set["dna"])
-    accelerator.print(f"{long} of {len(train_set)} training barcodes are longer than {limit} bp and are truncated")
+    long = [record_id for record_id, dna in zip(train_set["id"], train_set["dna"], strict=True) if len(dna) > limit]
+    if long:  # named once here, not every epoch (the training collator does not warn)
+        shown = ", ".join(long[:10]) + (" ..." if len(long) > 10 else "")
+        accelerator.print(f"{len(long)} of {len(train_set)} training barcodes are longer than {limit} bp and are "
+                          f"truncated: {shown}")
 
 
 def build_model(config: ExperimentConfig, model_config: CLIBDConfig | None = None,
