@@ -186,6 +186,10 @@ def test_mean_scores_skips_nan_and_format_lists_every_split():
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert rows[1].startswith("| **VSEARCH top hit (exhaustive)** | **mean** | 100.0 / 100.0 / 50.0 |")
     assert rows[2].startswith("|  | 42 |") and rows[3].startswith("|  | 1 |") and rows[3].endswith("| n/a |")
+    a.timings = {"index build": 2.0, "embed queries": 2.5}  # 5 queries: 2 per second, build has no rate
+    timing = format_comparison({"42": {"clibd": a}}).splitlines()
+    assert "| &nbsp;&nbsp;index build | | | 2.0 |  |" in timing
+    assert "| &nbsp;&nbsp;embed queries | | | 2.5 | 2.0 |" in timing
 
 
 def test_spread_sample_spreads_over_the_list():

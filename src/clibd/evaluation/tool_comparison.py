@@ -334,8 +334,9 @@ def timing_lines(per_split: dict[str, dict[str, ToolScores]]) -> list[str]:
         s = mean_scores([scores[name] for scores in per_split.values() if name in scores])
         lines.append(f"| {TOOLS[name].label if name in TOOLS else name} | {s.queries:.0f} | {s.build_seconds:.1f} | "
                      f"{s.search_seconds:.1f} | {s.queries_per_second:.1f} |")
-        for step, seconds in s.timings.items():
-            lines.append(f"| &nbsp;&nbsp;{step} | | | {seconds:.1f} | {s.queries / seconds:.1f} |")
+        for step, seconds in s.timings.items():  # queries/s means nothing for a step that builds the index
+            rate = "" if "build" in step else f"{s.queries / seconds:.1f}"
+            lines.append(f"| &nbsp;&nbsp;{step} | | | {seconds:.1f} | {rate} |")
     return lines
 
 
