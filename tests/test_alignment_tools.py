@@ -265,3 +265,14 @@ def test_sintax_on_synthetic_barcodes(synthetic, tmp_path):
     close = run.answers[0]
     assert close.top["species"] == "Aedes aegypti" and close.answer["order"] == "Diptera"
     assert 0.0 < close.score <= 1.0 and "--sintax_cutoff 0.8" in run.command
+
+
+def test_sintax_fasta_written_for_the_bench_reads_back_with_clibds_reader(tmp_path):
+    """The SINTAX header the bench writes is the one `read_fasta` parses (one prefix table)."""
+    from clibd.data import read_fasta
+
+    record = {"id": "R1", "order": "Diptera", "family": "Culicidae", "genus": "Aedes", "species": "Aedes aegypti",
+              "dna": "ACGT" * 30}
+    assert write_fasta([record], tmp_path / "refs.fasta", sintax=True) == 1
+    [back] = read_fasta(tmp_path / "refs.fasta")
+    assert {k: back[k] for k in ("id", "order", "family", "genus", "species", "dna")} == record

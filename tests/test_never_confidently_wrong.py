@@ -225,8 +225,6 @@ def test_index_build_skips_records_it_cannot_embed_and_lists_them(photo_library,
 def test_hub_commands_offline_give_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: connection refused
     monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "2")
-    (tmp_path / "index").mkdir()
-    (tmp_path / "index" / "index.json").write_text(json.dumps({"count": 0}))
     assert cli(["index", "pull", "me/refs", "--out", str(tmp_path / "pulled")]) == 2
     err = capsys.readouterr().err
     assert "Hugging Face Hub" in err and "Traceback" not in err

@@ -262,3 +262,27 @@ def test_an_index_made_in_memory_searches_without_a_folder(tmp_path):
     in_memory = ReferenceIndex(tmp_path / "nowhere", loaded.meta, keys.clone(), list(loaded.records))
     assert torch.equal(in_memory.search(keys[:8].float(), 1, "faiss-ivf")[1][:, 0], torch.arange(8))
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_process_that_loaded_an_older_build_neither_reads_nor_leaves_a_wrong_ivf(tmp_path):
+    """An index loaded before `index add` replaced its folder searches its own keys; the folder's
+    next reader gets an inverted file of the folder's own keys, not the old process's."""
+    pytest.importorskip("faiss")
+    from clibd.index import _write_index
+
+    def write(n: int) -> torch.Tensor:
+        keys = F.normalize(torch.randn(n, 16, generator=torch.Generator().manual_seed(n)), dim=-1)
+        records = [{"id": f"ref{i}", "order": "O", "species": f"s{i}"} for i in range(n)]
+        _write_index(tmp_path / "refs", {"modality": "dna", "dim": 16, "model": "none", "model_hash": "none"},
+                     keys, records)
+        return keys
+
+    old_keys = write(3000)
+    old = ReferenceIndex.load(tmp_path / "refs")
+    new_keys = write(2000)  # what `index add` / a rebuild does while `old` is open
+    rows = old.search(old_keys[:8].float(), 1, "faiss-ivf")[1][:, 0]
+    assert torch.equal(rows, torch.arange(8))  # the old process answers from its own library
+    new = ReferenceIndex.load(tmp_path / "refs")
+    assert new.meta["build_id"] != old.meta["build_id"]
+    rows = new.search(new_keys[:8].float(), 1, "faiss-ivf")[1][:, 0]
+    assert torch.equal(rows, torch.arange(8)) and new._faiss[("embeddings", "faiss-ivf")].ntotal == 2000

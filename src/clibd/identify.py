@@ -43,7 +43,7 @@ from . import __version__
 from .atomic import atomic_write_text
 from .checked_embedding import embed_checked
 from .constants import RANKS
-from .index import ReferenceIndex, require_field
+from .index import ReferenceIndex, require_field, unusable
 from .modeling_clibd import CLIBDModel
 from .novelty import precision_at
 from .processing import CLIBDProcessor
@@ -202,15 +202,7 @@ class Identifier:
 
     def _problems(self, records: list[dict[str, str]]) -> dict[int, str]:
         """Position -> why, for queries that cannot be identified as given; raised under "error"."""
-        modality, first_seen, problems = self.index.modality, {}, {}
-        for i, record in enumerate(records):
-            if record.get("error"):
-                problems[i] = record["error"]
-            elif not record.get(modality):
-                problems[i] = f"no {modality} (this index holds {modality} references)"
-            elif record["id"] in first_seen:
-                problems[i] = f"duplicate query id (first given as query {first_seen[record['id']] + 1})"
-            first_seen.setdefault(record["id"], i)
+        problems = unusable(records, self.index.modality, what="query")
         self._raise_or_warn([(records[i]["id"], reason) for i, reason in problems.items()])
         return problems
 
@@ -299,12 +291,12 @@ def _number(value: float, digits: int) -> str:
 
 
 def _prediction(row: dict[str, str]) -> Prediction:
+    if row.get("error"):
+        return failed(row["query_id"], row["error"])
     hits, i = [], 1
     while row.get(f"hit{i}_id"):
         hits.append(Hit(row[f"hit{i}_id"], float(row[f"hit{i}_similarity"]), {"species": row[f"hit{i}_species"]}))
         i += 1
-    if row.get("error"):
-        return failed(row["query_id"], row["error"])
     return Prediction(row["query_id"], {rank: row[rank] for rank in RANKS}, float(row["similarity"]),
                       float(row["novelty_similarity"]), row["novel"] == "true",
                       {rank: float(row[f"{rank}_support"]) for rank in RANKS}, hits,

@@ -20,7 +20,8 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -31,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import __version__
-from .atomic import atomic_directory
+from .atomic import atomic_directory, atomic_write_text
 from .checked_embedding import NOT_FINITE, check_finite_weights, embed_checked, not_finite_rows
 from .constants import INDEX_MODALITIES, RANKS
 from .index_store import RecordTable, map_embeddings, persisted_ivf
@@ -192,8 +193,16 @@ class ReferenceIndex:
         """`clibd.retrieval.search` over the keys `name`; `keys()` is only called when they are
         needed: a faiss-ivf index persisted in the folder is memory-mapped and never reads them."""
         if backend == "faiss-ivf" and (name, backend) not in self._faiss:
-            describe = {"parts": [part.to_dict() for part in self.parts]} if name == "novelty" else None
-            self._faiss[(name, backend)] = persisted_ivf(self.directory, name, keys, describe)
+            # keyed to the build this object loaded, not only to the file now in the folder: a process
+            # that loaded an index before `index add` replaced it neither reads nor leaves a wrong file
+            describe = {"build_id": self.meta.get("build_id"), "count": len(self.records)}
+            if name == "novelty":
+                describe["parts"] = [part.to_dict() for part in self.parts]
+            ivf = persisted_ivf(self.directory, name, keys, describe)
+            if ivf.ntotal != len(self.records):  # never answer row numbers of another library
+                raise ValueError(f"{self.directory}: the faiss-ivf index holds {ivf.ntotal} keys for "
+                                 f"{len(self.records)} records; remove {self.directory}/faiss-ivf*.index")
+            self._faiss[(name, backend)] = ivf
         if (name, backend) in self._faiss:
             return faiss_search(queries, self._faiss[(name, backend)], k)
         return search(queries, keys(), k, backend, cache=self._faiss, name=name)
@@ -212,7 +221,9 @@ def _write_index(directory: Path, meta: dict, embeddings: torch.Tensor, records:
             writer = csv.DictWriter(f, fieldnames=RECORD_COLUMNS, delimiter="\t", extrasaction="ignore")
             writer.writeheader()
             writer.writerows({c: r.get(c, "") for c in RECORD_COLUMNS} for r in records)
-        (tmp / "index.json").write_text(json.dumps({**meta, "count": len(records)}, indent=2))
+        # a new id for every write of the embeddings: what a persisted faiss file is keyed to
+        (tmp / "index.json").write_text(json.dumps({**meta, "count": len(records), "build_id": uuid.uuid4().hex},
+                                                   indent=2))
 
 
 def require_field(records: list[dict], modality: str, what: str = "records") -> None:
@@ -222,30 +233,42 @@ def require_field(records: list[dict], modality: str, what: str = "records") -> 
         raise ValueError(f"{len(missing)} {what} have no {modality}, e.g. {missing[:5]}")
 
 
-def _screen(records: list[dict], modality: str, existing: list[dict], skip: bool
-            ) -> tuple[list[dict], list[tuple[str, str]]]:
-    """(records that can be indexed, (id, why) of those that cannot): no barcode or photo, no
-    taxonomy, an id already indexed or repeated. Without `skip`, a `ValueError` naming them."""
-    seen, usable, skipped = {r["id"] for r in existing}, [], []
-    for record in records:
+def unusable(records: Sequence[dict], modality: str, known_ids: Collection[str] = (), labelled: bool = False,
+             what: str = "record") -> dict[int, str]:
+    """Position -> why, for records that cannot be embedded for `modality` as given: a reader's
+    `error`, no barcode or photo, no taxonomy (when `labelled`: references), an id in `known_ids`
+    or given earlier in `records`. The one check behind index build / add and identify.
+
+    Usage:
+        unusable(queries, "dna", what="query")       # {3: "duplicate query id (repeated; ...)"}
+    """
+    first, found = {}, {}
+    for i, record in enumerate(records):
+        record_id = record["id"]
         if record.get("error"):
-            why = record["error"]
+            found[i] = record["error"]
         elif not record.get(modality):
-            why = f"no {modality}"
-        elif not any(record.get(rank) for rank in RANKS):
-            why = "no taxonomy"
-        elif record["id"] in seen:
-            why = "id already in the index or repeated (use replace=True / --replace to overwrite it)"
-        else:
-            why = ""
-            usable.append({**record, "source": record.get("source", "")})
-        seen.add(record["id"])
-        if why:
-            skipped.append((record["id"], why))
+            found[i] = f"no {modality}"
+        elif labelled and not any(record.get(rank) for rank in RANKS):
+            found[i] = "no taxonomy"
+        elif record_id in known_ids:
+            found[i] = "id already in the index (use replace=True / --replace to overwrite it)"
+        elif record_id in first:
+            found[i] = f"duplicate {what} id (repeated; first given as {what} {first[record_id] + 1})"
+        first.setdefault(record_id, i)
+    return found
+
+
+def _screen(records: list[dict], modality: str, existing: Sequence[dict], skip: bool
+            ) -> tuple[list[dict], list[tuple[str, str]]]:
+    """(records that can be indexed, (id, why) of those that cannot: `unusable`). Without `skip`,
+    a `ValueError` naming them."""
+    found = unusable(records, modality, {r["id"] for r in existing}, labelled=True)
+    skipped = [(records[i]["id"], why) for i, why in found.items()]
     if skipped and not skip:
         shown = "; ".join(f"{i}: {why}" for i, why in skipped[:10])
         raise ValueError(f"{len(skipped)} records cannot be indexed: {shown} (or skip them: on_bad_input='skip')")
-    return usable, skipped
+    return [{**r, "source": r.get("source", "")} for i, r in enumerate(records) if i not in found], skipped
 
 
 def _drop_failures(records: list[dict], embeddings: torch.Tensor, failures: dict[int, str],
@@ -407,6 +430,8 @@ def add_to_index(directory: str | os.PathLike, records: list[dict], replace: boo
 def recalibrate_index(directory: str | os.PathLike, precision: float | None = None) -> ReferenceIndex:
     """Calibrate an index's thresholds again with this clibd (no model needed: the embeddings and
     labels are in the folder) and store them; `precision` as in `build_index` (None: the index's own).
+    Only `index.json` is rewritten (atomically): the embeddings, records and any persisted faiss
+    file stay as they are.
 
     Usage:
         index = recalibrate_index("refs/")
@@ -414,8 +439,7 @@ def recalibrate_index(directory: str | os.PathLike, precision: float | None = No
     index = ReferenceIndex.load(directory)
     meta = {k: v for k, v in index.meta.items() if k != "novelty_dim"}
     meta["precision"] = _checked_precision(precision) if precision is not None else meta.get("precision")
-    meta = _store_calibration(meta,
-                              index.embeddings, index.records, index.parts, index.directory)
+    meta = _store_calibration(meta, index.embeddings, index.records, index.parts, index.directory)
     meta["parts"] = [part.to_dict() for part in index.parts]
-    _write_index(index.directory, meta, index.embeddings, index.records)
+    atomic_write_text(index.directory / "index.json", json.dumps(meta, indent=2))
     return ReferenceIndex.load(directory)

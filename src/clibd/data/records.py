@@ -187,7 +187,8 @@ def _table_records(
     return records
 
 
-_SINTAX_PREFIX = {"o": "order", "f": "family", "g": "genus", "s": "species"}
+# SINTAX's rank prefixes in `;tax=o:...,f:...` headers (read here, written by the alignment bench)
+SINTAX_PREFIX = {"o": "order", "f": "family", "g": "genus", "s": "species"}
 
 
 def parse_fasta_header(header: str) -> dict[str, str]:
@@ -203,8 +204,8 @@ def parse_fasta_header(header: str) -> dict[str, str]:
         taxonomy = header.split("tax=", 1)[1].rstrip(";")
         for part in taxonomy.split(","):
             prefix, _, name = part.partition(":")
-            if prefix in _SINTAX_PREFIX:
-                record[_SINTAX_PREFIX[prefix]] = name.replace("_", " ")
+            if prefix in SINTAX_PREFIX:
+                record[SINTAX_PREFIX[prefix]] = name.replace("_", " ")
         return record
     if "=" in header:
         record["id"] = re.split(r"[\s;|]", header, maxsplit=1)[0]

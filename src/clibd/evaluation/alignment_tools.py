@@ -35,13 +35,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..constants import RANKS
+from ..data.records import SINTAX_PREFIX
 
 # Percent identity a top hit needs for its label at each rank (the usual COI barcoding cut-offs).
 CUTOFFS = {"order": 85.0, "family": 90.0, "genus": 95.0, "species": 97.0}
 SINTAX_CUTOFF = 0.8
 MAX_N_FRACTION = 0.01  # references with more N than this (after trimming the ends) are left out ...
 MIN_REFERENCE_LENGTH = 500  # ... and those shorter than this (bases, after cleaning)
-SINTAX_PREFIX = {"o": "order", "f": "family", "g": "genus", "s": "species"}
 # BLAST's -max_target_seqs is not "the best N": it keeps the first N good-enough targets found, so
 # the best of several is taken (by bitscore) rather than trusting the first.
 BLAST_TARGETS = 10

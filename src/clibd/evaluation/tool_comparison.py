@@ -52,6 +52,7 @@ from .alignment_tools import (
 from .novel_species import auroc, identify_queries, placement, reference_taxa, stage_datasets
 
 PLACED = RANKS[:3]  # a novel species has no right species among the references
+QUERY_STEPS = ("embed queries", "search + answers")  # clibd's timed steps that work on the queries
 
 
 @dataclass(frozen=True)
@@ -110,11 +111,12 @@ def answer_rates(true: Sequence[dict], answers: Sequence[ToolAnswer],
     Usage:
         strict, precision, coverage = answer_rates(novel, run.answers[: len(novel)], reference_taxa(references))
     """
-    strict, precision, coverage = {}, {}, {}
+    # strict: the placement of the answers themselves (an empty rank never equals a label)
+    strict = {rank: value for rank, value in placement(true, [a.answer for a in answers], key_taxa).items()
+              if rank in PLACED}
+    precision, coverage = {}, {}
     for rank in PLACED:
-        placeable = [(t[rank], a.answer[rank]) for t, a in zip(true, answers, strict=True) if t[rank] in key_taxa[rank]]
         given = [(t[rank], a.answer[rank]) for t, a in zip(true, answers, strict=True) if a.answer[rank]]
-        strict[rank] = _fraction(sum(x == y for x, y in placeable), len(placeable))
         precision[rank] = _fraction(sum(x == y for x, y in given), len(given))
         coverage[rank] = _fraction(len(given), len(true))
     return strict, precision, coverage
@@ -189,7 +191,7 @@ def run_clibd(model_dir: str | os.PathLike, references: Sequence[dict], queries:
     marks.append(time.perf_counter())
     again = identifier.identify_embeddings(embeddings, [q["id"] for q in queries], top_k)
     marks.append(time.perf_counter())
-    steps = ("index build", "model + index load", "embed queries", "search + answers")
+    steps = ("index build", "model + index load", *QUERY_STEPS)
     timings |= {step: b - a for step, a, b in zip(steps, marks[:-1], marks[1:], strict=True)}
     notes = []
     if [p.answer for p in again] != [p.answer for p in predictions]:
@@ -334,8 +336,8 @@ def timing_lines(per_split: dict[str, dict[str, ToolScores]]) -> list[str]:
         s = mean_scores([scores[name] for scores in per_split.values() if name in scores])
         lines.append(f"| {TOOLS[name].label if name in TOOLS else name} | {s.queries:.0f} | {s.build_seconds:.1f} | "
                      f"{s.search_seconds:.1f} | {s.queries_per_second:.1f} |")
-        for step, seconds in s.timings.items():  # queries/s means nothing for a step that builds the index
-            rate = "" if "build" in step else f"{s.queries / seconds:.1f}"
+        for step, seconds in s.timings.items():  # queries/s only for the steps that handle the queries
+            rate = f"{s.queries / seconds:.1f}" if step in QUERY_STEPS else ""
             lines.append(f"| &nbsp;&nbsp;{step} | | | {seconds:.1f} | {rate} |")
     return lines
 

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -255,7 +256,8 @@ def resolve_barcodebert_source(source: str | os.PathLike, cache_dir: str | None 
         owner, repo, filename = text[len("hf://"):].split("/", 2)
         return Path(hf_hub_download(f"{owner}/{repo}", filename, cache_dir=cache_dir))
     if text.startswith(("http://", "https://")):
-        return _download_url(text, hashlib.sha256(text.encode()).hexdigest()[:16] + ".pth", cache_dir)
+        suffix = Path(urlparse(text).path).suffix or ".pth"  # kept: a .safetensors file is read as one
+        return _download_url(text, hashlib.sha256(text.encode()).hexdigest()[:16] + suffix, cache_dir)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.endswith(CHECKPOINT_SUFFIXES):  # not a mistyped file
         return Path(snapshot_download(text, allow_patterns=["config.json", "*.safetensors", "pytorch_model.bin"],
                                       cache_dir=cache_dir))
