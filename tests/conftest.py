@@ -6,9 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
-from clibd import CLIBDConfig, CLIBDProcessor
-from clibd.data import shared_data_dir
+from clibd import CLIBDConfig, CLIBDModel, CLIBDProcessor
+from clibd.data import read_records, shared_data_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
@@ -42,3 +43,35 @@ def tiny_config() -> CLIBDConfig:
 @pytest.fixture
 def tiny_processor(tiny_config, text_tokenizer) -> CLIBDProcessor:
     return CLIBDProcessor.from_model_config(tiny_config, text_tokenizer)
+
+
+# A small k-mer-profile DNA tower: its fixed k-mer sketch makes untrained embeddings place
+# barcodes by k-mer similarity, so indexes built with it behave like real ones without training.
+DNA = {"model_type": "clibd_kmer_profile", "kmer_size": 5, "hidden_size": 16, "sketch_dim": 512}
+
+
+def save_model(config: CLIBDConfig, folder):
+    torch.manual_seed(0)  # the same weights whichever tests ran before
+    model = CLIBDModel(config).eval()
+    model.save_pretrained(folder)
+    CLIBDProcessor.from_model_config(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def dna_model(tmp_path_factory):
+    return save_model(CLIBDConfig.tiny(modalities=["dna"], dna_config=DNA), tmp_path_factory.mktemp("dna_model"))
+
+
+@pytest.fixture(scope="session")
+def records(data_dir):
+    """Species with at least two records: one per species for a curated library, the others as
+    queries of held species; every third species left out of the library (absent)."""
+    by_species = {}
+    for record in read_records(data_dir / "insect_bold_coi" / "insect_bold_coi_small.tsv"):
+        by_species.setdefault(record["species"], []).append(record)
+    species = sorted(name for name, rows in by_species.items() if len(rows) >= 2)
+    absent = [row for name in species[::3] for row in by_species[name]]
+    held = [name for i, name in enumerate(species) if i % 3]
+    return {"one_each": [by_species[name][0] for name in held], "held": [by_species[name][1] for name in held],
+            "absent": absent, "many_each": [row for name in held for row in by_species[name][:-1]]}

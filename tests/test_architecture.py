@@ -13,7 +13,7 @@ LAYERS = [
     ("data", ["data"]),
     ("model", ["configuration_clibd", "towers", "modeling_clibd", "loss", "objectives"]),
     ("retrieval", ["retrieval", "checked_embedding"]),
-    ("index", ["novelty", "index", "index_store"]),
+    ("index", ["novelty", "species_check", "index", "index_store"]),
     ("identify and evaluation", ["identify", "evaluation"]),
     ("training", ["training"]),
     ("apps", ["cli", "demo", "hub", "model_card", "plots", "convert"]),

@@ -67,6 +67,7 @@ def as_written(prediction):
                    novelty_similarity=round(prediction.novelty_similarity, 4),
                    support={rank: round(value, 2) for rank, value in prediction.support.items()},
                    precision={rank: round(value, 3) for rank, value in prediction.precision.items()},
+                   identity=round(prediction.identity, 4),
                    hits=[Hit(h.id, round(h.similarity, 4), {"species": h.taxonomy["species"]}) for h in prediction.hits])
 
 

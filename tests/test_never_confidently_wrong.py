@@ -1,8 +1,8 @@
 """Bad input and faults at every door, each with what clibd now does (bench/README.md's table).
 
-The model is a small k-mer-profile DNA tower whose fixed k-mer sketch makes untrained embeddings
-already place barcodes by k-mer similarity, so the libraries below behave like real ones without
-training. Records are the shared BOLD barcodes.
+The model (conftest's `dna_model`) is a small k-mer-profile DNA tower whose fixed k-mer sketch
+makes untrained embeddings already place barcodes by k-mer similarity, so the libraries below
+behave like real ones without training. Records (conftest's `records`) are the shared BOLD barcodes.
 """
 
 import csv
@@ -12,44 +12,15 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import save_model
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from clibd import CLIBDConfig, CLIBDModel, CLIBDProcessor
+from clibd import CLIBDConfig
 from clibd.cli import main as cli
 from clibd.constants import RANKS
-from clibd.data import read_records
 from clibd.identify import Identifier, identify_to_tsv, read_predictions_tsv
 from clibd.index import ReferenceIndex, build_index, load_model, recalibrate_index
-
-DNA = {"model_type": "clibd_kmer_profile", "kmer_size": 5, "hidden_size": 16, "sketch_dim": 512}
-
-
-def save_model(config: CLIBDConfig, folder):
-    torch.manual_seed(0)  # the same weights whichever tests ran before
-    model = CLIBDModel(config).eval()
-    model.save_pretrained(folder)
-    CLIBDProcessor.from_model_config(config).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def dna_model(tmp_path_factory):
-    return save_model(CLIBDConfig.tiny(modalities=["dna"], dna_config=DNA), tmp_path_factory.mktemp("dna_model"))
-
-
-@pytest.fixture(scope="module")
-def records(data_dir):
-    """Species with at least two records: one per species for a curated library, the others as
-    queries of held species; every third species left out of the library (absent)."""
-    by_species = {}
-    for record in read_records(data_dir / "insect_bold_coi" / "insect_bold_coi_small.tsv"):
-        by_species.setdefault(record["species"], []).append(record)
-    species = sorted(name for name, rows in by_species.items() if len(rows) >= 2)
-    absent = [row for name in species[::3] for row in by_species[name]]
-    held = [name for i, name in enumerate(species) if i % 3]
-    return {"one_each": [by_species[name][0] for name in held], "held": [by_species[name][1] for name in held],
-            "absent": absent, "many_each": [row for name in held for row in by_species[name][:-1]]}
 
 
 def write_tsv(path, rows, columns):

@@ -45,8 +45,10 @@ def _index_build(args: argparse.Namespace) -> int:
     from .index import build_index
 
     records = _read_with_errors([args.records])
+    check = False if args.no_species_check else {k: v for k, v in (("identity_cutoff", args.identity_cutoff),
+                                                                  ("novel_named", args.novel_named)) if v is not None}
     index = build_index(args.model, records, args.modality, args.out, batch_size=args.batch_size,
-                        on_bad_input=args.on_bad_input, precision=args.precision)
+                        on_bad_input=args.on_bad_input, precision=args.precision, species_check=check)
     print(f"{args.out}: {index.meta['count']} {index.modality} references; thresholds {index.thresholds}")
     return 0
 
@@ -187,6 +189,14 @@ def _add_index_commands(commands: argparse._SubParsersAction) -> None:
                        help="set each rank's threshold so that answers are right at least this often on species "
                             "held out of the library at calibration (e.g. 0.95); default: the threshold that best "
                             "separates right from wrong answers")
+    build.add_argument("--identity-cutoff", type=float,
+                       help="DNA: a reference at least this identical (aligned) names the species (default 0.97)")
+    build.add_argument("--novel-named", type=float,
+                       help="DNA: the share of calibration specimens of species held out of the library that the "
+                            "embedding may name as a held species where alignment does not settle it (default "
+                            "0.01; lower: fewer novel species named, more known ones flagged novel)")
+    build.add_argument("--no-species-check", action="store_true",
+                       help="DNA: decide the species from the embedding alone (no alignment of the nearest references)")
     build.set_defaults(run=_index_build)
     add = index_commands.add_parser("add", help="add labelled records (new species too) without retraining")
     add.add_argument("index", help="an index folder")

@@ -5,14 +5,19 @@ gives one `Prediction` per query. `similarity` is the best cosine, which places 
 `novelty_similarity` is the best cosine on the parts of the embedding that score novelty (the
 same number unless the tower declares parts that do not: `EmbeddingPart.scores_novelty`). A
 query whose novelty similarity is below the index's species threshold is `novel`; its answer
-stops at the deepest rank whose threshold its similarity clears, deeper ranks are empty.
+stops at the deepest rank whose threshold its similarity clears, deeper ranks are empty. A DNA
+index with a species check (`clibd.species_check`) first aligns the query with its nearest
+references: one at least 97 % identical names the species (and the lineage), and the query is
+not novel; the others are decided as above, with the check's own species threshold.
 
 The TSV (`write_predictions_tsv`, `read_predictions_tsv`; `identify_to_tsv` streams and resumes):
 a `# ` provenance line, then columns query_id, order, family, genus, species, similarity, novel,
 order_support ... species_support (the fraction of the top-k references that agree with the
 nearest one at that rank, like SINTAX's per-rank bootstrap), novelty_similarity, order_precision
 ... species_precision (the calibrated precision of the answer at that rank, empty where none is
-given), error (why a query could not be identified; its other columns are then empty), then
+given), identity (the best alignment identity to the nearest references, where the index has
+a species check: `clibd.species_check`), error (why a query could not be identified; its other
+columns are then empty), then
 hit1_id, hit1_species, hit1_similarity, ... for the top-k references.
 
 Usage:
@@ -32,7 +37,7 @@ import re
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -48,6 +53,7 @@ from .modeling_clibd import CLIBDModel
 from .novelty import precision_at
 from .processing import CLIBDProcessor
 from .retrieval import SEARCH_BACKENDS
+from .species_check import SpeciesCheck, choose_candidate
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 COMMENT = "# "  # provenance lines of a predictions TSV
@@ -75,7 +81,9 @@ class Prediction:
     top-k hits agreeing with the nearest one at that rank; `hits`: nearest first; `error`: why
     the query could not be identified (`on_bad_input="skip"`: then no answer, no hits, NaN
     similarities), "" otherwise; `precision`: rank -> how often the index's calibration answers
-    at this similarity were right at that rank, for the ranks answered (where the index has a curve).
+    at this similarity were right at that rank, for the ranks answered (where the index has a curve);
+    `identity`: the best alignment identity to the nearest references (`clibd.species_check`; NaN
+    where the index has no species check), which names the species when it clears the cut-off.
     """
 
     query_id: str
@@ -87,6 +95,7 @@ class Prediction:
     hits: list[Hit]
     error: str = ""
     precision: dict[str, float] = field(default_factory=dict)
+    identity: float = math.nan
 
     @property
     def deepest_rank(self) -> str | None:
@@ -174,19 +183,41 @@ class Identifier:
         self._check(records)
         return embed_checked(self.model, self.processor, records, self.index.modality, self.batch_size)[0]
 
-    def identify_embeddings(self, embeddings: torch.Tensor, query_ids: Sequence[str],
-                            top_k: int = 5) -> list[Prediction]:
-        """Predictions for queries already embedded (`embed`), in order."""
-        similarities, rows = self.index.search(embeddings, top_k, self.backend)
+    def identify_embeddings(self, embeddings: torch.Tensor, query_ids: Sequence[str], top_k: int = 5,
+                            barcodes: Sequence[str] | None = None) -> list[Prediction]:
+        """Predictions for queries already embedded (`embed`), in order. With the queries'
+        `barcodes` and an index that has a species check, alignment settles the species where it can."""
+        check = self.index.species_check if barcodes is not None else None
+        similarities, rows = self.index.search(embeddings, max(top_k, check.candidates) if check else top_k,
+                                               self.backend)
         if not torch.isfinite(similarities).all():  # queries are checked when embedded: a key is damaged
             raise ValueError(f"{self.index.directory / 'embeddings.safetensors'}: holds embeddings that are not "
                              "finite (NaN or inf): the index is damaged; rebuild it")
         novelty = (self.index.novelty_similarity(embeddings, self.backend) if self.index.scores_novelty_apart
                    else similarities[:, 0])
         thresholds, curves = self.index.thresholds, self.index.precision_curves
-        return [predict(query_id, [self._hit(j, s) for j, s in zip(js, ss, strict=True)], thresholds, n, curves)
-                for query_id, ss, js, n in zip(query_ids, similarities.tolist(), rows.tolist(), novelty.tolist(),
-                                               strict=True)]
+        if check:  # the species threshold of the queries alignment leaves to the embedding
+            thresholds = {**thresholds, "species": check.embedding_threshold}
+        predictions = []
+        for n, (query_id, ss, js, novelty_sim) in enumerate(zip(query_ids, similarities.tolist(), rows.tolist(),
+                                                                 novelty.tolist(), strict=True)):
+            hits = [self._hit(j, s) for j, s in zip(js[:top_k], ss[:top_k], strict=True)]
+            prediction = predict(query_id, hits, thresholds, novelty_sim, curves)
+            predictions.append(self._check_species(prediction, barcodes[n], js, check) if check else prediction)
+        return predictions
+
+    def _check_species(self, prediction: Prediction, barcode: str, rows: list[int], check: SpeciesCheck
+                       ) -> Prediction:
+        """`prediction` with its species settled by alignment where a candidate clears the cut-off."""
+        references = self.index.barcodes
+        position, best = choose_candidate(barcode, [references[j] for j in rows[: check.candidates]],
+                                          check.identity_cutoff, prediction.query_id)
+        if position < 0:
+            return replace(prediction, identity=best)
+        record = self.index.records[rows[position]]
+        named = {rank: check.precision for rank in RANKS if not math.isnan(check.precision)}
+        return replace(prediction, answer={rank: record[rank] for rank in RANKS}, novel=False, identity=best,
+                       precision={**named, **{r: v for r, v in prediction.precision.items() if r != "species"}})
 
     def iter_identify(self, records: Iterable[dict[str, str]], top_k: int = 5) -> Iterator[list[Prediction]]:
         """Predictions batch by batch (`batch_size` records), so a long run holds one batch. Queries
@@ -219,7 +250,9 @@ class Identifier:
         embeddings, failures = self._embed_checked([batch[i] for i in good])
         problems = {**problems, **{good[j]: reason for j, reason in failures.items()}}
         kept = [j for j in range(len(good)) if j not in failures]
-        found = iter(self.identify_embeddings(embeddings[kept], [batch[good[j]]["id"] for j in kept], top_k)
+        queries = [batch[good[j]] for j in kept]
+        barcodes = [q["dna"] for q in queries] if self.index.modality == "dna" else None
+        found = iter(self.identify_embeddings(embeddings[kept], [q["id"] for q in queries], top_k, barcodes)
                      if kept else [])
         return [failed(record["id"], problems[i]) if i in problems else next(found) for i, record in enumerate(batch)]
 
@@ -238,6 +271,9 @@ class Identifier:
         """The TSV's `# ` line: clibd version, model and its hash, index, thresholds."""
         index = self.index
         thresholds = ", ".join(f"{rank}={value:.4f}" for rank, value in index.thresholds.items())
+        if check := index.species_check:
+            thresholds += (f"; species check: identity >= {check.identity_cutoff} among {check.candidates} "
+                           f"candidates, else species={check.embedding_threshold:.4f}")
         return (f"{COMMENT}clibd {__version__} identify; model {self.model_dir} "
                 f"(sha256 {index.meta['model_hash'][:16]}); index {index.directory.resolve()} "
                 f"({len(index.records)} {index.modality} references); thresholds {thresholds}\n")
@@ -269,7 +305,7 @@ def prediction_columns(top_k: int) -> list[str]:
     """The TSV's columns for `top_k` hits."""
     hits = [f"hit{i}_{field}" for i in range(1, top_k + 1) for field in ("id", "species", "similarity")]
     return ["query_id", *RANKS, "similarity", "novel", *(f"{rank}_support" for rank in RANKS),
-            "novelty_similarity", *(f"{rank}_precision" for rank in RANKS), "error", *hits]
+            "novelty_similarity", *(f"{rank}_precision" for rank in RANKS), "identity", "error", *hits]
 
 
 def _row(prediction: Prediction) -> dict[str, str]:
@@ -279,7 +315,8 @@ def _row(prediction: Prediction) -> dict[str, str]:
            "similarity": f"{prediction.similarity:.4f}", "novel": str(prediction.novel).lower(),
            **{f"{rank}_support": f"{prediction.support[rank]:.2f}" for rank in RANKS},
            "novelty_similarity": f"{prediction.novelty_similarity:.4f}",
-           **{f"{rank}_precision": _number(prediction.precision.get(rank, math.nan), 3) for rank in RANKS}}
+           **{f"{rank}_precision": _number(prediction.precision.get(rank, math.nan), 3) for rank in RANKS},
+           "identity": _number(prediction.identity, 4)}
     for i, hit in enumerate(prediction.hits, start=1):
         row |= {f"hit{i}_id": hit.id, f"hit{i}_species": hit.taxonomy.get("species", ""),
                 f"hit{i}_similarity": f"{hit.similarity:.4f}"}
@@ -302,7 +339,8 @@ def _prediction(row: dict[str, str]) -> Prediction:
                       {rank: float(row[f"{rank}_support"]) for rank in RANKS}, hits,
                       # files written before the precision columns read without them
                       precision={rank: float(row[f"{rank}_precision"]) for rank in RANKS
-                                 if row.get(f"{rank}_precision")})
+                                 if row.get(f"{rank}_precision")},
+                      identity=float(row["identity"]) if row.get("identity") else math.nan)
 
 
 def write_predictions_tsv(predictions: Iterable[Prediction], stream: TextIO, top_k: int, header: bool = True) -> None:

@@ -40,11 +40,13 @@ from .modeling_clibd import CLIBDModel
 from .novelty import Calibration, calibrate
 from .processing import CLIBDProcessor
 from .retrieval import active_processes, embedding_processes, faiss_search, launched_processes, search
+from .species_check import SpeciesCheck, calibrate_species_check
 from .towers.parts import EmbeddingPart, part_columns, select_parts, whole
 
 logger = logging.getLogger(__name__)
 
 RECORD_COLUMNS = ("id", *RANKS, "source")
+BARCODES_FILE = "barcodes.tsv"  # a DNA index's reference barcodes (id, dna), for the species check
 SHARD_SIZE = 2048
 
 
@@ -160,6 +162,30 @@ class ReferenceIndex:
         """Whether only some parts score novelty (`novelty_similarity` then differs from the best similarity)."""
         return len(part_columns(self.parts, "scores_novelty")) < self.embeddings.shape[1]
 
+    @cached_property
+    def species_check(self) -> SpeciesCheck | None:
+        """The calibrated species rule of a DNA index (`clibd.species_check`); None for an index
+        built without it (or by an older clibd: `clibd index recalibrate` adds it)."""
+        stored = self.meta.get("species_check")
+        calibrated = isinstance(stored, dict) and "embedding_threshold" in stored
+        return SpeciesCheck.from_dict(stored) if calibrated and self.barcodes else None
+
+    @cached_property
+    def barcodes(self) -> list[str]:
+        """The reference barcodes of a DNA index in record order ("" where unknown; [] without any)."""
+        path = self.directory / BARCODES_FILE
+        if not path.exists():
+            return []
+        table = RecordTable.read(path)
+        if table.column("id") != self.labels("id"):
+            raise ValueError(f"{path}: its ids are not the index's records: the index is damaged")
+        return table.column("dna")
+
+    def records_with_barcodes(self) -> list[dict[str, str]]:
+        """The records as dicts, each with its `dna` where the index keeps the barcodes."""
+        barcodes = self.barcodes or [""] * len(self.records)
+        return [{**record, "dna": dna} for record, dna in zip(self.records, barcodes, strict=True)]
+
     def labels(self, rank: str) -> list[str]:
         if isinstance(self.records, RecordTable):
             return self.records.column(rank)
@@ -221,6 +247,11 @@ def _write_index(directory: Path, meta: dict, embeddings: torch.Tensor, records:
             writer = csv.DictWriter(f, fieldnames=RECORD_COLUMNS, delimiter="\t", extrasaction="ignore")
             writer.writeheader()
             writer.writerows({c: r.get(c, "") for c in RECORD_COLUMNS} for r in records)
+        if meta["modality"] == "dna" and any(r.get("dna") for r in records):
+            with open(tmp / BARCODES_FILE, "w", newline="") as f:
+                writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+                writer.writerow(["id", "dna"])
+                writer.writerows([r["id"], r.get("dna", "")] for r in records)
         # a new id for every write of the embeddings: what a persisted faiss file is keyed to
         (tmp / "index.json").write_text(json.dumps({**meta, "count": len(records), "build_id": uuid.uuid4().hex},
                                                    indent=2))
@@ -336,8 +367,29 @@ def _store_calibration(meta: dict, embeddings: torch.Tensor, records: list[dict]
     calibration = _calibrate(embeddings, records, parts, meta.get("precision"))
     for line in calibration.warnings():
         logger.warning("%s: threshold for %s", directory, line)
-    return {**meta, "thresholds": calibration.thresholds, "calibration": calibration.methods,
+    meta = {**meta, "thresholds": calibration.thresholds, "calibration": calibration.methods,
             "precision_curves": calibration.curves}
+    asked = meta.get("species_check", {})
+    if meta["modality"] == "dna" and asked is not False:
+        meta["species_check"] = _species_check(embeddings, records, parts, directory, asked or {})
+    return meta
+
+
+def _species_check(embeddings: torch.Tensor, records: list[dict], parts: list[EmbeddingPart],
+                   directory: Path, asked: dict) -> dict:
+    """The calibrated species rule (`clibd.species_check`) as stored in index.json, with the
+    options `asked`; only the options (with a warning) where the library cannot calibrate it (no
+    barcodes, no species with two references), so a later `add` or `recalibrate` can."""
+    options = {k: asked[k] for k in ("identity_cutoff", "candidates", "novel_named") if k in asked}
+    if not all(r.get("dna") for r in records):
+        logger.warning("%s: no species check: the index does not keep every reference's barcode", directory)
+        return options
+    embeddings = embeddings.float()
+    check = calibrate_species_check(embeddings, select_parts(embeddings, parts, "scores_novelty"), records,
+                                    **options)
+    if check is None:
+        logger.warning("%s: no species check: no species has two references to calibrate it on", directory)
+    return check.to_dict() if check else options
 
 
 def _finish(directory: Path, meta: dict, parts: list[EmbeddingPart], embeddings: torch.Tensor,
@@ -360,12 +412,17 @@ def _finish(directory: Path, meta: dict, parts: list[EmbeddingPart], embeddings:
 
 def build_index(model_dir: str | os.PathLike, records: list[dict], modality: str, out: str | os.PathLike,
                 batch_size: int = 256, calibrate: bool = True, progress: bool = True,
-                on_bad_input: str = "error", precision: float | None = None) -> ReferenceIndex:
+                on_bad_input: str = "error", precision: float | None = None,
+                species_check: bool | dict = True) -> ReferenceIndex:
     """Embed labelled records with the model saved in `model_dir` into a new index at `out`.
     `on_bad_input`: "error" refuses records that cannot be indexed (naming them); "skip" leaves
     them out, warns and lists them in the index's `skipped.tsv`. `precision`: thresholds set so
     that answers are right at least that often on species held out at calibration (`clibd.novelty`);
     None: thresholds that best separate right from wrong answers. Kept for `add_to_index`.
+    `species_check`: a DNA index keeps its barcodes and decides the species by alignment where
+    alignment can (`clibd.species_check`); a dict sets its options (`identity_cutoff`,
+    `candidates`, `novel_named`), kept by `add_to_index` and `recalibrate_index`; False: the
+    embedding alone decides, as before.
 
     Usage:
         index = build_index("runs/demo/best", read_records("refs.tsv"), "dna", "refs/")
@@ -381,9 +438,24 @@ def build_index(model_dir: str | os.PathLike, records: list[dict], modality: str
                                            processes)
     records, embeddings = _drop_failures(records, embeddings, failures, skipped)
     meta = {"clibd_version": __version__, "model": str(Path(model_dir).resolve()), "model_hash": digest,
-            "modality": modality, "dim": int(embeddings.shape[1]), "precision": _checked_precision(precision)}
+            "modality": modality, "dim": int(embeddings.shape[1]), "precision": _checked_precision(precision),
+            "species_check": _species_check_options(species_check)}
     return _finish(out, meta, model.embedding_parts(modality), embeddings, records, calibrate, work_dir, skipped,
                    processes)
+
+
+def _species_check_options(species_check: bool | dict) -> dict | bool:
+    """What index.json keeps of the asked species check before it is calibrated."""
+    if species_check is False:
+        return False
+    options = {} if species_check is True else dict(species_check)
+    unknown = set(options) - {"identity_cutoff", "candidates", "novel_named"}
+    if unknown:
+        raise ValueError(f"unknown species check options {sorted(unknown)}: use identity_cutoff, candidates, novel_named")
+    for name in ("identity_cutoff", "novel_named"):
+        if name in options and not 0 < options[name] < 1:
+            raise ValueError(f"species check {name} must be between 0 and 1, got {options[name]}")
+    return options
 
 
 def _checked_precision(precision: float | None) -> float | None:
@@ -409,11 +481,11 @@ def add_to_index(directory: str | os.PathLike, records: list[dict], replace: boo
         index = add_to_index("refs/", read_records("new_species.fasta"))
     """
     index, skip = ReferenceIndex.load(directory), _skip(on_bad_input)
-    kept_records, kept = index.records, index.embeddings
+    kept_records, kept = index.records_with_barcodes() if index.barcodes else index.records, index.embeddings
     if replace:
         incoming = {r["id"] for r in records}
         mask = torch.tensor([r["id"] not in incoming for r in index.records], dtype=torch.bool)
-        kept_records = [r for r in index.records if r["id"] not in incoming]
+        kept_records = [r for r in kept_records if r["id"] not in incoming]
         kept = index.embeddings[mask]
     records, skipped = _screen(records, index.modality, kept_records, skip)
     model, processor = index.load_model()
@@ -439,7 +511,8 @@ def recalibrate_index(directory: str | os.PathLike, precision: float | None = No
     index = ReferenceIndex.load(directory)
     meta = {k: v for k, v in index.meta.items() if k != "novelty_dim"}
     meta["precision"] = _checked_precision(precision) if precision is not None else meta.get("precision")
-    meta = _store_calibration(meta, index.embeddings, index.records, index.parts, index.directory)
+    records = index.records_with_barcodes() if index.barcodes else index.records
+    meta = _store_calibration(meta, index.embeddings, records, index.parts, index.directory)
     meta["parts"] = [part.to_dict() for part in index.parts]
     atomic_write_text(index.directory / "index.json", json.dumps(meta, indent=2))
     return ReferenceIndex.load(directory)

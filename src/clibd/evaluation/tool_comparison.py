@@ -52,7 +52,7 @@ from .alignment_tools import (
 from .novel_species import auroc, identify_queries, placement, reference_taxa, stage_datasets
 
 PLACED = RANKS[:3]  # a novel species has no right species among the references
-QUERY_STEPS = ("embed queries", "search + answers")  # clibd's timed steps that work on the queries
+QUERY_STEPS = ("embed queries", "search + species check + answers")  # clibd's timed steps that work on the queries
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,7 @@ def run_clibd(model_dir: str | os.PathLike, references: Sequence[dict], queries:
     marks.append(time.perf_counter())
     embeddings = identifier.embed(queries)
     marks.append(time.perf_counter())
-    again = identifier.identify_embeddings(embeddings, [q["id"] for q in queries], top_k)
+    again = identifier.identify_embeddings(embeddings, [q["id"] for q in queries], top_k, [q["dna"] for q in queries])
     marks.append(time.perf_counter())
     steps = ("index build", "model + index load", *QUERY_STEPS)
     timings |= {step: b - a for step, a, b in zip(steps, marks[:-1], marks[1:], strict=True)}

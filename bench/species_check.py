@@ -1,0 +1,103 @@
+"""Choose the species check's settings on validation species (issue 17, item 2).
+
+    python bench/species_check.py                              # splits 42, 1, 2 of configs/bold_dna.yaml
+    python bench/species_check.py --novel-named 0.005 0.01 --cutoffs 0.97
+
+For each species split: the validation stage of the novel-species split (references: seen keys +
+test-unseen keys; queries: validation-unseen species, which no reference holds, and the seen
+validation records), the index built once, then identify run again for each setting of
+`clibd.species_check` (identity cut-off, and the share of held-out calibration specimens the
+embedding may name: `novel_named`), and once without the check. Prints, per setting, the mean
+over the splits of: known species named right / named at all / flagged novel, and novel species
+named as a held one. Test species are never looked at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from clibd.data import load_splits
+from clibd.evaluation.novel_species import stage_datasets
+from clibd.identify import Identifier
+from clibd.index import build_index
+from clibd.species_check import calibrate_species_check
+from clibd.towers.parts import select_parts
+from clibd.training import ExperimentConfig
+
+
+def split_model(config_path: str, seed: int) -> tuple[ExperimentConfig, Path]:
+    config = ExperimentConfig.from_yaml(config_path)
+    if seed != config.data.split_seed:
+        config.data.split_seed = seed
+        config.train.output_dir = f"{config.train.output_dir}-split{seed}"
+    return config, Path(config.train.output_dir) / "best"
+
+
+def rates(predictions, novel: list[dict], seen: list[dict]) -> dict[str, float]:
+    novel_p, seen_p = predictions[: len(novel)], predictions[len(novel) :]
+    return {"known right": sum(p.answer["species"] == q["species"] for p, q in zip(seen_p, seen, strict=True)) / len(seen),
+            "known named": sum(bool(p.answer["species"]) for p in seen_p) / len(seen),
+            "known flagged novel": sum(p.novel for p in seen_p) / len(seen),
+            "novel named": sum(bool(p.answer["species"]) for p in novel_p) / len(novel)}
+
+
+def settings_for_split(identifier: Identifier, queries: list[dict], novel: list[dict], seen: list[dict],
+                       cutoffs: list[float], novel_named: list[float]) -> dict[str, dict[str, float]]:
+    """Rates per setting; the index's embeddings and barcodes are reused, only the check changes."""
+    index = identifier.index
+    embeddings = index.embeddings.float()
+    novelty = select_parts(embeddings, index.parts, "scores_novelty")
+    records = index.records_with_barcodes()
+    query_embeddings = identifier.embed(queries)
+    ids, barcodes = [q["id"] for q in queries], [q["dna"] for q in queries]
+    out = {"embedding alone (no check)": rates(identifier.identify_embeddings(query_embeddings, ids, 5), novel, seen)}
+    for cutoff in cutoffs:
+        for share in novel_named:
+            check = calibrate_species_check(embeddings, novelty, records, identity_cutoff=cutoff, novel_named=share)
+            index.__dict__["species_check"] = check  # the cached property, replaced for this setting
+            predictions = identifier.identify_embeddings(query_embeddings, ids, 5, barcodes)
+            out[f"cut-off {cutoff}, novel_named {share} (embedding threshold {check.embedding_threshold:.3f})"] = \
+                rates(predictions, novel, seen)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/bold_dna.yaml")
+    parser.add_argument("--splits", type=int, nargs="+", default=[42, 1, 2])
+    parser.add_argument("--cutoffs", type=float, nargs="+", default=[0.97])
+    parser.add_argument("--novel-named", type=float, nargs="+", default=[0.0025, 0.005, 0.01, 0.02])
+    args = parser.parse_args()
+    per_split = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.splits:
+            config, model_dir = split_model(args.config, seed)
+            if not model_dir.exists():
+                raise SystemExit(f"{model_dir} not found: train it first (python bench/vs_alignment.py does)")
+            _, references, novel, seen = (list(part) for part in stage_datasets(load_splits(config.data), "val",
+                                                                               config.data.train_splits))
+            build_index(model_dir, references, "dna", Path(tmp) / f"split{seed}", progress=False)
+            identifier = Identifier.load(Path(tmp) / f"split{seed}", model_dir=model_dir)
+            per_split.append(settings_for_split(identifier, novel + seen, novel, seen, args.cutoffs,
+                                                args.novel_named))
+            print(f"split {seed}: {len(references)} references, {len(novel)} novel, {len(seen)} seen queries")
+    columns = list(next(iter(per_split[0].values())))
+    print(f"\nvalidation species, mean over splits {' '.join(map(str, args.splits))} (%)\n")
+    print("| setting | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns))
+    for setting in per_split[0]:
+        # embedding thresholds differ per split: name the setting by its first split's
+        cells = [100 * sum(split[key][c] for split, key in zip(per_split, _same_setting(per_split, setting),
+                                                                 strict=True)) / len(per_split) for c in columns]
+        print(f"| {setting} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+
+
+def _same_setting(per_split: list[dict], setting: str) -> list[str]:
+    """The key of `setting` (named in the first split) in every split: the n-th setting of each."""
+    position = list(per_split[0]).index(setting)
+    return [list(split)[position] for split in per_split]
+
+
+if __name__ == "__main__":
+    main()

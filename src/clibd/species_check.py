@@ -1,0 +1,229 @@
+"""The species decision of a DNA index, settled by pairwise alignment where alignment can settle it.
+
+The embedding search places a barcode well, also for species the library does not hold, but at
+species level the alignment tools' rule is hard to beat for species the library does hold: a
+reference at least 97 % identical over the aligned region is the same species (the cut-off of
+barcoding practice, BOLD's and most VSEARCH / BLAST pipelines'). So, for a barcode query:
+
+1. Align it (semi-global, end gaps free, `identity`) with the nearest reference of the embedding
+   search; if that one is not `identity_cutoff` identical, with the next `candidates - 1` too.
+2. The first candidate in search order that clears the cut-off names the species (and, being
+   that close, the whole lineage); the query is not novel.
+3. Otherwise the embedding decides, with a species threshold set on the library so that it
+   names a species for at most `novel_named` of the calibration specimens of species held out of
+   the library (`calibrate_species_check`). The specimens of held species that reach this step
+   are the divergent ones (a conspecific reference 89 % identical): alignment cannot name them,
+   the embedding, trained on their species, often can.
+
+How the defaults were chosen (on validation species; bench/README, "clibd vs alignment tools"):
+five candidates find the reference of highest identity as often as twenty; the embedding's own
+nearest reference, when it clears the cut-off, names the species more often than the reference
+of highest identity (ties between species sharing a haplotype); `novel_named` 0.01 is the
+lowest share at which known species flagged novel fall to about 1 % (python bench/species_check.py:
+1.0 % of known species flagged, 5.4 % of novel species named as a held one; 0.005 gives 1.2 %
+and 3.4 %). Naming fewer novel species costs flagging more known ones: choose with
+`clibd index build --novel-named`.
+
+Usage:
+    identity("AACATTATATTTTATTTT...", "AACATTGTATTTTATTTT...")         # 0.9444...
+    check = calibrate_species_check(embeddings, novelty_embeddings, records)
+    position, best = choose_candidate(query_barcode, [r["dna"] for r in hit_records], check.identity_cutoff)
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .constants import RANKS
+from .processing.barcodes import normalise_barcode
+
+IDENTITY_CUTOFF = 0.97
+CANDIDATES = 5
+NOVEL_NAMED = 0.01
+CALIBRATION_QUERIES = 1000
+# Scores of VSEARCH's defaults (match 2, mismatch -4, gap open 20, extend 2); N and the other
+# ambiguity codes score 0 and never count as identical (VSEARCH counts N as a match: a reference
+# padded with N would look identical to everything).
+_MATCH, _MISMATCH, _GAP_OPEN, _GAP_EXTEND = 2, -4, 20, 2
+_ALPHABET = "ACGTNX"  # the query's ambiguous bases become N, the reference's X: never identical
+_MATRIX = None
+
+
+def _matrix():
+    global _MATRIX
+    if _MATRIX is None:
+        import parasail  # a C library: imported on first use, not at `import clibd`
+
+        matrix = parasail.matrix_create(_ALPHABET, _MATCH, _MISMATCH)
+        for i in range(len(_ALPHABET)):
+            for ambiguous in (4, 5):
+                matrix.set_value(i, ambiguous, 0)
+                matrix.set_value(ambiguous, i, 0)
+        _MATRIX = matrix
+    return _MATRIX
+
+
+def identity(query: str, reference: str, query_name: str = "query", reference_name: str = "reference") -> float:
+    """Identical bases / aligned columns of the best semi-global alignment of two barcodes, end gaps
+    left out (VSEARCH's default definition): 1.0 for a query that is an exact piece of the
+    reference. Gaps, case and IUPAC codes are normalised first (`normalise_barcode`); a bad
+    barcode is a `ValueError` naming it.
+
+    Usage:
+        identity("AACATTATATTTTATTTT", "AACATTGTATTTTATTTT")   # 17/18
+    """
+    import parasail
+
+    query = normalise_barcode(query, query_name)
+    reference = normalise_barcode(reference, reference_name).replace("N", "X")
+    result = parasail.sg_stats_scan_16(query, reference, _GAP_OPEN, _GAP_EXTEND, _matrix())
+    if result.saturated:  # scores past 16 bits: a barcode of tens of thousands of bases
+        result = parasail.sg_stats_scan_sat(query, reference, _GAP_OPEN, _GAP_EXTEND, _matrix())
+    return result.matches / result.length if result.length else 0.0
+
+
+def choose_candidate(query: str, candidates: Sequence[str], cutoff: float = IDENTITY_CUTOFF,
+                     query_name: str = "query") -> tuple[int, float]:
+    """(position, identity) of the first candidate (search order) at least `cutoff` identical to
+    `query`; where none is, (-1, the best identity among them). Stops aligning at the first that
+    clears the cut-off, so a known species usually costs one alignment.
+
+    Usage:
+        position, best = choose_candidate(barcode, [hit_record["dna"] for hit_record in hits])
+    """
+    best = 0.0
+    for position, candidate in enumerate(candidates):
+        value = identity(query, candidate, query_name, f"candidate {position + 1} of {query_name}")
+        if value >= cutoff:
+            return position, value
+        best = max(best, value)
+    return -1, best
+
+
+@dataclass
+class SpeciesCheck:
+    """The species rule of a DNA index (module doc) and what its calibration measured.
+
+    `embedding_threshold`: the species threshold (on the novelty similarity) for queries that no
+    candidate settles, set so that it names a species for at most `novel_named` of the
+    calibration specimens of held-out species that alignment left unsettled; `precision`: how
+    often a species named by alignment was right on the calibration specimens; `known_named`:
+    share of the calibration specimens of held species the rule names a species for;
+    `novel_aligned`: share of those of held-out species that alignment (wrongly) named, a sign
+    of sister species under 3 % apart in the library; `counts`: calibration specimens of held
+    and held-out species.
+    """
+
+    embedding_threshold: float
+    identity_cutoff: float = IDENTITY_CUTOFF
+    candidates: int = CANDIDATES
+    novel_named: float = NOVEL_NAMED
+    precision: float = float("nan")
+    known_named: float = float("nan")
+    novel_aligned: float = float("nan")
+    counts: tuple[int, int] = (0, 0)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SpeciesCheck:
+        """Read back `to_dict` (JSON has no inf or NaN: an embedding threshold stored as null is inf,
+        i.e. the embedding never names a species; other nulls are NaN)."""
+        values = {k: (float("nan") if v is None else v) for k, v in data.items() if k in cls.__dataclass_fields__}
+        if data.get("embedding_threshold") is None:
+            values["embedding_threshold"] = math.inf
+        values["counts"] = tuple(values.get("counts", (0, 0)))
+        return cls(**values)
+
+
+def _sample(species: list[str], max_queries: int, seed: int) -> list[int]:
+    counts = Counter(s for s in species if s)
+    eligible = [i for i, s in enumerate(species) if s and counts[s] >= 2]
+    return random.Random(seed).sample(eligible, min(max_queries, len(eligible)))
+
+
+def _nearest(embeddings: torch.Tensor, novelty: torch.Tensor, rows: list[int], exclude: torch.Tensor,
+             k: int) -> tuple[list[list[int]], list[float]]:
+    """For each of `rows`: the `k` nearest references by `embeddings` and the best `novelty`
+    similarity, both leaving out the references `exclude` [len(rows), N] marks."""
+    index = torch.tensor(rows)
+    placing = (embeddings[index] @ embeddings.T).masked_fill(exclude, -2.0)
+    scoring = (novelty[index] @ novelty.T).masked_fill(exclude, -2.0)
+    top = placing.topk(min(k, placing.shape[1]), dim=1)
+    kept = [[j for j, s in zip(js, ss, strict=True) if s > -2.0] for js, ss in zip(top.indices.tolist(),
+                                                                                   top.values.tolist(), strict=True)]
+    return kept, scoring.max(dim=1).values.tolist()
+
+
+def _settle(records: Sequence[dict], rows: list[int], neighbours: list[list[int]], cutoff: float
+            ) -> list[tuple[bool, bool]]:
+    """(settled by alignment, the species it named is right) for each calibration specimen."""
+    out = []
+    for row, near in zip(rows, neighbours, strict=True):
+        position, _ = choose_candidate(records[row]["dna"], [records[j]["dna"] for j in near], cutoff,
+                                       records[row].get("id", f"record #{row}"))
+        named = records[near[position]]["species"] if position >= 0 else ""
+        out.append((position >= 0, named == records[row]["species"]))
+    return out
+
+
+def naming_threshold(unsettled_novel: list[float], novel_named: float) -> float:
+    """The embedding threshold that names a species for at most `novel_named` of the calibration
+    specimens of held-out species that alignment left unsettled (`unsettled_novel`: their novelty
+    similarities): a quantile just above them; inf when there are none to learn from.
+
+    Usage:
+        naming_threshold([0.61, 0.72, 0.80, 0.83], novel_named=0.25)   # just above 0.80
+    """
+    if not unsettled_novel:
+        return math.inf
+    ordered = sorted(unsettled_novel)
+    keep_below = math.ceil((1 - novel_named) * len(ordered) - 1e-9)  # specimens left without a species
+    return math.nextafter(ordered[keep_below - 1], math.inf) if keep_below > 0 else ordered[0]
+
+
+def calibrate_species_check(embeddings: torch.Tensor, novelty_embeddings: torch.Tensor, records: Sequence[dict],
+                            identity_cutoff: float = IDENTITY_CUTOFF, candidates: int = CANDIDATES,
+                            novel_named: float = NOVEL_NAMED, max_queries: int = CALIBRATION_QUERIES,
+                            seed: int = 0) -> SpeciesCheck | None:
+    """Calibrate the species rule on a labelled DNA library (unit-vector embeddings, one per
+    record): specimens of species with two or more references are matched once with only
+    themselves left out (a held species) and once with their whole species left out (a novel
+    one). None where the library has no species with two references (nothing to learn from).
+
+    Usage:
+        check = calibrate_species_check(index.embeddings.float(), novelty_embeddings, index.records)
+    """
+    species = [r.get("species", "") for r in records]
+    rows = _sample(species, max_queries, seed)
+    if not rows:
+        return None
+    ids = {s: i for i, s in enumerate(sorted(set(species)))}
+    labels = torch.tensor([ids[s] for s in species])
+    itself = torch.zeros(len(rows), len(records), dtype=torch.bool)
+    itself[torch.arange(len(rows)), torch.tensor(rows)] = True
+    own_species = labels[torch.tensor(rows)].unsqueeze(1) == labels.unsqueeze(0)
+    known_near, known_sims = _nearest(embeddings, novelty_embeddings, rows, itself, candidates)
+    novel_near, novel_sims = _nearest(embeddings, novelty_embeddings, rows, own_species, candidates)
+    known = _settle(records, rows, known_near, identity_cutoff)
+    novel = _settle(records, rows, novel_near, identity_cutoff)
+    threshold = naming_threshold([sim for (settled, _), sim in zip(novel, novel_sims, strict=True)
+                                  if not settled], novel_named)
+    named = [right for settled, right in known + novel if settled]
+    known_named = sum(settled or sim >= threshold for (settled, _), sim in zip(known, known_sims, strict=True))
+    return SpeciesCheck(threshold, identity_cutoff, candidates, novel_named,
+                        sum(named) / len(named) if named else float("nan"), known_named / len(rows),
+                        sum(settled for settled, _ in novel) / len(rows), (len(rows), len(rows)))
+
+
+def settled_answer(record: dict) -> dict[str, str]:
+    """The whole lineage of the reference that alignment found the same species."""
+    return {rank: record.get(rank, "") for rank in RANKS}

@@ -1,0 +1,153 @@
+"""The species check of a DNA index (`clibd.species_check`): alignment identity, the candidate
+rule, the calibrated embedding threshold, and identify with and without it on the shared BOLD
+barcodes (a small untrained k-mer-profile tower: its fixed k-mer sketch already places barcodes)."""
+
+import json
+import math
+import random
+
+import pytest
+
+from clibd import species_check
+from clibd.identify import Identifier, read_predictions_tsv, write_predictions_tsv
+from clibd.index import ReferenceIndex, add_to_index, build_index, recalibrate_index
+from clibd.species_check import SpeciesCheck, choose_candidate, identity, naming_threshold
+
+random.seed(0)
+BARCODE = "".join(random.choice("ACGT") for _ in range(600))
+
+
+def mutate(sequence: str, positions: range | list[int]) -> str:
+    bases = list(sequence)
+    for i in positions:
+        bases[i] = {"A": "C", "C": "G", "G": "T", "T": "A"}[bases[i]]
+    return "".join(bases)
+
+
+def test_identity_counts_identical_bases_over_the_aligned_region():
+    assert identity(BARCODE, BARCODE) == 1.0
+    assert identity(BARCODE, mutate(BARCODE, range(0, 600, 100))) == pytest.approx(594 / 600)
+    # a piece of the reference: the reference's overhang is an end gap, left out
+    assert identity(BARCODE[100:400], BARCODE) == 1.0
+    # gaps and case are normalised as everywhere in clibd
+    assert identity(BARCODE.lower(), "-" + BARCODE) == 1.0
+
+
+def test_identity_never_counts_an_ambiguous_base_as_identical():
+    padded = "N" * 10 + BARCODE[10:]
+    assert identity(padded, padded) == pytest.approx(590 / 600)
+    assert identity(BARCODE, padded) < 1.0 and identity(padded, BARCODE) < 1.0
+
+
+def test_identity_names_a_bad_barcode():
+    with pytest.raises(ValueError, match="candidate 2 of q7"):
+        choose_candidate(BARCODE, [BARCODE[:300] + "T" * 5, "ACGT-XYZ"], cutoff=1.01, query_name="q7")
+
+
+def test_first_candidate_clearing_the_cutoff_wins_and_stops_the_alignments(monkeypatch):
+    calls = []
+    real = species_check.identity
+    monkeypatch.setattr(species_check, "identity", lambda *a: calls.append(a) or real(*a))
+    close, closer = mutate(BARCODE, range(0, 600, 50)), BARCODE  # 98 % and 100 %
+    assert choose_candidate(BARCODE, [close, closer, closer], cutoff=0.97) == (0, pytest.approx(588 / 600))
+    assert len(calls) == 1
+    far = mutate(BARCODE, range(0, 600, 10))  # 90 %
+    assert choose_candidate(BARCODE, [far, close], cutoff=0.99) == (-1, pytest.approx(588 / 600))
+
+
+def test_naming_threshold_names_at_most_the_asked_share():
+    sims = [i / 1000 for i in range(1000)]
+    for share in (0.0025, 0.01, 0.1):
+        threshold = naming_threshold(sims, share)
+        assert sum(s >= threshold for s in sims) <= share * len(sims)
+        assert sum(s >= threshold for s in sims) >= share * len(sims) - 1
+    assert naming_threshold([], 0.01) == math.inf
+
+
+def test_check_round_trips_through_json_with_an_infinite_threshold():
+    check = SpeciesCheck(math.inf, precision=0.95, known_named=0.99, novel_aligned=0.02, counts=(10, 10))
+    assert SpeciesCheck.from_dict(json.loads(json.dumps(check.to_dict()))) == check
+
+
+@pytest.fixture(scope="module")
+def libraries(dna_model, records, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("species_check")
+    with_check = build_index(dna_model, records["many_each"], "dna", folder / "checked", progress=False)
+    without = build_index(dna_model, records["many_each"], "dna", folder / "plain", progress=False,
+                          species_check=False)
+    return with_check, without
+
+
+def species_rates(index: ReferenceIndex, model, queries):
+    predictions = Identifier.load(index.directory, model_dir=model).identify(queries)
+    right = sum(p.answer["species"] == q["species"] for p, q in zip(predictions, queries, strict=True))
+    return right / len(queries), predictions
+
+
+def test_alignment_names_held_species_the_embedding_alone_misses(libraries, dna_model, records):
+    checked, plain = libraries
+    assert checked.species_check is not None and plain.species_check is None
+    assert (checked.directory / "barcodes.tsv").exists()
+    # partial barcodes (250 bases of a held species' barcode): fewer k-mers, a lower embedding
+    # similarity than the full barcodes the threshold was calibrated on; alignment is unmoved
+    partial = [{**q, "dna": q["dna"][100:350]} for q in records["held"]]
+    with_rate, predictions = species_rates(checked, dna_model, partial)
+    without_rate, _ = species_rates(plain, dna_model, partial)
+    assert with_rate > without_rate + 0.1
+    settled = [p for p in predictions if p.identity >= checked.species_check.identity_cutoff]
+    assert settled and all(not p.novel and p.answer["species"] for p in settled)
+    assert all(p.precision["species"] == pytest.approx(checked.species_check.precision) for p in settled)
+
+
+def test_absent_species_are_named_no_more_often_than_alignment_and_embedding_allow(libraries, dna_model, records):
+    checked, _ = libraries
+    _, predictions = species_rates(checked, dna_model, records["absent"])
+    named = [p for p in predictions if p.answer["species"]]
+    # a species is named only by a >= 97 % identical reference or above the check's embedding threshold
+    check = checked.species_check
+    assert all(p.identity >= check.identity_cutoff or p.novelty_similarity >= check.embedding_threshold for p in named)
+    assert sum(p.novel for p in predictions) >= 0.8 * len(predictions)
+
+
+def test_identity_column_round_trips_and_old_files_read_without_it(libraries, dna_model, records, tmp_path):
+    checked, _ = libraries
+    predictions = Identifier.load(checked.directory, model_dir=dna_model).identify(records["held"][:5])
+    with open(tmp_path / "p.tsv", "w") as f:
+        write_predictions_tsv(predictions, f, top_k=5)
+    back = read_predictions_tsv(tmp_path / "p.tsv")
+    assert [p.identity for p in back] == pytest.approx([round(p.identity, 4) for p in predictions])
+    lines = (tmp_path / "p.tsv").read_text().splitlines()
+    column = lines[0].split("\t").index("identity")
+    old = ["\t".join(c for i, c in enumerate(line.split("\t")) if i != column) for line in lines]
+    (tmp_path / "old.tsv").write_text("\n".join(old) + "\n")
+    assert all(math.isnan(p.identity) for p in read_predictions_tsv(tmp_path / "old.tsv"))
+
+
+def test_add_and_recalibrate_keep_the_barcodes_and_the_check(dna_model, records, tmp_path):
+    half = len(records["many_each"]) // 2
+    build_index(dna_model, records["many_each"][:half], "dna", tmp_path / "refs", progress=False)
+    grown = add_to_index(tmp_path / "refs", records["many_each"][half:], progress=False)
+    assert grown.barcodes == [r["dna"] for r in records["many_each"]]
+    assert grown.species_check is not None
+    meta = json.loads((tmp_path / "refs" / "index.json").read_text())
+    del meta["species_check"]  # as an index of an older clibd
+    (tmp_path / "refs" / "index.json").write_text(json.dumps(meta))
+    assert ReferenceIndex.load(tmp_path / "refs").species_check is None
+    assert recalibrate_index(tmp_path / "refs").species_check == grown.species_check
+
+
+def test_index_build_options_reach_the_stored_check(dna_model, records, tmp_path):
+    from clibd.cli import main as cli
+
+    with open(tmp_path / "refs.tsv", "w") as f:
+        f.write("id\torder\tfamily\tgenus\tspecies\tdna\n")
+        f.writelines("\t".join(r[c] for c in ("id", "order", "family", "genus", "species", "dna")) + "\n"
+                     for r in records["many_each"])
+    common = ["index", "build", "--model", str(dna_model), "--records", str(tmp_path / "refs.tsv")]
+    assert cli([*common, "--out", str(tmp_path / "a"), "--identity-cutoff", "0.98", "--novel-named", "0.05"]) == 0
+    check = ReferenceIndex.load(tmp_path / "a").species_check
+    assert (check.identity_cutoff, check.novel_named) == (0.98, 0.05)
+    assert cli([*common, "--out", str(tmp_path / "b"), "--no-species-check"]) == 0
+    assert ReferenceIndex.load(tmp_path / "b").species_check is None
+    with pytest.raises(ValueError, match="novel_named must be between 0 and 1"):
+        build_index(dna_model, records["many_each"], "dna", tmp_path / "c", species_check={"novel_named": 2})
