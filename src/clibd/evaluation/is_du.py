@@ -1,0 +1,219 @@
+"""IS+DU (paper 5.4, Tables 3, 9, 10): an image query is answered from the image keys of seen
+species when a seen-vs-unseen classifier calls it seen, else from the DNA keys of the unseen
+species. Two classifiers, as in the authors' `scripts/method_nn.py` and `scripts/method_linear.py`:
+
+- `nn`: the cosine similarity to the nearest seen image key;
+- `linear`: the softmax confidence of a linear classifier over the seen species
+  (`train_linear_classifier`, trained on the `train_seen` image embeddings).
+
+As in the authors' code the routing is per position of the top-5: the k-th answer is the seen
+side's k-th when its k-th score is above the threshold, else the unseen side's k-th. The threshold
+maximises the harmonic mean of seen and unseen species micro top-1 accuracy over a uniform grid
+on [0, 1] (chosen on val, applied to test). Reported: micro/macro top-1/3/5 at every rank for
+seen/unseen/H.M., and Table 9, the binary seen-vs-unseen accuracy: the share of seen queries
+whose top-k species are among the seen species (unseen queries: among the unseen species).
+
+Usage:
+    val = evaluate_is_du(model, processor, splits, embed, stage="val")
+    test = evaluate_is_du(model, processor, splits, embed, threshold=val["threshold"], stage="test")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import datasets
+import torch
+
+from ..constants import RANKS
+from ..modeling_clibd import CLIBDModel
+from ..processing import CLIBDProcessor
+from ..retrieval import topk_search
+from .clibd_retrieval.clibd_retrieval import harmonic_mean, rank_metrics, with_harmonic_mean
+from .retrieval import TOP_K, EmbeddingCache, key_pool, labels
+
+UNSEEN_KEY_SPLITS = ("val_unseen_keys", "test_unseen_keys")
+# the authors' grids: np.linspace(0, 1, 1000) in method_nn.py, np.linspace(0, 1, 1001) in method_linear.py
+GRID = {"nn": 1000, "linear": 1001}
+
+
+@dataclass
+class Side:
+    """One side of the routing for a set of queries: top-k scores [Q, K] (the unseen side: None)
+    and per rank the top-k labels of each query."""
+
+    scores: torch.Tensor | None
+    labels: dict[str, list[list[str]]]
+
+
+def route(seen: Side, unseen: Side, threshold: float) -> dict[str, list[list[str]]]:
+    """Per rank, per query, the routed top-k: position k from `seen` where its k-th score is
+    strictly above `threshold`, else from `unseen` (the authors' `decide_prediction_with_threshold`).
+
+    Usage:
+        predicted = route(Side(scores, seen_labels), Side(None, unseen_labels), 0.7)
+    """
+    use_seen = (seen.scores > threshold).tolist()
+    return {rank: [[s if take else u for s, u, take in zip(srow, urow, flags, strict=False)]
+                   for srow, urow, flags in zip(seen.labels[rank], unseen.labels[rank], use_seen, strict=True)]
+            for rank in RANKS}
+
+
+def search_threshold(sides: dict[str, tuple[Side, Side, list[str]]], steps: int = 1000,
+                     drop_empty: bool = True) -> tuple[float, float]:
+    """The threshold on linspace(0, 1, steps) maximising the harmonic mean of seen and unseen
+    species micro top-1 accuracy (the first of equals); returns (threshold, that H.M.).
+    `sides`: {"seen"|"unseen": (seen side, unseen side, true species)}."""
+    thresholds = torch.linspace(0, 1, steps, dtype=torch.float64)
+    accuracy = {}
+    for split, (seen, unseen, true) in sides.items():
+        # top-1 depends on the first position only: right when routed to a side whose answer is right
+        keep = torch.tensor([bool(t) or not drop_empty for t in true])
+        seen_right = torch.tensor([s[0] == t for s, t in zip(seen.labels["species"], true, strict=True)])[keep]
+        unseen_right = torch.tensor([u[0] == t for u, t in zip(unseen.labels["species"], true, strict=True)])[keep]
+        routed_seen = seen.scores[:, 0][keep].double()[None, :] > thresholds[:, None]  # [T, Q]
+        right = torch.where(routed_seen, seen_right[None, :], unseen_right[None, :]).double()
+        accuracy[split] = right.mean(dim=1) if keep.any() else torch.zeros(steps, dtype=torch.float64)
+    a, b = accuracy["seen"], accuracy["unseen"]
+    hm = torch.where((a > 0) & (b > 0), 2 * a * b / (a + b), torch.zeros_like(a))
+    best = int(torch.argmax(hm))  # argmax returns the first maximum, as the authors' strict ">"
+    return float(thresholds[best]), float(hm[best])
+
+
+def seen_vs_unseen(predicted_species: list[list[str]], species: set[str],
+                   k_list: Sequence[int] = TOP_K) -> dict[str, float]:
+    """Table 9: the share of queries with one of their top-k species in `species` (the authors'
+    `check_for_acc_about_correct_predict_seen_or_unseen`), {"top1": ..., ...}."""
+    n = max(len(predicted_species), 1)
+    return {f"top{k}": sum(any(p in species for p in row[:k]) for row in predicted_species) / n for k in k_list}
+
+
+def binary_accuracy(seen_predicted: list[list[str]], unseen_predicted: list[list[str]], seen_species: set[str],
+                    unseen_species: set[str]) -> dict[str, dict[str, float]]:
+    """{"seen": {topk: ...}, "unseen": {...}, "hm": {...}}: Table 9 for one strategy."""
+    seen = seen_vs_unseen(seen_predicted, seen_species)
+    unseen = seen_vs_unseen(unseen_predicted, unseen_species)
+    return {"seen": seen, "unseen": unseen, "hm": {k: harmonic_mean(seen[k], unseen[k]) for k in seen}}
+
+
+def _search_side(queries: torch.Tensor, keys: torch.Tensor, key_labels: dict[str, list[str]],
+                 with_scores: bool) -> Side:
+    values, indices = topk_search(queries, keys, max(TOP_K))
+    top = indices.tolist()
+    return Side(values if with_scores else None,
+                {rank: [[key_labels[rank][j] for j in row] for row in top] for rank in RANKS})
+
+
+@dataclass
+class LinearClassifier:
+    """A linear layer over image embeddings, one output per seen species; `classes[i]` is output
+    i's taxonomy ({rank: label})."""
+
+    layer: torch.nn.Linear
+    classes: list[dict[str, str]]
+
+    @torch.no_grad()
+    def side(self, queries: torch.Tensor) -> Side:
+        """The classifier's top-k as a routing side: softmax confidences and the classes' labels."""
+        probabilities = torch.softmax(self.layer(queries.float()), dim=-1)
+        values, indices = torch.topk(probabilities, min(max(TOP_K), len(self.classes)), dim=1)
+        top = indices.tolist()
+        return Side(values, {rank: [[self.classes[j][rank] for j in row] for row in top] for rank in RANKS})
+
+
+def train_linear_classifier(features: torch.Tensor, taxonomy: dict[str, list[str]], epochs: int = 15,
+                            batch_size: int = 150, lr: float = 1e-3, seed: int = 0) -> LinearClassifier:
+    """A linear species classifier on frozen image embeddings [N, D] of seen-species records
+    (`taxonomy`: {rank: labels}); records without a species are left out. Cross-entropy, AdamW
+    and a one-cycle schedule, as the authors' `method_linear.py` (batch 150, 15 epochs); the
+    encoder stays frozen, so the learning rate is the head's (1e-3, not their 1e-4).
+
+    Usage:
+        classifier = train_linear_classifier(embed("train_seen", splits["train_seen"], "image"),
+                                             labels(splits["train_seen"]))
+    """
+    species = sorted({s for s in taxonomy["species"] if s})
+    if not species:
+        raise ValueError("the linear IS+DU classifier needs training records with a species label")
+    first = {}
+    for i, s in enumerate(taxonomy["species"]):
+        first.setdefault(s, i)
+    classes = [{rank: taxonomy[rank][first[s]] for rank in RANKS} for s in species]
+    index = {s: i for i, s in enumerate(species)}
+    rows = [i for i, s in enumerate(taxonomy["species"]) if s]
+    x, y = features[rows].float(), torch.tensor([index[taxonomy["species"][i]] for i in rows])
+    generator = torch.Generator().manual_seed(seed)
+    layer = torch.nn.Linear(x.shape[1], len(species))
+    with torch.random.fork_rng():  # the layer's initialisation is seeded too, without touching the caller's RNG
+        torch.manual_seed(seed)
+        layer.reset_parameters()
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=lr)
+    steps = epochs * -(-len(rows) // batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1))
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for batch in torch.randperm(len(rows), generator=generator).split(batch_size):
+                loss = torch.nn.functional.cross_entropy(layer(x[batch]), y[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+    return LinearClassifier(layer.eval(), classes)
+
+
+def _species_sets(seen_keys: datasets.Dataset, unseen_keys: datasets.Dataset, compat: bool) -> tuple[set, set]:
+    seen = {s for s in labels(seen_keys, compat)["species"] if s}
+    return seen, {s for s in labels(unseen_keys, compat)["species"] if s}
+
+
+def evaluate_is_du(model: CLIBDModel, processor: CLIBDProcessor, splits: datasets.DatasetDict,
+                   embed: EmbeddingCache, threshold: float | None = None, stage: str = "val",
+                   method: str = "nn", classifier: LinearClassifier | None = None, compat: bool = False) -> dict:
+    """IS+DU with image queries (module docstring): seen side = the nearest seen image keys
+    (`method="nn"`) or `classifier` (`"linear"`), unseen side = the nearest DNA keys of the
+    validation and test unseen species. `threshold=None`: searched on this stage (use on val),
+    else applied (the val threshold on test). Returns {"threshold", "seen", "unseen", "hm"
+    ({rank: {micro_top1 ... macro_top5}}), "seen_vs_unseen" (Table 9)}.
+
+    Usage:
+        val = evaluate_is_du(model, processor, splits, embed, stage="val")
+    """
+    if method not in GRID or (method == "linear") != (classifier is not None):
+        raise ValueError(f"method must be 'nn' (no classifier) or 'linear' (with a classifier), got {method!r}")
+    seen_keys = splits["seen_keys"]
+    unseen_keys = datasets.concatenate_datasets([splits[n] for n in UNSEEN_KEY_SPLITS if n in splits])
+    image_keys = embed("seen-keys", seen_keys, "image")
+    dna_keys = embed("unseen-keys", unseen_keys, "dna")
+    sides = {}
+    for split in ("seen", "unseen"):
+        dataset = splits[f"{stage}_{split}"]
+        queries = embed(f"{stage}-{split}", dataset, "image")
+        seen_side = (classifier.side(queries) if classifier is not None
+                     else _search_side(queries, image_keys, labels(seen_keys, compat), with_scores=True))
+        sides[split] = (seen_side, _search_side(queries, dna_keys, labels(unseen_keys, compat), False),
+                        labels(dataset, compat)["species"])
+    if threshold is None:
+        threshold, _ = search_threshold(sides, GRID[method])
+    predicted = {split: route(seen, unseen, threshold) for split, (seen, unseen, _) in sides.items()}
+    metrics = {split: rank_metrics(labels(splits[f"{stage}_{split}"], compat), predicted[split], TOP_K)
+               for split in predicted}
+    seen_species, unseen_species = _species_sets(seen_keys, unseen_keys, compat)
+    binary = binary_accuracy(predicted["seen"]["species"], predicted["unseen"]["species"], seen_species,
+                             unseen_species)
+    return {"method": method, "threshold": threshold, **with_harmonic_mean(metrics["seen"], metrics["unseen"]),
+            "seen_vs_unseen": binary}
+
+
+def dna_oracle(splits: datasets.DatasetDict, embed: EmbeddingCache, stage: str = "test", compat: bool = False) -> dict:
+    """Table 9's "NN (oracle), DNA" row: seen-vs-unseen from the species of the nearest DNA keys
+    of the whole key pool (seen and unseen), image queries."""
+    pool = key_pool(splits)
+    keys, key_labels = embed("keys", pool, "dna"), labels(pool, compat)
+    predicted = {}
+    for split in ("seen", "unseen"):
+        queries = embed(f"{stage}-{split}", splits[f"{stage}_{split}"], "image")
+        predicted[split] = _search_side(queries, keys, key_labels, with_scores=False).labels["species"]
+    unseen_keys = datasets.concatenate_datasets([splits[n] for n in UNSEEN_KEY_SPLITS if n in splits])
+    seen_species, unseen_species = _species_sets(splits["seen_keys"], unseen_keys, compat)
+    return {"seen_vs_unseen": binary_accuracy(predicted["seen"], predicted["unseen"], seen_species, unseen_species)}
