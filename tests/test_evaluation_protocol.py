@@ -22,11 +22,18 @@ from clibd.evaluation.is_du import (
     dna_oracle,
     evaluate_is_du,
     route,
+    search_threshold,
     train_linear_classifier,
 )
 from clibd.evaluation.pairs import evaluation_pairs, selection_score
 from clibd.evaluation.report import run_evaluation
-from clibd.evaluation.retrieval import EmbeddingCache, evaluate_retrieval, labels, topk_accuracy
+from clibd.evaluation.retrieval import (
+    EmbeddingCache,
+    evaluate_retrieval,
+    harmonic_mean,
+    labels,
+    topk_accuracy,
+)
 from clibd.evaluation.tables import render_folder
 from clibd.processing import CLIBDProcessor
 
@@ -84,6 +91,25 @@ def test_is_du_routes_each_of_the_top_k_positions():
     seen = Side(torch.tensor([[0.9, 0.4, 0.8]]), {r: [["s1", "s2", "s3"]] for r in RANKS})
     unseen = Side(None, {r: [["u1", "u2", "u3"]] for r in RANKS})
     assert route(seen, unseen, 0.5)["species"] == [["s1", "u2", "s3"]]  # the authors' per-position rule
+
+
+def test_threshold_search_equals_brute_force_over_the_grid():
+    generator = torch.Generator().manual_seed(0)
+
+    def sides(n):
+        pick = lambda letters: [letters[i] for i in torch.randint(0, len(letters), (n,), generator=generator)]  # noqa: E731
+        seen_labels, unseen_labels = [[s] for s in pick("abc")], [[u] for u in pick("abu")]
+        return (Side(torch.rand(n, 1, generator=generator), {r: seen_labels for r in RANKS}),
+                Side(None, {r: unseen_labels for r in RANKS}), pick("abcu"))
+
+    candidates = {"seen": sides(50), "unseen": sides(40)}
+    threshold, hm = search_threshold(candidates, 200)
+    brute = []
+    for t in torch.linspace(0, 1, 200, dtype=torch.float64).tolist():
+        accuracies = [topk_accuracy(true, route(s, u, t)["species"], 1)[0] for s, u, true in candidates.values()]
+        brute.append((harmonic_mean(*accuracies), -t))
+    best_hm, minus_t = max(brute)  # the highest H.M., the lowest threshold among equals
+    assert hm == pytest.approx(best_hm) and threshold == pytest.approx(-minus_t)
 
 
 def test_seen_vs_unseen_binary_accuracy_table9():
