@@ -275,3 +275,9 @@ def test_untrained_baseline_evaluates_the_configs_starting_weights(data_dir, tmp
     text = (tmp_path / "eval" / "metrics.md").read_text()
     assert "unaligned" in text and "| Order | x | x | x |" in text
     assert isinstance(kwargs["processor"], CLIBDProcessor)
+
+
+def test_pairs_of_different_widths_are_skipped_as_the_authors_do(tiny_model, tiny_processor, tiny_splits):
+    metrics = evaluate_retrieval(tiny_model, tiny_processor, tiny_splits, "val",
+                                 [("image_dna_concat", "image"), ("image_dna_concat", "image_dna_concat")], 8)
+    assert set(metrics["image_dna_concat"]) == {"image_dna_concat"}

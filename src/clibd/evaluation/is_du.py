@@ -64,7 +64,11 @@ def search_threshold(sides: dict[str, tuple[Side, Side, list[str]]], steps: int 
                      drop_empty: bool = True) -> tuple[float, float]:
     """The threshold on linspace(0, 1, steps) maximising the harmonic mean of seen and unseen
     species micro top-1 accuracy (the first of equals); returns (threshold, that H.M.).
-    `sides`: {"seen"|"unseen": (seen side, unseen side, true species)}."""
+    `sides`: {"seen"|"unseen": (seen side, unseen side, true species)}.
+
+    Usage:
+        threshold, hm = search_threshold({"seen": (nn_side, dna_side, species), "unseen": (...)})
+    """
     thresholds = torch.linspace(0, 1, steps, dtype=torch.float64)
     accuracy = {}
     for split, (seen, unseen, true) in sides.items():
@@ -91,14 +95,22 @@ def search_threshold(sides: dict[str, tuple[Side, Side, list[str]]], steps: int 
 def seen_vs_unseen(predicted_species: list[list[str]], species: set[str],
                    k_list: Sequence[int] = TOP_K) -> dict[str, float]:
     """Table 9: the share of queries with one of their top-k species in `species` (the authors'
-    `check_for_acc_about_correct_predict_seen_or_unseen`), {"top1": ..., ...}."""
+    `check_for_acc_about_correct_predict_seen_or_unseen`), {"top1": ..., ...}.
+
+    Usage:
+        seen_vs_unseen([["s1", "u1"]], {"s1"})   # {"top1": 1.0, "top3": 1.0, "top5": 1.0}
+    """
     n = max(len(predicted_species), 1)
     return {f"top{k}": sum(any(p in species for p in row[:k]) for row in predicted_species) / n for k in k_list}
 
 
 def binary_accuracy(seen_predicted: list[list[str]], unseen_predicted: list[list[str]], seen_species: set[str],
                     unseen_species: set[str]) -> dict[str, dict[str, float]]:
-    """{"seen": {topk: ...}, "unseen": {...}, "hm": {...}}: Table 9 for one strategy."""
+    """{"seen": {topk: ...}, "unseen": {...}, "hm": {...}}: Table 9 for one strategy.
+
+    Usage:
+        binary_accuracy(seen_top_species, unseen_top_species, seen_species_set, unseen_species_set)
+    """
     seen = seen_vs_unseen(seen_predicted, seen_species)
     unseen = seen_vs_unseen(unseen_predicted, unseen_species)
     return {"seen": seen, "unseen": unseen, "hm": {k: harmonic_mean(seen[k], unseen[k]) for k in seen}}
@@ -214,7 +226,11 @@ def evaluate_is_du(model: CLIBDModel, processor: CLIBDProcessor, splits: dataset
 
 def dna_oracle(splits: datasets.DatasetDict, embed: EmbeddingCache, stage: str = "test", compat: bool = False) -> dict:
     """Table 9's "NN (oracle), DNA" row: seen-vs-unseen from the species of the nearest DNA keys
-    of the whole key pool (seen and unseen), image queries."""
+    of the whole key pool (seen and unseen), image queries.
+
+    Usage:
+        dna_oracle(splits, EmbeddingCache(model, processor, 256, False), "test")["seen_vs_unseen"]
+    """
     pool = key_pool(splits)
     keys, key_labels = embed("keys", pool, "dna"), labels(pool, compat)
     predicted = {}

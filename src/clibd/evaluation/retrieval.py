@@ -46,7 +46,11 @@ __all__ = ["KEY_SPLITS", "TOP_K", "EmbeddingCache", "evaluate_retrieval", "evalu
 
 
 def labels(dataset: datasets.Dataset, compat: bool = False) -> dict[str, list[str]]:
-    """{rank: the records' labels}; with `compat`, a missing label is `not_classified`."""
+    """{rank: the records' labels}; with `compat`, a missing label is `not_classified`.
+
+    Usage:
+        labels(splits["val_seen"], compat=True)["genus"]
+    """
     return {rank: [v or NOT_CLASSIFIED for v in dataset[rank]] if compat else list(dataset[rank]) for rank in RANKS}
 
 
@@ -104,7 +108,11 @@ def _keys(embed: EmbeddingCache, pool: datasets.Dataset, feature: str, compat: b
 
 
 def key_pool(splits: datasets.DatasetDict) -> datasets.Dataset:
-    """The paper's keys: seen keys, validation and test unseen keys, in that order."""
+    """The paper's keys: seen keys, validation and test unseen keys, in that order.
+
+    Usage:
+        pool = key_pool(splits)
+    """
     return datasets.concatenate_datasets([splits[name] for name in KEY_SPLITS if name in splits])
 
 
@@ -127,10 +135,12 @@ def evaluate_retrieval(
     results: dict = {}
     for query_feature, key_feature in pairs:
         keys, key_labels = _keys(embed, pool, key_feature, compat)
+        queries = {name: embed(f"{stage}-{name}", dataset, query_feature) for name, dataset in query_sets.items()}
+        if any(q.shape[1] != keys.shape[1] for q in queries.values()):
+            continue  # the authors compare features only where the widths match (a multi-part DNA embedding)
         parts = {}
         for split_name, queries_dataset in query_sets.items():
-            queries = embed(f"{stage}-{split_name}", queries_dataset, query_feature)
-            top = topk_indices(queries, keys, max(TOP_K)).tolist()
+            top = topk_indices(queries[split_name], keys, max(TOP_K)).tolist()
             predicted = {rank: [[key_labels[rank][j] for j in row] for row in top] for rank in RANKS}
             parts[split_name] = rank_metrics(labels(queries_dataset, compat), predicted, TOP_K)
         results.setdefault(query_feature, {})[key_feature] = with_harmonic_mean(parts["seen"], parts["unseen"])

@@ -57,7 +57,11 @@ def format_table(metrics: dict, metric: str = "micro_top1") -> str:
 def paper_table(metrics: dict, metric: str = "macro_top1", modalities: Sequence[str] = (),
                 aligned: bool = True) -> str:
     """Table 1 (`macro_top1`) / Table 5 (`micro_top1`): per rank, the aligned towers (all "x" for
-    the unaligned baseline) and DNA-to-DNA, image-to-image, image-to-DNA seen / unseen / H.M."""
+    the unaligned baseline) and DNA-to-DNA, image-to-image, image-to-DNA seen / unseen / H.M.
+
+    Usage:
+        print(paper_table(metrics, "micro_top1", ["image", "dna", "text"]))
+    """
     marks = ["✓" if aligned and m in modalities else "x" for m in MODALITIES]
     header = "| Taxa | Img | DNA | Txt | " + " | ".join(f"{name} seen | unseen | H.M." for _, _, name in TABLE1_PAIRS)
     lines = [header + " |", "|---|:-:|:-:|:-:|" + "---:|" * (3 * len(TABLE1_PAIRS))]
@@ -88,7 +92,11 @@ def is_du_table(metrics: dict) -> str:
 
 def seen_unseen_table(metrics: dict, k: int = 1) -> str:
     """Table 9: the share of image queries put on the right side (seen / unseen species) by the
-    nearest DNA key of the whole pool (an oracle), and by IS+DU with the NN and linear classifiers."""
+    nearest DNA key of the whole pool (an oracle), and by IS+DU with the NN and linear classifiers.
+
+    Usage:
+        print(seen_unseen_table(metrics, k=1))
+    """
     is_du = metrics.get("image", {}).get("is_du", {})
     rows = (("NN (oracle)", "DNA", is_du.get("dna_oracle")), ("NN", "IS+DU", is_du.get("nn")),
             ("Linear", "IS+DU", is_du.get("linear")))
@@ -101,14 +109,17 @@ def seen_unseen_table(metrics: dict, k: int = 1) -> str:
 
 
 def render_report(metrics: dict, modalities: Sequence[str] | None = None, aligned: bool = True,
-                  title: str = "Retrieval accuracy", stage: str = "test") -> str:
+                  title: str = "Retrieval accuracy", stage: str = "test", compat: bool = False) -> str:
     """The whole metrics.md for one stage's metrics: Tables 1 and 5, every pair at top-1/3/5,
     and with IS+DU Tables 3/10 and 9. `modalities`: the model's towers (default: those the
     metrics mention)."""
     if modalities is None:
         modalities = [m for m in MODALITIES if m in metrics or any(m in by_key for by_key in metrics.values())]
     state = "aligned" if aligned else "unaligned (pretrained towers, no contrastive training)"
-    lines = [f"# {title}", "", f"Split: {stage}; model: {state}, towers {', '.join(modalities)}.", "",
+    counting = ("the authors' (not_classified is a class, one text key per key record)" if compat
+                else "clibd's (queries without a label left out, one text key per taxonomy)")
+    lines = [f"# {title}", "", f"Split: {stage}; model: {state}, towers {', '.join(modalities)}; counting: "
+             f"{counting}.", "",
              "## Table 1: top-1 macro accuracy (%)", "", paper_table(metrics, "macro_top1", modalities, aligned), "",
              "## Table 5: top-1 micro accuracy (%)", "", paper_table(metrics, "micro_top1", modalities, aligned), ""]
     for k in (1, 3, 5):
@@ -137,7 +148,7 @@ def render_folder(folder: str | os.PathLike) -> str:
         if (folder / name).exists():
             parts.append(render_report(json.loads((folder / name).read_text()), about.get("modalities"),
                                        about.get("aligned", True), f"Retrieval accuracy of {about.get('model', folder)}"
-                                       f" ({stage})", stage))
+                                       f" ({stage})", stage, about.get("compat", False)))
     if not parts:
         raise FileNotFoundError(f"{folder} holds no metrics.json to render")
     text = "\n".join(parts)
