@@ -13,7 +13,9 @@ and the linear classifier and Table 9 when the model has image and DNA towers. W
 `--untrained`: the unaligned baseline of Tables 1/5, the config's starting towers (pretrained
 encoders, projections as training starts them from the config's seed) without contrastive
 training. `--compat`: count as the authors' code does (a missing label is the class
-`not_classified`; one text key per key record).
+`not_classified`; one text key per key record). `--linear-is-du fine-tune`: train IS+DU's linear
+classifier as the authors do, with its own copy of the image encoder (default: the head alone on
+the frozen embeddings).
 Under `accelerate launch` the processes (GPUs, or gloo on the CPU) share every embedding, each
 taking a contiguous run of batches; the metrics are the same as one process gives.
 """
@@ -25,7 +27,7 @@ from accelerate.utils import set_seed
 from transformers import AutoTokenizer
 
 from clibd import CLIBDModel, CLIBDProcessor
-from clibd.evaluation.report import run_evaluation
+from clibd.evaluation.report import LINEAR_IS_DU, run_evaluation
 from clibd.evaluation.tables import render_folder
 from clibd.retrieval import embedding_processes, launched_processes
 from clibd.training import ExperimentConfig
@@ -52,8 +54,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--render", metavar="FOLDER", help="only re-render FOLDER/metrics.md from its metrics.json")
     parser.add_argument("--compat", action="store_true",
                         help="count as the authors' code: not_classified is a class, one text key per key record")
-    parser.add_argument("--no-linear-is-du", action="store_true",
-                        help="skip IS+DU with the linear classifier (it embeds the train_seen images)")
+    parser.add_argument("--linear-is-du", choices=LINEAR_IS_DU, default="head",
+                        help="IS+DU's linear classifier: a head on the frozen train_seen image embeddings "
+                             "(default), the head and the image encoder fine-tuned together as the authors "
+                             "(a GPU job), or none")
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args(argv)
     if args.render is None and (not args.config or not args.out or bool(args.model) == args.untrained):
@@ -75,7 +79,7 @@ def main(argv=None) -> None:
     with embedding_processes(processes), tempfile.TemporaryDirectory() as scratch:
         run_evaluation(model, config.data, args.out if main_process else scratch, batch_size=args.batch_size,
                        progress=main_process, processor=processor, compat=args.compat,
-                       linear_is_du=not args.no_linear_is_du, aligned=not args.untrained)
+                       linear_is_du=args.linear_is_du, aligned=not args.untrained)
     if main_process:
         with open(f"{args.out}/metrics.md") as f:
             print(f.read())

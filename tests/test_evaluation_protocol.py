@@ -21,6 +21,7 @@ from clibd.evaluation.is_du import (
     binary_accuracy,
     dna_oracle,
     evaluate_is_du,
+    fine_tune_linear_classifier,
     route,
     search_threshold,
     train_linear_classifier,
@@ -131,10 +132,11 @@ def test_linear_classifier_learns_seen_species_and_reports_their_taxonomy():
     taxonomy["species"][0] = ""  # a record without a species is no class
     classifier = train_linear_classifier(features, taxonomy, epochs=30, batch_size=16, lr=0.05)
     assert [c["species"] for c in classifier.classes] == ["sa", "sb", "sc"]
-    side = classifier.side(centres)
-    assert [row[0] for row in side.labels["species"]] == ["sa", "sb", "sc"]
-    assert [row[0] for row in side.labels["genus"]] == ["SA", "SB", "SC"]
-    assert (side.scores[:, 0] > 0.5).all() and torch.all(side.scores[:, :-1] >= side.scores[:, 1:])
+    scores, predicted = classifier.predict(classifier.features(None, centres), 5)
+    assert [row[0] for row in predicted["species"]] == ["sa", "sb", "sc"]
+    assert [row[0] for row in predicted["genus"]] == ["SA", "SB", "SC"]
+    assert scores.shape == (3, 3)  # three classes: top-5 capped
+    assert (scores[:, 0] > 0.5).all() and torch.all(scores[:, :-1] >= scores[:, 1:])
 
 
 def _record(tmp_path, i, species, genus="G", dna=None):
@@ -187,6 +189,15 @@ def test_is_du_nn_and_linear_every_rank_and_extreme_thresholds(tiny_model, tiny_
     linear = evaluate_is_du(tiny_model, tiny_processor, tiny_splits, embed, stage="val", method="linear",
                             classifier=classifier)
     assert linear["method"] == "linear" and 0.0 <= linear["threshold"] <= 1.0
+    before = {k: v.clone() for k, v in tiny_model.image_encoder.state_dict().items()}
+    tuned = fine_tune_linear_classifier(tiny_model, tiny_processor, tiny_splits["train_seen"],
+                                        labels(tiny_splits["train_seen"]), epochs=2, batch_size=4, lr=1e-3)
+    assert all(torch.equal(v, tiny_model.image_encoder.state_dict()[k]) for k, v in before.items())  # untouched
+    assert any(not torch.equal(v, tuned.encoder.state_dict()[k]) for k, v in before.items())  # the copy learned
+    assert [c["species"] for c in tuned.classes] == ["s1", "s2", "s3"]
+    fine_tuned = evaluate_is_du(tiny_model, tiny_processor, tiny_splits, embed, stage="val", method="linear",
+                                classifier=tuned)
+    assert set(fine_tuned["seen"]) == set(RANKS)
     oracle = dna_oracle(tiny_splits, embed, "test")
     assert set(oracle["seen_vs_unseen"]) == {"seen", "unseen", "hm"}
 

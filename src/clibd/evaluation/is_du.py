@@ -4,7 +4,8 @@ species. Two classifiers, as in the authors' `scripts/method_nn.py` and `scripts
 
 - `nn`: the cosine similarity to the nearest seen image key;
 - `linear`: the softmax confidence of a linear classifier over the seen species
-  (`train_linear_classifier`, trained on the `train_seen` image embeddings).
+  (`clibd.evaluation.seen_classifier`: a head on the frozen `train_seen` image embeddings, or
+  the authors' head and image encoder fine-tuned together).
 
 As in the authors' code the routing is per position of the top-5: the k-th answer is the seen
 side's k-th when its k-th score is above the threshold, else the unseen side's k-th. The threshold
@@ -32,6 +33,10 @@ from ..processing import CLIBDProcessor
 from ..retrieval import topk_search
 from .clibd_retrieval.clibd_retrieval import harmonic_mean, rank_metrics, with_harmonic_mean
 from .retrieval import TOP_K, EmbeddingCache, key_pool, labels
+from .seen_classifier import LinearClassifier, fine_tune_linear_classifier, train_linear_classifier
+
+__all__ = ["GRID", "LinearClassifier", "Side", "binary_accuracy", "dna_oracle", "evaluate_is_du",
+           "fine_tune_linear_classifier", "route", "search_threshold", "seen_vs_unseen", "train_linear_classifier"]
 
 UNSEEN_KEY_SPLITS = ("val_unseen_keys", "test_unseen_keys")
 # the authors' grids: np.linspace(0, 1, 1000) in method_nn.py, np.linspace(0, 1, 1001) in method_linear.py
@@ -124,63 +129,6 @@ def _search_side(queries: torch.Tensor, keys: torch.Tensor, key_labels: dict[str
                 {rank: [[key_labels[rank][j] for j in row] for row in top] for rank in RANKS})
 
 
-@dataclass
-class LinearClassifier:
-    """A linear layer over image embeddings, one output per seen species; `classes[i]` is output
-    i's taxonomy ({rank: label})."""
-
-    layer: torch.nn.Linear
-    classes: list[dict[str, str]]
-
-    @torch.no_grad()
-    def side(self, queries: torch.Tensor) -> Side:
-        """The classifier's top-k as a routing side: softmax confidences and the classes' labels."""
-        probabilities = torch.softmax(self.layer(queries.float()), dim=-1)
-        values, indices = torch.topk(probabilities, min(max(TOP_K), len(self.classes)), dim=1)
-        top = indices.tolist()
-        return Side(values, {rank: [[self.classes[j][rank] for j in row] for row in top] for rank in RANKS})
-
-
-def train_linear_classifier(features: torch.Tensor, taxonomy: dict[str, list[str]], epochs: int = 15,
-                            batch_size: int = 150, lr: float = 1e-3, seed: int = 0) -> LinearClassifier:
-    """A linear species classifier on frozen image embeddings [N, D] of seen-species records
-    (`taxonomy`: {rank: labels}); records without a species are left out. Cross-entropy, AdamW
-    and a one-cycle schedule, as the authors' `method_linear.py` (batch 150, 15 epochs); the
-    encoder stays frozen, so the learning rate is the head's (1e-3, not their 1e-4).
-
-    Usage:
-        classifier = train_linear_classifier(embed("train_seen", splits["train_seen"], "image"),
-                                             labels(splits["train_seen"]))
-    """
-    species = sorted({s for s in taxonomy["species"] if s})
-    if not species:
-        raise ValueError("the linear IS+DU classifier needs training records with a species label")
-    first = {}
-    for i, s in enumerate(taxonomy["species"]):
-        first.setdefault(s, i)
-    classes = [{rank: taxonomy[rank][first[s]] for rank in RANKS} for s in species]
-    index = {s: i for i, s in enumerate(species)}
-    rows = [i for i, s in enumerate(taxonomy["species"]) if s]
-    x, y = features[rows].float(), torch.tensor([index[taxonomy["species"][i]] for i in rows])
-    generator = torch.Generator().manual_seed(seed)
-    layer = torch.nn.Linear(x.shape[1], len(species))
-    with torch.random.fork_rng():  # the layer's initialisation is seeded too, without touching the caller's RNG
-        torch.manual_seed(seed)
-        layer.reset_parameters()
-    optimizer = torch.optim.AdamW(layer.parameters(), lr=lr)
-    steps = epochs * -(-len(rows) // batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1))
-    with torch.enable_grad():
-        for _ in range(epochs):
-            for batch in torch.randperm(len(rows), generator=generator).split(batch_size):
-                loss = torch.nn.functional.cross_entropy(layer(x[batch]), y[batch])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-    return LinearClassifier(layer.eval(), classes)
-
-
 def _species_sets(seen_keys: datasets.Dataset, unseen_keys: datasets.Dataset, compat: bool) -> tuple[set, set]:
     seen = {s for s in labels(seen_keys, compat)["species"] if s}
     return seen, {s for s in labels(unseen_keys, compat)["species"] if s}
@@ -208,7 +156,8 @@ def evaluate_is_du(model: CLIBDModel, processor: CLIBDProcessor, splits: dataset
     for split in ("seen", "unseen"):
         dataset = splits[f"{stage}_{split}"]
         queries = embed(f"{stage}-{split}", dataset, "image")
-        seen_side = (classifier.side(queries) if classifier is not None
+        seen_side = (Side(*classifier.predict(classifier.features(dataset, queries), max(TOP_K)))
+                     if classifier is not None
                      else _search_side(queries, image_keys, labels(seen_keys, compat), with_scores=True))
         sides[split] = (seen_side, _search_side(queries, dna_keys, labels(unseen_keys, compat), False),
                         labels(dataset, compat)["species"])
