@@ -15,7 +15,7 @@ from PIL import Image
 from clibd import CLIBDConfig, CLIBDModel
 from clibd.constants import RANKS
 from clibd.evaluation import METRIC_PATH
-from clibd.evaluation.clibd_retrieval import clibd_retrieval
+from clibd.evaluation.clibd_retrieval import clibd_retrieval, retrieval_metrics
 from clibd.evaluation.is_du import (
     Side,
     binary_accuracy,
@@ -83,8 +83,9 @@ def test_metric_module_loads_with_evaluate_and_matches_hand_counts():
     assert result["seen"]["order"]["micro_top1"] == 1.0
     flat = metric.compute(predictions=[["x", "y"], ["y"]], references=["y", "y"], k_list=[1])
     assert flat == {"label": {"micro_top1": 0.5, "macro_top1": 0.5}}
-    # the evaluation code runs this module's functions: one implementation
-    assert topk_accuracy is clibd_retrieval.topk_accuracy
+    # the evaluation code and the module run the same functions: one implementation
+    assert topk_accuracy is retrieval_metrics.topk_accuracy
+    assert clibd_retrieval.rank_metrics is retrieval_metrics.rank_metrics
     assert topk_accuracy(["a", "b"], [["c", "d"], ["b"]], 2) == (0.5, 0.5)  # a miss is a miss at every k
 
 

@@ -31,7 +31,7 @@ from ..constants import RANKS
 from ..modeling_clibd import CLIBDModel
 from ..processing import CLIBDProcessor
 from ..retrieval import topk_search
-from .clibd_retrieval.clibd_retrieval import harmonic_mean, rank_metrics, with_harmonic_mean
+from .clibd_retrieval.retrieval_metrics import harmonic_mean, rank_metrics, with_harmonic_mean
 from .retrieval import TOP_K, EmbeddingCache, key_pool, labels
 from .seen_classifier import LinearClassifier, fine_tune_linear_classifier, train_linear_classifier
 

@@ -26,7 +26,7 @@ from ..constants import MODALITIES, RANKS
 from ..modeling_clibd import CLIBDModel
 from ..processing import CLIBDProcessor
 from ..retrieval import embed_records, topk_indices
-from .clibd_retrieval.clibd_retrieval import (
+from .clibd_retrieval.retrieval_metrics import (
     harmonic_mean,
     rank_metrics,
     topk_accuracies,
