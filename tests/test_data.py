@@ -166,3 +166,30 @@ def test_paper_split_on_shared_bold_records(data_dir):
     assert table.startswith("| split | records | species |") and "| train_seen |" in table
     assert sum(len(p) for p in splits.values()) + sum(
         1 for n in Counter(dataset["species"]).values() if n == 1) == len(dataset)
+
+
+def _write_bioscan1m(root):
+    """A BIOSCAN-1M metadata TSV in the release's layout: P1's genus is missing (not_classified)
+    although its species is a binomial."""
+    from bioscan_dataset.bioscan1m import COLUMN_DTYPES
+
+    columns = list(COLUMN_DTYPES)
+    rows = [("P1", "Culicidae", "not_classified", "Aedes vexans"), ("P2", "Culicidae", "Aedes", "Aedes vexans"),
+            ("P3", "Cecidomyiidae", "not_classified", "not_classified")]
+    lines = ["\t".join(columns)]
+    for pid, family, genus, species in rows:
+        row = {c: "not_classified" for c in columns}
+        row.update(sampleid=pid, processid=pid, uri="u", name="n", phylum="Arthropoda", order="Diptera",
+                   family=family, subfamily="Sub", tribe="Tri", genus=genus, species=species, nucraw="ACGTACGT",
+                   image_file=f"{pid}.jpg", large_diptera_family="train", chunk_number="1", **{"class": "Insecta"})
+        lines.append("\t".join(row[c] for c in columns))
+    (root / "bioscan1m").mkdir()
+    (root / "bioscan1m" / "BIOSCAN_Insect_Dataset_metadata.tsv").write_text("\n".join(lines) + "\n")
+
+
+def test_bioscan1m_release_labels_keep_the_missing_genus(tmp_path):
+    _write_bioscan1m(tmp_path)
+    # bioscan-dataset fills P1's genus from its binomial; the release (and the authors' code) has none
+    assert read_bioscan(tmp_path, version="1m")["genus"] == ["Aedes", "Aedes", ""]
+    release = read_bioscan(tmp_path, version="1m", release_labels=True)
+    assert release["genus"] == ["", "Aedes", ""] and release["species"] == ["Aedes vexans", "Aedes vexans", ""]

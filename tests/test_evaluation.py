@@ -5,12 +5,11 @@ import torch
 import torch.nn.functional as F
 
 from clibd.constants import RANKS
+from clibd.evaluation.is_du import Side, route, search_threshold
 from clibd.evaluation.retrieval import (
     evaluation_pairs,
     format_table,
     harmonic_mean,
-    is_du_accuracy,
-    is_du_search,
     rank_metrics,
     selection_score,
     topk_accuracy,
@@ -37,7 +36,8 @@ def test_rank_metrics_from_hand_made_embeddings():
     assert topk[:, 0].tolist() == [0, 1, 2] and topk[1, 1] == 0
     true = {"order": ["O1", "O1", "O1"], "family": ["F1", "F1", "F3"],
             "genus": ["G1", "G1", "G3"], "species": ["s1", "s1", "s9"]}
-    metrics = rank_metrics(true, key_labels, topk)
+    predicted = {rank: [[key_labels[rank][j] for j in row] for row in topk.tolist()] for rank in RANKS}
+    metrics = rank_metrics(true, predicted)
     assert metrics["order"]["micro_top1"] == pytest.approx(2 / 3)  # q2 -> O2, wrong
     assert metrics["family"]["micro_top1"] == pytest.approx(2 / 3)  # q1 -> F2, wrong
     assert metrics["family"]["macro_top1"] == pytest.approx((0.5 + 1.0) / 2)  # F1: 1 of 2, F3: 1 of 1
@@ -57,19 +57,27 @@ def test_harmonic_mean():
     assert harmonic_mean(0.0, 0.0) == 0.0
 
 
+def _sides(scores, seen_species, unseen_species):
+    """Routing sides whose labels are the species at every rank (one position each)."""
+    def as_side(values, species):
+        return Side(values, {rank: [[s] for s in species] for rank in RANKS})
+    return as_side(torch.tensor(scores)[:, None], seen_species), as_side(None, unseen_species)
+
+
 def test_is_du_routing_and_threshold_search():
     # seen queries are close to their image keys (0.9), unseen ones are not (0.3)
-    seen = (torch.tensor([0.9, 0.85]), ["a", "b"], ["x", "y"], ["a", "b"])
-    unseen = (torch.tensor([0.3, 0.35]), ["a", "a"], ["u", "v"], ["u", "v"])
-    assert is_du_accuracy(*seen, threshold=0.5) == 1.0 and is_du_accuracy(*unseen, threshold=0.5) == 1.0
-    assert is_du_accuracy(*unseen, threshold=0.1) == 0.0  # everything routed to the seen keys
-    assert is_du_accuracy(*seen, threshold=0.85) == 0.5  # strict ">": 0.85 is not above 0.85
-    threshold, hm = is_du_search({"seen": seen, "unseen": unseen})
+    seen = (*_sides([0.9, 0.85], ["a", "b"], ["x", "y"]), ["a", "b"])
+    unseen = (*_sides([0.3, 0.35], ["a", "a"], ["u", "v"]), ["u", "v"])
+    assert route(seen[0], seen[1], 0.5)["species"] == [["a"], ["b"]]
+    assert route(unseen[0], unseen[1], 0.5)["species"] == [["u"], ["v"]]
+    assert route(unseen[0], unseen[1], 0.1)["species"] == [["a"], ["a"]]  # everything routed to the seen keys
+    assert route(seen[0], seen[1], 0.85)["species"] == [["a"], ["y"]]  # strict ">": 0.85 is not above 0.85
+    threshold, hm = search_threshold({"seen": seen, "unseen": unseen})
     assert 0.35 <= threshold < 0.85 and hm == 1.0
 
 
 def test_pairs_table_and_selection_score():
-    assert evaluation_pairs(["dna", "text"]) == [("dna", "dna"), ("dna", "text"), ("dna", "all")]
+    assert evaluation_pairs(["dna", "text"]) == [("dna", "dna"), ("dna", "text"), ("text", "dna"), ("text", "text")]
     assert ("image_dna", "all") in evaluation_pairs(["image", "dna", "text"])
     ranks = {r: {"micro_top1": 0.5, "macro_top1": 0.25} for r in RANKS}
     metrics = {"dna": {"dna": {"seen": ranks, "unseen": ranks, "hm": ranks}}}

@@ -40,8 +40,13 @@ def read_bioscan(
     version: str = "5m",
     image_package: str = "cropped_256",
     partitioning: str | None = None,
+    release_labels: bool = False,
 ) -> datasets.Dataset:
     """Records of a downloaded BIOSCAN release, with its official partition in column `split`.
+
+    `release_labels` (1M): labels exactly as the release has them. bioscan-dataset fills a
+    missing genus from the species binomial; the authors' CLIBD code reads the release's labels,
+    where that genus is `not_classified` (clibd's "" for a missing label).
 
     `partitioning` (1M only) picks the BIOSCAN-1M partitioning version; "clibd" gives the paper's
     split when the `CLIBD_partitioning` folder is present. DNA is read in full (the processor
@@ -74,8 +79,20 @@ def read_bioscan(
 
     columns = {"id": text("processid"), **{rank: text(rank) for rank in RANKS},
                "dna": text(dna_column), "image": image_paths(frame, image_dir), "split": text(split_column)}
+    if release_labels and version == "1m":
+        columns["genus"] = _release_genus(metadata_path, columns["id"], columns["genus"])
     features = datasets.Features({name: datasets.Value("string") for name in columns})
     return datasets.Dataset.from_dict(columns, features=features)
+
+
+def _release_genus(metadata_path: Path, ids: list[str], genus: list[str]) -> list[str]:
+    """`genus` with "" again where the release's own genus is missing (bioscan-dataset filled it
+    from the species binomial)."""
+    import pandas
+
+    raw = pandas.read_csv(metadata_path, sep="\t", usecols=["processid", "genus"], dtype=str, keep_default_na=False)
+    missing = {pid for pid, g in zip(raw["processid"], raw["genus"], strict=True) if _clean(g) == ""}
+    return ["" if pid in missing else g for pid, g in zip(ids, genus, strict=True)]
 
 
 def official_splits(dataset: datasets.Dataset) -> datasets.DatasetDict:

@@ -34,6 +34,9 @@ class DataSection:
     image_package: str = "cropped_256"
     num_workers: int = 0
     limit: int | None = None
+    # BIOSCAN-1M labels exactly as released (no genus filled in from the species binomial), as
+    # the authors' code reads them; see `read_bioscan`
+    release_labels: bool = False
 
     def validate(self) -> None:
         if self.source not in ("table", "fasta", "bioscan1m", "bioscan5m"):
@@ -62,7 +65,7 @@ def load_splits(data: DataSection) -> datasets.DatasetDict:
     if data.source in ("bioscan1m", "bioscan5m"):
         dataset = read_bioscan(data.path, version=data.source[-2:], image_package=data.image_package,
                                partitioning="clibd" if data.source == "bioscan1m" and data.split == "official"
-                               else None)
+                               else None, release_labels=data.release_labels)
         if data.limit is not None:
             dataset = dataset.select(range(min(data.limit, len(dataset))))
     else:
