@@ -40,7 +40,7 @@ from .modeling_clibd import CLIBDModel
 from .novelty import Calibration, calibrate
 from .processing import CLIBDProcessor
 from .retrieval import active_processes, embedding_processes, faiss_search, launched_processes, search
-from .species_check import SpeciesCheck, calibrate_species_check
+from .species_check import SpeciesCheck, calibrated_options, species_check_options
 from .towers.parts import EmbeddingPart, part_columns, select_parts, whole
 
 logger = logging.getLogger(__name__)
@@ -371,25 +371,8 @@ def _store_calibration(meta: dict, embeddings: torch.Tensor, records: list[dict]
             "precision_curves": calibration.curves}
     asked = meta.get("species_check", {})
     if meta["modality"] == "dna" and asked is not False:
-        meta["species_check"] = _species_check(embeddings, records, parts, directory, asked or {})
+        meta["species_check"] = calibrated_options(embeddings, records, parts, directory, asked or {})
     return meta
-
-
-def _species_check(embeddings: torch.Tensor, records: list[dict], parts: list[EmbeddingPart],
-                   directory: Path, asked: dict) -> dict:
-    """The calibrated species rule (`clibd.species_check`) as stored in index.json, with the
-    options `asked`; only the options (with a warning) where the library cannot calibrate it (no
-    barcodes, no species with two references), so a later `add` or `recalibrate` can."""
-    options = {k: asked[k] for k in ("identity_cutoff", "candidates", "novel_named") if k in asked}
-    if not all(r.get("dna") for r in records):
-        logger.warning("%s: no species check: the index does not keep every reference's barcode", directory)
-        return options
-    embeddings = embeddings.float()
-    check = calibrate_species_check(embeddings, select_parts(embeddings, parts, "scores_novelty"), records,
-                                    **options)
-    if check is None:
-        logger.warning("%s: no species check: no species has two references to calibrate it on", directory)
-    return check.to_dict() if check else options
 
 
 def _finish(directory: Path, meta: dict, parts: list[EmbeddingPart], embeddings: torch.Tensor,
@@ -439,23 +422,9 @@ def build_index(model_dir: str | os.PathLike, records: list[dict], modality: str
     records, embeddings = _drop_failures(records, embeddings, failures, skipped)
     meta = {"clibd_version": __version__, "model": str(Path(model_dir).resolve()), "model_hash": digest,
             "modality": modality, "dim": int(embeddings.shape[1]), "precision": _checked_precision(precision),
-            "species_check": _species_check_options(species_check)}
+            "species_check": species_check_options(species_check)}
     return _finish(out, meta, model.embedding_parts(modality), embeddings, records, calibrate, work_dir, skipped,
                    processes)
-
-
-def _species_check_options(species_check: bool | dict) -> dict | bool:
-    """What index.json keeps of the asked species check before it is calibrated."""
-    if species_check is False:
-        return False
-    options = {} if species_check is True else dict(species_check)
-    unknown = set(options) - {"identity_cutoff", "candidates", "novel_named"}
-    if unknown:
-        raise ValueError(f"unknown species check options {sorted(unknown)}: use identity_cutoff, candidates, novel_named")
-    for name in ("identity_cutoff", "novel_named"):
-        if name in options and not 0 < options[name] < 1:
-            raise ValueError(f"species check {name} must be between 0 and 1, got {options[name]}")
-    return options
 
 
 def _checked_precision(precision: float | None) -> float | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,6 +67,8 @@ class CLIBDTextTower(nn.Module):
 
 def create_image_encoder(config: CLIBDConfig, pretrained: bool = False) -> nn.Module:
     """The timm image model with its classifier reset to the projection dim (CLS-token pooling)."""
+    import timm  # here, not at the top: a DNA-only model (identify, index) never pays timm's import (~3 s)
+
     image_config = config.image_config
     return timm.create_model(
         image_config.timm_model_name,

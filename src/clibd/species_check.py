@@ -32,16 +32,18 @@ Usage:
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
-from .constants import RANKS
 from .processing.barcodes import normalise_barcode
+from .towers.parts import EmbeddingPart, select_parts
 
 IDENTITY_CUTOFF = 0.97
 CANDIDATES = 5
@@ -53,6 +55,7 @@ CALIBRATION_QUERIES = 1000
 _MATCH, _MISMATCH, _GAP_OPEN, _GAP_EXTEND = 2, -4, 20, 2
 _ALPHABET = "ACGTNX"  # the query's ambiguous bases become N, the reference's X: never identical
 _MATRIX = None
+logger = logging.getLogger(__name__)
 
 
 def _matrix():
@@ -224,6 +227,32 @@ def calibrate_species_check(embeddings: torch.Tensor, novelty_embeddings: torch.
                         sum(settled for settled, _ in novel) / len(rows), (len(rows), len(rows)))
 
 
-def settled_answer(record: dict) -> dict[str, str]:
-    """The whole lineage of the reference that alignment found the same species."""
-    return {rank: record.get(rank, "") for rank in RANKS}
+def species_check_options(species_check: bool | dict) -> dict | bool:
+    """What index.json keeps of the asked species check before it is calibrated."""
+    if species_check is False:
+        return False
+    options = {} if species_check is True else dict(species_check)
+    unknown = set(options) - {"identity_cutoff", "candidates", "novel_named"}
+    if unknown:
+        raise ValueError(f"unknown species check options {sorted(unknown)}: use identity_cutoff, candidates, novel_named")
+    for name in ("identity_cutoff", "novel_named"):
+        if name in options and not 0 < options[name] < 1:
+            raise ValueError(f"species check {name} must be between 0 and 1, got {options[name]}")
+    return options
+
+
+def calibrated_options(embeddings: torch.Tensor, records: list[dict], parts: list[EmbeddingPart],
+                       directory: Path, asked: dict) -> dict:
+    """The calibrated species rule as an index stores it in index.json, with the
+    options `asked`; only the options (with a warning) where the library cannot calibrate it (no
+    barcodes, no species with two references), so a later `add` or `recalibrate` can."""
+    options = {k: asked[k] for k in ("identity_cutoff", "candidates", "novel_named") if k in asked}
+    if not all(r.get("dna") for r in records):
+        logger.warning("%s: no species check: the index does not keep every reference's barcode", directory)
+        return options
+    embeddings = embeddings.float()
+    check = calibrate_species_check(embeddings, select_parts(embeddings, parts, "scores_novelty"), records,
+                                    **options)
+    if check is None:
+        logger.warning("%s: no species check: no species has two references to calibrate it on", directory)
+    return check.to_dict() if check else options
