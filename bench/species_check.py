@@ -7,7 +7,9 @@ For each species split: the validation stage of the novel-species split (referen
 test-unseen keys; queries: validation-unseen species, which no reference holds, and the seen
 validation records), the index built once, then identify run again for each setting of
 `clibd.species_check` (identity cut-off, and the share of held-out calibration specimens the
-embedding may name: `novel_named`), and once without the check. Prints, per setting, the mean
+embedding may name: `novel_named`), once without the check (the embedding alone) and once with
+alignment alone (a species only from a reference at least the cut-off identical: the rule of
+VSEARCH / BLAST users, over the embedding's nearest candidates). Prints, per setting, the mean
 over the splits of: known species named right / named at all / flagged novel, and novel species
 named as a held one. Test species are never looked at.
 """
@@ -15,6 +17,7 @@ named as a held one. Test species are never looked at.
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from clibd.data import load_splits
 from clibd.evaluation.novel_species import stage_datasets
 from clibd.identify import Identifier
 from clibd.index import build_index
-from clibd.species_check import calibrate_species_check
+from clibd.species_check import SpeciesCheck, calibrate_species_check
 from clibd.towers.parts import select_parts
 from clibd.training import ExperimentConfig
 
@@ -53,6 +56,10 @@ def settings_for_split(identifier: Identifier, queries: list[dict], novel: list[
     query_embeddings = identifier.embed(queries)
     ids, barcodes = [q["id"] for q in queries], [q["dna"] for q in queries]
     out = {"embedding alone (no check)": rates(identifier.identify_embeddings(query_embeddings, ids, 5), novel, seen)}
+    for cutoff in cutoffs:  # alignment alone: the embedding never names a species
+        index.__dict__["species_check"] = SpeciesCheck(math.inf, identity_cutoff=cutoff)
+        out[f"alignment alone, cut-off {cutoff}"] = rates(identifier.identify_embeddings(query_embeddings, ids, 5,
+                                                                                        barcodes), novel, seen)
     for cutoff in cutoffs:
         for share in novel_named:
             check = calibrate_species_check(embeddings, novelty, records, identity_cutoff=cutoff, novel_named=share)

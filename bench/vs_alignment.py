@@ -4,6 +4,7 @@ held out of training and of the references.
     python bench/vs_alignment.py                               # splits 42, 1, 2; every tool (about 3 h on 2 cores)
     python bench/vs_alignment.py --limit 50 --splits 42        # a quick run: 50 novel + 50 seen queries
     python bench/vs_alignment.py --tools clibd blast sintax    # leave out the exhaustive VSEARCH (most of the time)
+    python bench/vs_alignment.py --tools clibd --precision 0.98    # clibd's answers at a stated precision
 
 A thin driver over `clibd.evaluation.tool_comparison` (whose docstring defines the scores) and
 `clibd.evaluation.alignment_tools` (the tool runners, parsers and cut-offs): for each species
@@ -38,6 +39,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="at most this many novel and this many seen queries (quick run)")
     parser.add_argument("--threads", type=int, default=2, help="threads for VSEARCH and BLAST+ (default 2)")
     parser.add_argument("--workdir", help="keep the tools' files here (default: a temporary folder)")
+    parser.add_argument("--precision", type=float, help="clibd: index build --precision (default: balanced thresholds)")
+    parser.add_argument("--no-species-check", action="store_true", help="clibd: index build --no-species-check")
     return parser.parse_args()
 
 
@@ -56,6 +59,12 @@ def model_for_split(config_path: str, seed: int) -> tuple[ExperimentConfig, Path
     return config, model_dir
 
 
+def clibd_options(args: argparse.Namespace) -> dict:
+    """`build_index` keywords for clibd's index, from the command line."""
+    options = {"precision": args.precision} if args.precision else {}
+    return options | ({"species_check": False} if args.no_species_check else {})
+
+
 def main() -> None:
     args = parse_args()
     per_split = {}
@@ -66,7 +75,7 @@ def main() -> None:
             per_split[str(seed)] = compare_tools(
                 model_dir, load_splits(config.data), args.tools, Path(args.workdir or tmp) / f"split{seed}",
                 threads=args.threads, limit=args.limit, train_splits=config.data.train_splits,
-                log=lambda line: print("  " + line, file=sys.stderr, flush=True))
+                log=lambda line: print("  " + line, file=sys.stderr, flush=True), clibd_options=clibd_options(args))
     limit = f", at most {args.limit} novel + {args.limit} seen queries" if args.limit else ""
     print(format_comparison(per_split, title=f"config {args.config}, splits {' '.join(map(str, args.splits))}"
                                              f"{limit}, {args.threads} threads"), end="")

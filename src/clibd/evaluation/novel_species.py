@@ -315,14 +315,15 @@ def example_answers(novel: Sequence[dict], seen: Sequence[dict],
 
 
 def identify_queries(model_dir: str | os.PathLike, references: list[dict], queries: list[dict], top_k: int,
-                     workdir: str | os.PathLike) -> tuple[list[Prediction], ReferenceIndex]:
+                     workdir: str | os.PathLike, index_options: dict | None = None
+                     ) -> tuple[list[Prediction], ReferenceIndex]:
     """Build an index of `references` under `workdir` and identify `queries` against it, as
     `clibd index build` and `clibd identify` do: (predictions in query order, the index).
 
     Usage:
         predictions, index = identify_queries("runs/bold_dna/best", references, novel + seen, 5, "work/")
     """
-    build_index(model_dir, references, "dna", Path(workdir) / "references", progress=False)
+    build_index(model_dir, references, "dna", Path(workdir) / "references", progress=False, **(index_options or {}))
     identifier = Identifier.load(Path(workdir) / "references", model_dir=model_dir, progress=False)
     return identifier.identify(queries, top_k=top_k), identifier.index
 

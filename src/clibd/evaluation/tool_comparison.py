@@ -169,21 +169,25 @@ def _cli_identify(model_dir: str | os.PathLike, index_dir: Path, queries: Sequen
 
 
 def run_clibd(model_dir: str | os.PathLike, references: Sequence[dict], queries: Sequence[dict],
-              workdir: str | os.PathLike, threads: int = 2, top_k: int = 5, cli: bool = True) -> ToolRun:
+              workdir: str | os.PathLike, threads: int = 2, top_k: int = 5, cli: bool = True,
+              index_options: dict | None = None) -> ToolRun:
     """clibd identify's answers (`novel_species.identify_queries`, as `evaluate_novel_species`
     runs it), then a timed second pass: index build, model + index load, embedding, search, and
     (with `cli`) the whole `clibd identify` command as a subprocess. `threads`: unused (torch
-    takes the machine's cores), for the runners' common signature.
+    takes the machine's cores), for the runners' common signature. `index_options`: `build_index`
+    keywords (e.g. `{"precision": 0.98}`, `{"species_check": False}`).
 
     Usage:
         run = run_clibd("runs/bold_dna/best", references, novel + seen, "work/clibd")
     """
     work = Path(workdir)
     start = time.perf_counter()
-    predictions, _ = identify_queries(model_dir, list(references), list(queries), top_k, work / "first")
+    predictions, _ = identify_queries(model_dir, list(references), list(queries), top_k, work / "first",
+                                      index_options)
     timings = {"first call (build + load + identify)": time.perf_counter() - start}
     marks = [time.perf_counter()]
-    build_index(model_dir, list(references), "dna", work / "timed" / "references", progress=False)
+    build_index(model_dir, list(references), "dna", work / "timed" / "references", progress=False,
+                **(index_options or {}))
     marks.append(time.perf_counter())
     identifier = Identifier.load(work / "timed" / "references", model_dir=model_dir)
     marks.append(time.perf_counter())
@@ -238,11 +242,12 @@ def spread_sample(records: Sequence[dict], limit: int | None) -> list[dict]:
 def compare_tools(model_dir: str | os.PathLike, splits: datasets.DatasetDict, tools: Sequence[str],
                   workdir: str | os.PathLike, threads: int = 2, limit: int | None = None,
                   train_splits: Sequence[str] = TRAIN_SPLITS, stage: str = "test",
-                  log: Callable[[str], None] = print) -> dict[str, ToolScores]:
+                  log: Callable[[str], None] = print, clibd_options: dict | None = None) -> dict[str, ToolScores]:
     """Run each of `tools` (keys of `TOOLS`) on a stage of `splits` and score it; a tool whose
     binary is missing is skipped with a message to `log`. Each tool works in `workdir`/TOOL,
     replaced if present. `limit`: at most that many novel and
-    that many seen queries (`spread_sample`), for a quick run.
+    that many seen queries (`spread_sample`), for a quick run. `clibd_options`: `build_index`
+    keywords for clibd's index (`run_clibd`).
 
     Usage:
         compare_tools("runs/bold_dna/best", load_splits(config.data), ["clibd", "blast"], "work/", limit=50)
@@ -259,7 +264,8 @@ def compare_tools(model_dir: str | os.PathLike, splits: datasets.DatasetDict, to
                 f"{'ncbi-blast+' if name == 'blast' else 'vsearch'})")
             continue
         shutil.rmtree(Path(workdir) / name, ignore_errors=True)  # a previous run's files: start afresh
-        run = tool.run(model_dir, references, novel + seen, Path(workdir) / name, threads)
+        options = {"index_options": clibd_options} if name == "clibd" and clibd_options else {}
+        run = tool.run(model_dir, references, novel + seen, Path(workdir) / name, threads, **options)
         out[name] = score_run(run, references, novel, seen)
         log(f"{tool.label}: {run.search_seconds:.1f} s search, {run.build_seconds:.1f} s build"
             + "".join(f"; {note}" for note in run.notes))
