@@ -21,7 +21,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_clibd import CLIBDConfig, CLIBDTextConfig
-from .loss import contrastive_loss, modality_pairs
+from .loss import contrastive_loss, full_precision, modality_pairs
 from .towers import create_dna_tower
 from .towers.barcodebert import load_pretrained_bert, masked_mean
 from .towers.parts import EmbeddingPart, whole
@@ -75,6 +75,13 @@ def create_image_encoder(config: CLIBDConfig, pretrained: bool = False) -> nn.Mo
         num_classes=config.projection_dim,
         **image_config.timm_kwargs,
     )
+
+
+def _unit(features: torch.Tensor) -> torch.Tensor:
+    """A tower's output L2-normalised in float32, autocast or not: under CUDA autocast the official
+    `F.normalize` of bf16 features already returns float32 (its norm runs in float32); casting first
+    makes every device (CPU autocast keeps bf16) give those same features."""
+    return F.normalize(features.float(), dim=-1)
 
 
 class CLIBDPreTrainedModel(PreTrainedModel):
@@ -176,7 +183,7 @@ class CLIBDModel(CLIBDPreTrainedModel):
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings [B, projection_dim] from `pixel_values` [B, 3, H, W]."""
-        return F.normalize(self._tower("image")(pixel_values), dim=-1)
+        return _unit(self._tower("image")(pixel_values))
 
     def get_dna_features(self, dna_input_ids: torch.Tensor | None = None,
                          dna_attention_mask: torch.Tensor | None = None, **dna_inputs: torch.Tensor) -> torch.Tensor:
@@ -189,7 +196,9 @@ class CLIBDModel(CLIBDPreTrainedModel):
         Usage:
             embeds = model.get_dna_features(**processor(barcodes=["ACGT..."]))
         """
-        return self._tower("dna")(dna_input_ids=dna_input_ids, dna_attention_mask=dna_attention_mask, **dna_inputs)
+        # DNA towers normalise their own output (part by part where they have several): only cast it.
+        return self._tower("dna")(dna_input_ids=dna_input_ids, dna_attention_mask=dna_attention_mask,
+                                  **dna_inputs).float()
 
     def get_text_features(
         self,
@@ -198,7 +207,7 @@ class CLIBDModel(CLIBDPreTrainedModel):
         text_token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """L2-normalised taxonomy-text embeddings [B, projection_dim]."""
-        return F.normalize(self._tower("text")(text_input_ids, text_attention_mask, text_token_type_ids), dim=-1)
+        return _unit(self._tower("text")(text_input_ids, text_attention_mask, text_token_type_ids))
 
     def forward(
         self,
@@ -224,8 +233,9 @@ class CLIBDModel(CLIBDPreTrainedModel):
         if all(value is None for value in embeds.values()):
             raise ValueError("give at least one of pixel_values, dna_* inputs (the processor's) or text_input_ids")
         present = {name: value for name, value in embeds.items() if value is not None}
-        scale = self.logit_scale.exp()
-        logits = {f"logits_{a}_{b}": scale * present[a] @ present[b].T for a, b in modality_pairs(list(present))}
+        with full_precision(self.logit_scale.device):  # the logits in float32 even under autocast, as the loss
+            scale = self.logit_scale.float().exp()
+            logits = {f"logits_{a}_{b}": scale * present[a] @ present[b].T for a, b in modality_pairs(list(present))}
         loss = contrastive_loss(present, self.logit_scale) if return_loss else None
         return CLIBDOutput(
             loss=loss,
