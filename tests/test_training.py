@@ -144,7 +144,7 @@ def test_freezing_and_lora_choose_trainable_parameters():
         "text_encoder.projection.weight", "text_encoder.projection.bias"}
     assert any(".query.lora_A" in n for n in trainable) and any(".value.lora_B" in n for n in trainable)
     assert not any(".key.lora_" in n for n in trainable)
-    assert any("attn.qkv.lora_A" in n for n in trainable)
+    assert any("attn.qkv.lora_q_A" in n for n in trainable) and any("attn.qkv.lora_v_B" in n for n in trainable)
     # rank 4 on q and v of each of 2 DNA layers, width 32: 2 layers * 2 * (4*32 + 32*4)
     assert counts["dna"] == 2 * 2 * (4 * 32 + 32 * 4) + 32 * 32 + 32
     model.eval()

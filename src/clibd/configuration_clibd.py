@@ -85,7 +85,9 @@ class CLIBDConfig(PreTrainedConfig):
     """Configuration of `CLIBDModel`: three towers, a shared projection dim and a trainable temperature.
 
     `modalities` lists the towers the model has (any non-empty subset of image, dna, text); the
-    official image+DNA checkpoints have no text tower.
+    official image+DNA checkpoints have no text tower. `lora_rank` is set by `CLIBDModel.add_lora`
+    (LoRA training): the model then has rank-`lora_rank` adapters on attention q and v, and loads
+    back with them.
 
     Usage:
         config = CLIBDConfig(modalities=["dna", "text"], dna_config={"pooling": "mean"})
@@ -105,8 +107,11 @@ class CLIBDConfig(PreTrainedConfig):
     modalities: list[str] | None = None
     projection_dim: int = 768
     logit_scale_init_value: float = math.log(1 / 0.07)
+    lora_rank: int | None = None
 
     def __post_init__(self, **kwargs):
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be None or >= 1, got {self.lora_rank}")
         self.modalities = list(self.modalities or MODALITIES)
         unknown = set(self.modalities) - set(MODALITIES)
         if unknown or not self.modalities:

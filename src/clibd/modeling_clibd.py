@@ -21,6 +21,8 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_clibd import CLIBDConfig, CLIBDTextConfig
+from .constants import MODALITIES
+from .lora import add_bert_lora, add_vit_lora
 from .loss import contrastive_loss, full_precision, modality_pairs
 from .towers import create_dna_tower
 from .towers.barcodebert import load_pretrained_bert, masked_mean
@@ -117,6 +119,8 @@ class CLIBDModel(CLIBDPreTrainedModel):
                              if "text" in config.modalities else None)
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.post_init()
+        if config.lora_rank:  # a saved LoRA model: the adapters exist before its weights load
+            self._add_adapters(config.lora_rank)
 
     @classmethod
     def from_pretrained_towers(cls, config: CLIBDConfig) -> CLIBDModel:
@@ -129,6 +133,7 @@ class CLIBDModel(CLIBDPreTrainedModel):
         text_source = config.text_config.pretrained_model_name_or_path
         if "text" in config.modalities and text_source:
             config.text_config.update_from_bert_config(AutoConfig.from_pretrained(text_source))
+        lora_rank, config.lora_rank = config.lora_rank, None  # adapters go on the pretrained weights
         model = cls(config)
         if model.image_encoder is not None and config.image_config.pretrained:
             model.image_encoder = create_image_encoder(config, pretrained=True)
@@ -137,7 +142,40 @@ class CLIBDModel(CLIBDPreTrainedModel):
         dna_source = getattr(config.dna_config, "pretrained_model_name_or_path", None)
         if model.dna_encoder is not None and dna_source:  # a tower kind that starts from weights loads them
             model.dna_encoder.load_pretrained(dna_source)
+        if lora_rank:
+            model.add_lora(lora_rank)
         return model
+
+    def encoder_modules(self, tower: str) -> list[nn.Module]:
+        """The pretrained part of a tower (all but its projection into the shared space; for the
+        image tower the timm model, whose `head` is that projection)."""
+        if tower == "image":
+            return [self._tower("image")]
+        module = self._tower(tower)
+        return module.encoder_modules() if tower == "dna" else [module.bert]
+
+    def add_lora(self, rank: int) -> dict[str, int]:
+        """Add rank-`rank` LoRA adapters to the attention of every tower as the official LoRA run
+        (`clibd.lora`: peft on BERT query and value; separate q and v adapters on timm's fused qkv,
+        k untouched) and record `config.lora_rank`, so that `save_pretrained` / `from_pretrained`
+        keep them. Freezes nothing (`clibd.training.trainable` does). Returns the adapted layers
+        per tower.
+
+        Usage:
+            model.add_lora(4)     # {"image": 12, "dna": 24, "text": 8}
+        """
+        if self.config.lora_rank is not None:
+            raise ValueError(f"this model already has rank-{self.config.lora_rank} LoRA adapters")
+        counts = self._add_adapters(rank)
+        self.config.lora_rank = rank
+        return counts
+
+    def _add_adapters(self, rank: int) -> dict[str, int]:
+        counts = {}
+        for tower in (t for t in MODALITIES if getattr(self, f"{t}_encoder") is not None):
+            add = add_vit_lora if tower == "image" else add_bert_lora
+            counts[tower] = sum(add(module, rank) for module in self.encoder_modules(tower))
+        return counts
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, strict: bool = True, **kwargs):
