@@ -94,6 +94,9 @@ class TrainSection:
     objective: str = "clip"
     supcon_weights: dict[str, float] = field(default_factory=lambda: {"species": 1.0, "genus": 0.5, "family": 0.25})
     supcon_temperature: float = 0.1
+    # The clip objective's temperature: null = learned from 0.07 (the paper); a number = held at that
+    # temperature, never trained (paper Table 11; the official `fix_temperature: true`, at 0.07).
+    fixed_temperature: float | None = None
 
     def validates_after(self, epoch: int) -> bool:
         """Whether validation runs once `epoch` epochs (counted from 1) are done.
@@ -115,6 +118,10 @@ class TrainSection:
             raise ValueError("train.grad_cache_chunk must be >= 1")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"train.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.fixed_temperature is not None and not self.fixed_temperature > 0:
+            raise ValueError(f"train.fixed_temperature must be > 0 (or null: learned), got {self.fixed_temperature}")
+        if self.fixed_temperature is not None and self.objective != "clip":
+            raise ValueError("train.fixed_temperature is the clip objective's; supcon has supcon_temperature")
         if set(self.supcon_weights) - set(RANKS):
             raise ValueError(f"train.supcon_weights names unknown ranks: {sorted(self.supcon_weights)}")
 
