@@ -73,3 +73,19 @@ def test_paper_configs_validate_after_the_official_epochs(name, monkeypatch):
     for _ in range(train.epochs):
         steps.end_epoch(run)
     assert validated == official
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("bioscan*.yaml")), ids=lambda p: p.name)
+def test_paper_configs_pin_the_vit_weights_the_paper_started_from(path):
+    """timm ~1.0.9 (the official requirements) resolved `vit_base_patch16_224` to this tag; the
+    configs name it, so a later timm with another default cannot change the starting weights."""
+    import timm
+
+    from clibd.configuration_clibd import PAPER_VIT, CLIBDImageConfig
+
+    name = ExperimentConfig.from_yaml(path).model_config().image_config.timm_model_name
+    assert name == PAPER_VIT == "vit_base_patch16_224.augreg2_in21k_ft_in1k"
+    assert CLIBDImageConfig().timm_model_name == PAPER_VIT
+    architecture, tag = timm.models.split_model_name_tag(name)
+    assert architecture == "vit_base_patch16_224" and tag
+    assert timm.models.get_pretrained_cfg(name) is not None  # a tag timm knows, not a typo
