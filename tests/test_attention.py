@@ -68,6 +68,8 @@ def test_the_map_differs_when_the_weights_differ():
     a, b = class_token_maps(tiny_vit(0), pixels), class_token_maps(tiny_vit(1), pixels)
     assert (a - b).abs().max() > 0.01 and a.std() > 0.01  # not uniform, and not the same
     assert torch.allclose(a, class_token_maps(tiny_vit(0), pixels))
+    last_only = class_token_maps(tiny_vit(0), pixels, (2, 2))
+    assert not torch.allclose(a, last_only) and torch.allclose(a, class_token_maps(tiny_vit(0), pixels, (1, 2)))
 
 
 def saved_model(folder, seed: int) -> None:
@@ -84,17 +86,20 @@ def test_cli_plots_a_model_beside_its_unaligned_towers(data_dir, tmp_path, capsy
     saved_model(tmp_path / "before", 1)
     out = tmp_path / "attention.png"
     assert main(["plot", "attention", "--model", str(tmp_path / "aligned"), "--image", str(photo),
-                 "--unaligned", str(tmp_path / "before"), "--out", str(out)]) == 0
+                 "--unaligned", str(tmp_path / "before"), "--blocks", "1-2", "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # no folder given and no timm weights to load here (offline; and the tiny ViT has none): the model
     # alone, and a message saying why and what to pass
     alone = tmp_path / "alone.png"
     assert main(["plot", "attention", "--model", str(tmp_path / "aligned"), "--image", str(photo),
-                 "--out", str(alone)]) == 0
+                 "--blocks", "all", "--out", str(alone)]) == 0
     assert alone.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and alone.stat().st_size < out.stat().st_size
     assert "pass --unaligned MODEL_FOLDER" in capsys.readouterr().err
     assert main(["plot", "attention", "--model", str(tmp_path / "aligned"), "--image", str(photo),
                  "--unaligned", str(tmp_path / "nowhere"), "--out", str(alone)]) == 2
     assert "not a saved clibd model folder" in capsys.readouterr().err
+    assert main(["plot", "attention", "--model", str(tmp_path / "aligned"), "--image", str(photo),
+                 "--out", str(alone)]) == 2  # the paper's blocks 2-6: the tiny tower has two
+    assert "blocks 2-6: this image tower has blocks 1-2" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["plot", "attention", "--model", str(tmp_path / "aligned"), "--image", str(photo)])  # --out required

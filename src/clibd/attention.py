@@ -5,11 +5,12 @@ Each block's attention probabilities are captured with a forward hook on its att
 (timm computes them explicitly while `fused_attn` is off, which `attention_maps` arranges for the
 call). Rollout: per block, the mean over heads plus the identity for the residual connection, rows
 renormalised to sum to 1, multiplied from the first block to the last. The row of the class token
-over the patch tokens, reshaped to the patch grid, is the map.
+over the patch tokens, reshaped to the patch grid, is the map. The paper rolls out blocks 2 to 6
+(`PAPER_BLOCKS`) after inspecting the maps for artefacts; `class_token_maps` takes the range.
 
 Usage:
     rollout = attention_rollout(model.image_encoder, pixel_values)       # [B, tokens, tokens]
-    maps = class_token_maps(model.image_encoder, pixel_values)           # [B, grid_h, grid_w]
+    maps = class_token_maps(model.image_encoder, pixel_values, (2, 6))   # [B, grid_h, grid_w]
     towers, note = attention_towers("runs/x/best")                       # {"unaligned: ...": vit, "aligned: best": vit}
 """
 
@@ -102,16 +103,31 @@ def patch_grid(vit: nn.Module) -> tuple[int, int]:
     return int(grid[0]), int(grid[1])
 
 
-def class_token_maps(vit: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """How much the class token draws on each patch after rollout: [B, grid_h, grid_w], each map
-    summing to 1 (the share of the prefix tokens left out, the rest renormalised).
+PAPER_BLOCKS = (2, 6)  # the paper's Fig. 5: "the forward outputs of the second to sixth attention blocks"
+
+
+def select_blocks(maps: list[torch.Tensor], blocks: tuple[int, int] | None) -> list[torch.Tensor]:
+    """The maps of blocks `first`..`last` (counted from 1, both included); None: every block."""
+    if blocks is None:
+        return maps
+    first, last = blocks
+    if not 1 <= first <= last <= len(maps):
+        raise ValueError(f"blocks {first}-{last}: this image tower has blocks 1-{len(maps)}")
+    return maps[first - 1:last]
+
+
+def class_token_maps(vit: nn.Module, pixel_values: torch.Tensor,
+                     blocks: tuple[int, int] | None = None) -> torch.Tensor:
+    """How much the class token draws on each patch after rollout over `blocks` (first, last,
+    counted from 1; None: all; `PAPER_BLOCKS` is the paper's choice): [B, grid_h, grid_w], each map
+    summing to 1 (the prefix tokens' share left out, the rest renormalised).
 
     Usage:
-        heat = class_token_maps(model.image_encoder, pixels)[0]     # [14, 14] for ViT-B/16 at 224
+        heat = class_token_maps(model.image_encoder, pixels, PAPER_BLOCKS)[0]   # [14, 14] for ViT-B/16
     """
     rows, columns = patch_grid(vit)
     prefix = int(getattr(vit, "num_prefix_tokens", 1))
-    joint = attention_rollout(vit, pixel_values)
+    joint = rollout(select_blocks(attention_maps(vit, pixel_values), blocks))
     if joint.shape[-1] != prefix + rows * columns:
         raise ValueError(f"{joint.shape[-1]} tokens, expected {prefix} prefix + {rows} x {columns} patches: "
                          "the image size does not match the model's")

@@ -115,12 +115,24 @@ def _plot_attention(args: argparse.Namespace) -> int:
         raise ValueError("plot attention needs --model (a saved clibd model folder) and --image (a photo)")
     towers, note = attention_towers(args.model, args.unaligned)
     pixels = CLIBDProcessor.from_pretrained(args.model).process_images([args.image])
-    maps = {name: class_token_maps(tower, pixels)[0] for name, tower in towers.items()}
+    blocks = _block_range(args.blocks)
+    maps = {name: class_token_maps(tower, pixels, blocks)[0] for name, tower in towers.items()}
     plot_attention(pixels[0], maps, args.out, title=Path(args.image).name)
     if note:
         print(f"clibd plot attention: {note}", file=sys.stderr)
     print(f"wrote {args.out}")
     return 0
+
+
+def _block_range(text: str) -> tuple[int, int] | None:
+    """`--blocks`: "all", "N" or "FIRST-LAST" (counted from 1)."""
+    if text == "all":
+        return None
+    first, _, last = text.partition("-")
+    try:
+        return int(first), int(last or first)
+    except ValueError:
+        raise ValueError(f"--blocks {text!r}: give FIRST-LAST (e.g. 2-6, counted from 1), N or all") from None
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -294,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--image", help="attention: a photo")
     plot.add_argument("--unaligned", help="attention: a clibd model folder whose image tower is the unaligned one "
                                           "(default: the pretrained timm weights the model's config names)")
+    plot.add_argument("--blocks", default="2-6",
+                      help="attention: the blocks rolled out, FIRST-LAST counted from 1, or all (default 2-6, "
+                           "the paper's Fig. 5)")
     plot.set_defaults(run=_plot)
 
     demo = commands.add_parser("demo", help="embed the shared real barcodes and photos, print nearest neighbours")
