@@ -265,6 +265,25 @@ def _add_identify_command(commands: argparse._SubParsersAction) -> None:
     ident.set_defaults(run=_identify)
 
 
+def _add_plot_command(commands: argparse._SubParsersAction) -> None:
+    plot = commands.add_parser("plot", help="figures: UMAP of an index, accuracy by number of keys, attention "
+                                            "rollout of the image tower on a photo")
+    plot.add_argument("kind", choices=("umap", "keys", "attention"))
+    plot.add_argument("--index", help="umap, keys: an index folder")
+    plot.add_argument("--out", required=True, help="PNG file")
+    plot.add_argument("--colour-by", default="order", choices=RANKS)
+    plot.add_argument("--predictions", help="keys: a clibd identify TSV")
+    plot.add_argument("--records", help="keys: the queries' true labels (TSV/CSV/FASTA)")
+    plot.add_argument("--model", help="attention: a saved clibd model folder (its image tower)")
+    plot.add_argument("--image", help="attention: a photo")
+    plot.add_argument("--unaligned", help="attention: a clibd model folder whose image tower is the unaligned one "
+                                          "(default: the pretrained timm weights the model's config names)")
+    plot.add_argument("--blocks", default="2-6",
+                      help="attention: the blocks rolled out, FIRST-LAST counted from 1, or all (default 2-6, "
+                           "the paper's Fig. 5)")
+    plot.set_defaults(run=_plot)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `clibd` argument parser; each command's `run` is the function that does its work."""
     parser = argparse.ArgumentParser(prog="clibd", description="Identify insects from photos and DNA barcodes.")
@@ -294,22 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     barcodebert.add_argument("--cache-dir", help="where downloads are kept")
     barcodebert.set_defaults(run=_convert_barcodebert)
 
-    plot = commands.add_parser("plot", help="figures: UMAP of an index, accuracy by number of keys, attention "
-                                            "rollout of the image tower on a photo")
-    plot.add_argument("kind", choices=("umap", "keys", "attention"))
-    plot.add_argument("--index", help="umap, keys: an index folder")
-    plot.add_argument("--out", required=True, help="PNG file")
-    plot.add_argument("--colour-by", default="order", choices=RANKS)
-    plot.add_argument("--predictions", help="keys: a clibd identify TSV")
-    plot.add_argument("--records", help="keys: the queries' true labels (TSV/CSV/FASTA)")
-    plot.add_argument("--model", help="attention: a saved clibd model folder (its image tower)")
-    plot.add_argument("--image", help="attention: a photo")
-    plot.add_argument("--unaligned", help="attention: a clibd model folder whose image tower is the unaligned one "
-                                          "(default: the pretrained timm weights the model's config names)")
-    plot.add_argument("--blocks", default="2-6",
-                      help="attention: the blocks rolled out, FIRST-LAST counted from 1, or all (default 2-6, "
-                           "the paper's Fig. 5)")
-    plot.set_defaults(run=_plot)
+    _add_plot_command(commands)
 
     demo = commands.add_parser("demo", help="embed the shared real barcodes and photos, print nearest neighbours")
     demo.add_argument("--data-dir", help="the shared/data folder (default: $CLIBD_SHARED_DATA or ../shared/data)")

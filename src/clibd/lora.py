@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 BERT_TARGETS = ("query", "value")  # the separate attention projections adapted in BERT towers
@@ -93,6 +92,8 @@ def add_bert_lora(module: nn.Module, rank: int) -> int:
     targets = [name for name, child in module.named_modules()
                if name.split(".")[-1] in BERT_TARGETS and isinstance(child, nn.Linear)]
     if targets:
+        from peft import LoraConfig, inject_adapter_in_model  # only LoRA models pay for importing peft
+
         config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(BERT_TARGETS))
         inject_adapter_in_model(config, module)
     return len(targets)
