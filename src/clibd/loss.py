@@ -44,7 +44,8 @@ def full_precision(device: torch.device) -> Iterator[None]:
         with full_precision(features.device):
             logits = scale * features.float() @ others.float().T      # a float32 matmul
     """
-    if not torch.amp.is_autocast_available(device.type):
+    available = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4
+    if not (available(device.type) if available else device.type in ("cpu", "cuda")):
         yield
         return
     with torch.autocast(device_type=device.type, enabled=False):
@@ -84,7 +85,7 @@ def contrastive_loss(embeds: Mapping[str, torch.Tensor], logit_scale: torch.Tens
     if not pairs:
         raise ValueError(f"the contrastive loss needs at least two modalities, got {sorted(present)}")
     rank, _ = _distributed()
-    with full_precision(logit_scale.device):
+    with full_precision(next(iter(present.values())).device):
         scale = logit_scale.float().exp()
         gathered = {name: gather_with_grad(value) for name, value in present.items()}
         local_size = next(iter(present.values())).shape[0]
