@@ -11,7 +11,7 @@ LAYERS = [
     ("base", ["constants", "atomic", "lazy"]),
     ("processing", ["processing"]),
     ("data", ["data"]),
-    ("model", ["configuration_clibd", "towers", "modeling_clibd", "loss", "objectives"]),
+    ("model", ["configuration_clibd", "towers", "lora", "modeling_clibd", "loss", "objectives", "attention"]),
     ("retrieval", ["retrieval", "checked_embedding"]),
     ("index", ["novelty", "species_check", "index", "index_store"]),
     ("identify and evaluation", ["identify", "evaluation"]),

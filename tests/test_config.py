@@ -1,9 +1,12 @@
 """Experiment configs are checked before any data is read: keys, types, the towers' own fields."""
 
+from pathlib import Path
+
 import pytest
 
 from clibd.training import ExperimentConfig
 
+ROOT = Path(__file__).resolve().parents[1]
 BASE = {"model": {"preset": "tiny", "modalities": ["dna", "text"]}, "data": {"path": "bold.tsv"}}
 
 
@@ -42,3 +45,47 @@ def test_data_and_model_sections_are_typed_too():
         ExperimentConfig.from_dict({"model": {"projection_dim": 1.5}, "data": {"path": "bold.tsv"}})
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['hiden_size'\] for the clibd_barcodebert DNA tower"):
         ExperimentConfig.from_dict({"model": {"dna": {"hiden_size": 64}}, "data": {"path": "bold.tsv"}})
+
+
+# The official final configs' `eval_skip_epoch` (bioscanclip/config/model_config/for_bioscan_*/
+# final_experiments/*_seed_42.yaml); train_cl.py validates when `epoch > eval_skip_epoch`, epoch
+# counted from 0. The LoRA run (small_experiments/test_training_time_of_lora_and_full/lora.yaml)
+# sets none: -1.
+OFFICIAL_EVAL_SKIP_EPOCH = {"bioscan1m_image_dna.yaml": 23, "bioscan1m_image_dna_text.yaml": 23,
+                            "bioscan1m_image_text.yaml": 23, "bioscan5m_image_dna.yaml": 10,
+                            "bioscan5m_image_dna_text.yaml": 10, "bioscan1m_lora.yaml": -1}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_EVAL_SKIP_EPOCH))
+def test_paper_configs_validate_after_the_official_epochs(name, monkeypatch):
+    from types import SimpleNamespace
+
+    from clibd.training import steps
+    from clibd.training.checkpointing import TrainState
+
+    train = ExperimentConfig.from_yaml(ROOT / "configs" / name).train
+    official = [epoch + 1 for epoch in range(train.epochs) if epoch > OFFICIAL_EVAL_SKIP_EPOCH[name]]
+    validated = []  # the epochs (from 1) after which the loop validates
+    monkeypatch.setattr(steps, "validate", lambda run: validated.append(run.state.epoch))
+    monkeypatch.setattr(steps, "save_checkpoint", lambda *args: None)
+    run = SimpleNamespace(config=SimpleNamespace(train=train), state=TrainState(), accelerator=None,
+                          run_dir=None, scheduler=None)
+    for _ in range(train.epochs):
+        steps.end_epoch(run)
+    assert validated == official
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("bioscan*.yaml")), ids=lambda p: p.name)
+def test_paper_configs_pin_the_vit_weights_the_paper_started_from(path):
+    """timm ~1.0.9 (the official requirements) resolved `vit_base_patch16_224` to this tag; the
+    configs name it, so a later timm with another default cannot change the starting weights."""
+    import timm
+
+    from clibd.configuration_clibd import PAPER_VIT, CLIBDImageConfig
+
+    name = ExperimentConfig.from_yaml(path).model_config().image_config.timm_model_name
+    assert name == PAPER_VIT == "vit_base_patch16_224.augreg2_in21k_ft_in1k"
+    assert CLIBDImageConfig().timm_model_name == PAPER_VIT
+    architecture, tag = timm.models.split_model_name_tag(name)
+    assert architecture == "vit_base_patch16_224" and tag
+    assert timm.models.get_pretrained_cfg(name) is not None  # a tag timm knows, not a typo

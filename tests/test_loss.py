@@ -90,3 +90,43 @@ def test_two_process_gloo_equals_single_process(tmp_path):
     assert distributed["loss"].item() == pytest.approx(loss.item(), rel=1e-5)
     for ours, reference in zip(distributed["grads"], grads, strict=True):
         assert torch.allclose(ours, reference, atol=1e-6)
+
+
+def test_losses_run_in_float32_under_bf16_autocast():
+    """The official training runs the towers under bf16 autocast and the loss on fp32 features
+    outside it: a bf16 matmul of the logits (what autocast does to `@`) must not happen here."""
+    torch.manual_seed(0)
+    x, d, t = (F.normalize(torch.randn(16, 64), dim=-1) for _ in range(3))
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, -1])
+    scale = torch.tensor(math.log(1 / 0.07))
+    reference = contrastive_loss({"image": x, "dna": d, "text": t}, scale)
+    supcon_reference = supervised_contrastive_loss(d, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = contrastive_loss({"image": x, "dna": d, "text": t}, scale)
+        supcon = supervised_contrastive_loss(d, labels)
+    assert loss.dtype == supcon.dtype == torch.float32
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    assert supcon.item() == pytest.approx(supcon_reference.item(), rel=1e-6)
+    # features that come out of a bf16 tower are scored in float32 too
+    low = {"image": x.bfloat16(), "dna": d.bfloat16()}
+    expected = contrastive_loss({m: v.float() for m, v in low.items()}, scale)
+    assert contrastive_loss(low, scale).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_model_logits_and_loss_are_float32_under_bf16_autocast():
+    from clibd import CLIBDConfig, CLIBDModel
+
+    torch.manual_seed(0)
+    model = CLIBDModel(CLIBDConfig.tiny()).eval()
+    inputs = {"pixel_values": torch.randn(6, 3, 32, 32), "dna_input_ids": torch.randint(3, 1000, (6, 133)),
+              "text_input_ids": torch.randint(1000, 2000, (6, 12))}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**inputs, return_loss=True)
+    for name in ("image_embeds", "dna_embeds", "text_embeds", "logits_image_dna", "logits_image_text",
+                 "logits_dna_text", "loss"):
+        assert out[name].dtype == torch.float32, name
+    embeds = {"image": out.image_embeds, "dna": out.dna_embeds, "text": out.text_embeds}
+    reference = contrastive_loss(embeds, model.logit_scale.detach())  # outside autocast, float32
+    assert out.loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    expected = model.logit_scale.detach().exp() * out.image_embeds @ out.dna_embeds.T
+    assert torch.allclose(out.logits_image_dna, expected, atol=1e-6)

@@ -30,3 +30,15 @@ def test_umap_plot_separates_clusters(tmp_path):
     a, b = xy[:30].mean(axis=0), xy[30:].mean(axis=0)
     spread = max(xy[:30].std(axis=0).max(), xy[30:].std(axis=0).max())
     assert ((a - b) ** 2).sum() ** 0.5 > 2 * spread
+
+
+def test_attention_plot_lays_each_map_over_the_photo(tmp_path):
+    from clibd.plots import plot_attention
+
+    photo = torch.rand(3, 32, 32)
+    grid = torch.zeros(4, 4)
+    grid[0, 0] = 1.0
+    plot_attention(photo, {"unaligned": torch.rand(4, 4), "aligned": grid}, tmp_path / "attention.png")
+    assert (tmp_path / "attention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match=r"image must be a \[3, H, W\] tensor"):
+        plot_attention(torch.rand(32, 32), {"aligned": grid}, tmp_path / "bad.png")

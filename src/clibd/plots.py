@@ -1,9 +1,11 @@
-"""Figures of the paper: UMAP of embeddings coloured by order (Fig. 9) and per-species accuracy
-binned by the number of keys of the species (Fig. 4). PNG via matplotlib (`pip install clibd[plots]`).
+"""Figures of the paper: UMAP of embeddings coloured by order (Fig. 9), per-species accuracy
+binned by the number of keys of the species (Fig. 4), and attention rollout maps over a photo
+(Fig. 5 and 10). PNG via matplotlib (`pip install clibd[plots]`).
 
 Usage:
     plot_umap(embeddings, orders, "umap.png")
     plot_accuracy_by_key_count(true_species, predicted_species, key_counts, "by_keys.png")
+    plot_attention(pixels[0], {"unaligned": map_a, "aligned": map_b}, "attention.png")
 """
 
 from __future__ import annotations
@@ -90,3 +92,35 @@ def plot_accuracy_by_key_count(true: list[str], predicted: list[str], key_counts
     fig.savefig(out, dpi=150)
     plt.close(fig)
     return rows
+
+
+def plot_attention(image: torch.Tensor, maps: dict[str, torch.Tensor], out: str | os.PathLike,
+                   title: str = "") -> None:
+    """The photo, then one panel per map: the map (e.g. `clibd.attention.class_token_maps`, on the
+    patch grid) upsampled to the photo and laid over it, each scaled to its own range.
+
+    Usage:
+        plot_attention(pixels[0], {"unaligned: timm": unaligned_map, "aligned: best": aligned_map}, "attn.png")
+    """
+    import torch.nn.functional as F
+
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must be a [3, H, W] tensor in [0, 1], got shape {tuple(image.shape)}")
+    photo = image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 1 + len(maps), figsize=(3.2 * (1 + len(maps)), 3.6), squeeze=False)
+    axes[0, 0].imshow(photo)
+    axes[0, 0].set_title(title or "photo", fontsize=9)
+    for ax, (name, grid) in zip(axes[0, 1:], maps.items(), strict=True):
+        heat = F.interpolate(grid[None, None].float().cpu(), size=photo.shape[:2], mode="bilinear",
+                             align_corners=False)[0, 0]
+        heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
+        ax.imshow(photo)
+        ax.imshow(heat.numpy(), cmap="jet", alpha=0.5)
+        ax.set_title(name, fontsize=9)
+    for ax in axes[0]:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(out, dpi=150)
+    plt.close(fig)

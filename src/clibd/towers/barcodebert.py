@@ -164,11 +164,12 @@ class CLIBDBarcodeBERTTower(nn.Module):
         if self.pooling == "compat":
             # Official behaviour: no attention mask, softmax over features, mean over all tokens.
             hidden = self.bert(input_ids=dna_input_ids).last_hidden_state
-            pooled = self.projection(self.head_transform(hidden)).softmax(dim=-1).mean(dim=1)
+            # float32 softmax, as CUDA autocast runs it for the official code
+            pooled = self.projection(self.head_transform(hidden)).float().softmax(dim=-1).mean(dim=1)
         else:
             hidden = self.bert(input_ids=dna_input_ids, attention_mask=dna_attention_mask).last_hidden_state
             pooled = self.projection(masked_mean(hidden, dna_attention_mask))
-        return F.normalize(pooled, dim=-1)
+        return F.normalize(pooled.float(), dim=-1)  # in float32 under autocast too (`clibd.loss`)
 
     def embedding_parts(self) -> list[EmbeddingPart]:
         return whole(self.projection.out_features)

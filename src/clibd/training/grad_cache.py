@@ -66,7 +66,7 @@ def grad_cache_step(
     embeds, states = _embed_without_grad(model, inputs, bounds, device)
     # The temperature's gradient is taken here on a detached copy and added in the last chunk's
     # backward, so that every parameter gradient flows through the model's own forward (DDP-safe).
-    logit_scale = logit_scale_param.detach().clone().requires_grad_()
+    logit_scale = logit_scale_param.detach().clone().requires_grad_(logit_scale_param.requires_grad)
     loss = objective(embeds, labels, logit_scale)
     loss.backward()
     used = [m for m in embeds if embeds[m].grad is not None]  # an objective may leave a modality out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,7 +139,8 @@ def build_model(config: ExperimentConfig, model_config: CLIBDConfig | None = Non
                 ) -> tuple[CLIBDModel, CLIBDProcessor, Objective]:
     """The model to train (pretrained towers, or `model.init_from`), the processor that feeds it
     and the objective; trainable parameters set as the config says, the temperature frozen where
-    the objective does not use it. `model_config` replaces `config.model_config()` (benchmarks).
+    the objective does not use it or `train.fixed_temperature` fixes it. `model_config` replaces
+    `config.model_config()` (benchmarks).
 
     Usage:
         model, processor, objective = build_model(ExperimentConfig.from_yaml("configs/demo.yaml"))
@@ -153,7 +155,11 @@ def build_model(config: ExperimentConfig, model_config: CLIBDConfig | None = Non
             "barcodebert-canada-1.5m-5mer, the paper's BarcodeBERT) to start it from a pretrained BarcodeBERT")
     configure_trainable(model, frozen=cfg.freeze, lora_rank=cfg.lora_rank if cfg.lora else None)
     objective = create_objective(cfg, model)
-    if not objective.trains_temperature:
+    if cfg.fixed_temperature is not None:
+        # As the official `fix_temperature`: the loss scales by 1 / temperature, which never trains.
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(1 / cfg.fixed_temperature))
+    if not objective.trains_temperature or cfg.fixed_temperature is not None:
         model.logit_scale.requires_grad_(False)
     tokenizer_source = config.text_tokenizer_source()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source) if tokenizer_source else None

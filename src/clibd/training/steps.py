@@ -129,7 +129,7 @@ def end_epoch(run: TrainingRun) -> None:
     """Count the epoch as done, validate from `eval_from_epoch` on, and checkpoint."""
     run.state.epoch += 1
     run.state.step_in_epoch = 0
-    if run.state.epoch >= run.config.train.eval_from_epoch:
+    if run.config.train.validates_after(run.state.epoch):
         validate(run)
     save_checkpoint(run.accelerator, run.run_dir, run.state, run.scheduler)
 

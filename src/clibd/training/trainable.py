@@ -2,28 +2,21 @@
 
 Usage:
     configure_trainable(model, frozen=["text"])          # text encoder frozen, its projection trains
-    configure_trainable(model, lora_rank=4)              # peft LoRA on attention q and v, rest frozen
+    configure_trainable(model, lora_rank=4)              # LoRA on attention q and v, rest frozen
 """
 
 from __future__ import annotations
 
-from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from ..constants import MODALITIES
+from ..lora import LORA_MARK
 from ..modeling_clibd import CLIBDModel
-
-# Attention projections adapted by LoRA in each tower. timm's ViT fuses q, k and v into one `qkv`
-# linear, which peft adapts as a whole (the official code adapts only the q and v rows of it).
-LORA_TARGETS = {"image": ["qkv"], "dna": ["query", "value"], "text": ["query", "value"]}
 
 
 def encoder_modules(model: CLIBDModel, tower: str) -> list[nn.Module]:
     """The pretrained part of a tower (everything but its projection to the shared space)."""
-    if tower == "image":
-        return [model.image_encoder]
-    module = getattr(model, f"{tower}_encoder")
-    return module.encoder_modules() if tower == "dna" else [module.bert]
+    return model.encoder_modules(tower)
 
 
 def projection_parameters(model: CLIBDModel) -> list[nn.Parameter]:
@@ -42,25 +35,21 @@ def _body_parameters(model: CLIBDModel, tower: str):
                 yield name, parameter
 
 
-def _inject_lora(model: CLIBDModel, tower: str, rank: int) -> None:
-    targets = LORA_TARGETS[tower]
-    for module in encoder_modules(model, tower):
-        if any(name.split(".")[-1] in targets for name, _ in module.named_modules()):
-            config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets)
-            inject_adapter_in_model(config, module)
-
-
 def configure_trainable(model: CLIBDModel, frozen: list[str] = (), lora_rank: int | None = None) -> dict[str, int]:
-    """Freeze the encoders named in `frozen`; with `lora_rank`, freeze every encoder and train
-    rank-`lora_rank` LoRA adapters (alpha = rank: no scaling, as the official wrapper). Projections
-    and the temperature always train. Returns trainable parameter counts per tower."""
+    """Freeze the encoders named in `frozen`; with `lora_rank`, add rank-`lora_rank` LoRA adapters
+    (`CLIBDModel.add_lora`; a model that has them already keeps them) and train only them in the
+    encoders, as the official LoRA run. Projections and the temperature always train. Returns
+    trainable parameter counts per tower."""
+    if lora_rank is not None and model.config.lora_rank != lora_rank:
+        if model.config.lora_rank is not None:
+            raise ValueError(f"the model has rank-{model.config.lora_rank} LoRA adapters; train.lora_rank is "
+                             f"{lora_rank}")
+        model.add_lora(lora_rank)
     towers = [t for t in MODALITIES if getattr(model, f"{t}_encoder") is not None]
     for tower in towers:
-        if lora_rank is not None:
-            _inject_lora(model, tower, lora_rank)
         if tower in frozen or lora_rank is not None:
             for name, parameter in _body_parameters(model, tower):
-                parameter.requires_grad = "lora_" in name
+                parameter.requires_grad = LORA_MARK in name
     for parameter in [model.logit_scale, *projection_parameters(model)]:
         parameter.requires_grad = True  # peft marks everything but adapters frozen when it injects
     counts = {t: sum(p.numel() for p in getattr(model, f"{t}_encoder").parameters() if p.requires_grad)
