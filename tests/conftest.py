@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network (before huggingface_hub reads it)
+
 import pytest
 import torch
 
 from clibd import CLIBDConfig, CLIBDModel, CLIBDProcessor
 from clibd.data import read_records, shared_data_dir
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
 
 @pytest.fixture(scope="session")
