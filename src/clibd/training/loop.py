@@ -30,7 +30,8 @@ from ..atomic import atomic_directory, atomic_write_text
 from ..configuration_clibd import CLIBDConfig
 from ..data import load_splits, split_statistics
 from ..data.collate import ContrastiveCollator, has_modalities
-from ..evaluation.retrieval import evaluate_retrieval, evaluation_pairs, format_table
+from ..evaluation.retrieval import evaluate_retrieval, evaluation_pairs
+from ..evaluation.tables import render_report
 from ..modeling_clibd import CLIBDModel
 from ..objectives import Objective, create_objective
 from ..processing import CLIBDProcessor
@@ -214,8 +215,9 @@ def final_evaluation(run: TrainingRun, finished: bool, progress: bool) -> TrainR
                                       evaluation_pairs(run.config.model.modalities),
                                       batch_size=run.config.train.eval_batch_size, progress=progress)
     atomic_write_text(run_dir / "metrics.json", json.dumps(test_metrics, indent=2))
-    table = format_table(test_metrics)
-    atomic_write_text(run_dir / "metrics.md", f"Test split, micro top-1 accuracy (%), model {best_dir.name}\n\n{table}\n")
+    # the paper's layout (Tables 1 and 5, every pair at top-1/3/5), as evaluate_retrieval.py writes it
+    table = render_report(test_metrics, run.config.model.modalities, title=f"Test retrieval accuracy, model {best_dir.name}")
+    atomic_write_text(run_dir / "metrics.md", table + "\n")
     return TrainResult(run_dir, run.state.best_score, test_metrics, table)
 
 
