@@ -27,6 +27,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/bold_dna.yaml")
     parser.add_argument("--model", help="a trained model folder; default: the config's run, trained if missing")
+    parser.add_argument("--no-species-check", action="store_true",
+                        help="the embedding alone decides the species (no alignment of the nearest references)")
     parser.add_argument("--kmax", type=int, default=8, help="raw k-mer baselines for k = 3..KMAX (default 8)")
     parser.add_argument("--stage", choices=("test", "val"), default="test",
                         help="val: score the validation-unseen species instead (references: seen + test-unseen "
@@ -54,7 +56,8 @@ def main() -> None:
         if not model_dir.exists():  # a run that never evaluated on validation keeps its last epoch only
             model_dir = model_dir.with_name("final")
     report = evaluate_novel_species(model_dir, load_splits(config.data), stage=args.stage,
-                                    train_splits=config.data.train_splits, kmax=args.kmax)
+                                    train_splits=config.data.train_splits, kmax=args.kmax,
+                                    index_options={"species_check": False} if args.no_species_check else None)
     print(format_report(report, title=f"config {args.config} (split seed {config.data.split_seed})",
                         examples=args.examples, misses=args.misses), end="")
 

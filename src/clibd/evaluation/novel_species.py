@@ -330,11 +330,13 @@ def identify_queries(model_dir: str | os.PathLike, references: list[dict], queri
 
 def evaluate_novel_species(model_dir: str | os.PathLike, splits: datasets.DatasetDict, stage: str = "test",
                            train_splits: Sequence[str] = TRAIN_SPLITS, kmax: int = 8, top_k: int = 5,
-                           workdir: str | os.PathLike | None = None) -> NovelSpeciesReport:
+                           workdir: str | os.PathLike | None = None, index_options: dict | None = None
+                           ) -> NovelSpeciesReport:
     """Score a trained model on the novel species of `splits` (see the module docstring): index
     the stage's references, identify its novel and seen queries, and compare with raw k-mer 1-NN
     for k = 3..`kmax` (and k = 5 always). `workdir`: where the index goes (default: a temporary
-    folder, removed afterwards).
+    folder, removed afterwards); `index_options`: `build_index` keywords (e.g.
+    `{"species_check": False}`: the embedding alone decides the species).
 
     Usage:
         report = evaluate_novel_species("runs/bold_dna/best", load_splits(config.data), stage="val")
@@ -342,7 +344,8 @@ def evaluate_novel_species(model_dir: str | os.PathLike, splits: datasets.Datase
     training, *parts = stage_datasets(splits, stage, train_splits)
     references, novel, seen = (list(part) for part in parts)
     with tempfile.TemporaryDirectory() as tmp:
-        predictions, index = identify_queries(model_dir, references, novel + seen, top_k, workdir or tmp)
+        predictions, index = identify_queries(model_dir, references, novel + seen, top_k, workdir or tmp,
+                                              index_options)
     novel_p, seen_p = predictions[: len(novel)], predictions[len(novel) :]
     key_taxa = reference_taxa(references)
     by_id = {r["id"]: r for r in references}
