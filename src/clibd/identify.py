@@ -12,12 +12,18 @@ a `# ` provenance line, then columns query_id, order, family, genus, species, si
 order_support ... species_support (the fraction of the top-k references that agree with the
 nearest one at that rank, like SINTAX's per-rank bootstrap), novelty_similarity, order_precision
 ... species_precision (the calibrated precision of the answer at that rank, empty where none is
-given), error (why a query could not be identified; its other columns are then empty), then
-hit1_id, hit1_species, hit1_similarity, ... for the top-k references.
+given), error (why a query could not be identified; its other columns are then empty), route
+(the key modality that answered: see `Prediction.route`), then hit1_id, hit1_species,
+hit1_similarity, ... for the top-k references.
+
+A multi-modal library (`clibd.library`) is searched with any query modality against any of its
+key sets (`clibd.query_plan`: photo -> DNA keys, image+DNA -> DNA, photo -> taxon names, stacked
+keys, IS+DU routing); the thresholds are those calibrated for that (query, keys) pair.
 
 Usage:
     identifier = Identifier.load("refs/")
     predictions = identifier.identify(records, top_k=5)      # list[Prediction]
+    identifier.identify(photos, keys=["dna"], query="image")  # a library: photos against DNA references
     identify_to_tsv(identifier, records, "preds.tsv")        # resumes if preds.tsv is partly written
 """
 
@@ -32,7 +38,7 @@ import re
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -41,12 +47,13 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .atomic import atomic_write_text
-from .checked_embedding import embed_checked
 from .constants import RANKS
-from .index import ReferenceIndex, require_field, unusable
+from .index import ReferenceIndex, unusable
+from .library import ReferenceLibrary
 from .modeling_clibd import CLIBDModel
 from .novelty import precision_at
 from .processing import CLIBDProcessor
+from .query_plan import QueryPlan, embed_queries, resolve_plan
 from .retrieval import SEARCH_BACKENDS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
@@ -63,6 +70,7 @@ class Hit:
     id: str
     similarity: float
     taxonomy: dict[str, str]
+    modality: str = ""  # the key's modality (image, dna, text) in a multi-modal library; "" read from a TSV
 
 
 @dataclass(frozen=True)
@@ -75,7 +83,9 @@ class Prediction:
     top-k hits agreeing with the nearest one at that rank; `hits`: nearest first; `error`: why
     the query could not be identified (`on_bad_input="skip"`: then no answer, no hits, NaN
     similarities), "" otherwise; `precision`: rank -> how often the index's calibration answers
-    at this similarity were right at that rank, for the ranks answered (where the index has a curve).
+    at this similarity were right at that rank, for the ranks answered (where the index has a curve);
+    `route`: the key modality the answer came from (is-du: "image" for a species judged seen,
+    "dna" for unseen; stacked keys: the nearest key's), "" where not known (older TSVs, error rows).
     """
 
     query_id: str
@@ -87,6 +97,7 @@ class Prediction:
     hits: list[Hit]
     error: str = ""
     precision: dict[str, float] = field(default_factory=dict)
+    route: str = ""
 
     @property
     def deepest_rank(self) -> str | None:
@@ -137,72 +148,134 @@ def failed(query_id: str, reason: str) -> Prediction:
 
 
 class Identifier:
-    """A reference index and the model that built it, loaded once, identifying batches of records.
+    """A reference index (or multi-modal library) and the model that built it, loaded once,
+    identifying batches of records: any query modality against any key modality the model aligns
+    (`clibd.query_plan`), by the nearest key or by IS+DU routing.
 
     Usage:
         identifier = Identifier.load("refs/", model_dir=None, backend="torch")
         for batch in identifier.iter_identify(records, top_k=5): ...
+        identifier.identify(photos, keys=["dna"], query="image")       # photo -> DNA references
+        identifier.identify(photos, strategy="is-du")                   # each Prediction has a route
     """
 
-    def __init__(self, index: ReferenceIndex, model: CLIBDModel, processor: CLIBDProcessor,
+    def __init__(self, index: ReferenceIndex | ReferenceLibrary, model: CLIBDModel, processor: CLIBDProcessor,
                  model_dir: str | os.PathLike, backend: str = "torch", batch_size: int = 256,
-                 progress: bool = False, on_bad_input: str = "error"):
+                 progress: bool = False, on_bad_input: str = "error", keys: Sequence[str] | None = None,
+                 query: str | None = None, strategy: str | None = None, is_du_threshold: float | None = None):
         if backend not in SEARCH_BACKENDS:
             raise ValueError(f"unknown search backend {backend!r}; use one of {SEARCH_BACKENDS}")
         if on_bad_input not in ON_BAD_INPUT:
             raise ValueError(f"on_bad_input must be one of {ON_BAD_INPUT}, got {on_bad_input!r}")
-        self.index, self.model, self.processor = index, model, processor
+        self.library = index if isinstance(index, ReferenceLibrary) else ReferenceLibrary.of_index(index)
+        self.index = self.library.key_sets[self.library.modalities[0]]  # the first key set (older callers)
+        self.model, self.processor = model, processor
         self.model_dir, self.backend, self.batch_size, self.progress = Path(model_dir), backend, batch_size, progress
         self.on_bad_input = on_bad_input
+        self.defaults = {"keys": keys, "query": query, "strategy": strategy, "threshold": is_du_threshold}
 
     @classmethod
     def load(cls, index_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None,
              backend: str = "torch", batch_size: int = 256, progress: bool = False,
-             on_bad_input: str = "error") -> Identifier:
+             on_bad_input: str = "error", device: str | None = None, **plan) -> Identifier:
         """Load the index at `index_dir` and its model: from `model_dir` (e.g. with an index pulled
         from the Hub) or where the index says; its weights must be the ones that built the index.
         `on_bad_input`: "error" raises at a query that cannot be identified (naming it), "skip"
-        gives it a `failed` prediction (its `error` says why) and goes on."""
-        index = ReferenceIndex.load(index_dir)
-        model_dir = model_dir or index.meta["model"]
-        model, processor = index.load_model(model_dir)
-        return cls(index, model, processor, model_dir, backend, batch_size, progress, on_bad_input)
+        gives it a `failed` prediction (its `error` says why) and goes on. `device`: where the
+        model embeds queries (default: the GPU when there is one; each batch's embeddings come
+        back to the CPU at once). `plan`: default keys, query, strategy, is_du_threshold."""
+        library = ReferenceLibrary.load(index_dir)
+        model_dir = model_dir or library.meta["model"]
+        model, processor = library.key_sets[library.modalities[0]].load_model(model_dir)
+        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return cls(library, model, processor, model_dir, backend, batch_size, progress, on_bad_input, **plan)
 
-    def embed(self, records: Sequence[dict[str, str]]) -> torch.Tensor:
-        """Embeddings [N, D] (float32, L2-normalised) of query records, by the index's modality."""
+    def plan_for(self, records: Sequence[dict[str, str]], keys: Sequence[str] | str | None = None,
+                 query: str | None = None, strategy: str | None = None,
+                 is_du_threshold: float | None = None) -> QueryPlan:
+        """The checked plan for `records`: the arguments given, else this identifier's defaults."""
+        given = {"keys": keys, "query": query, "strategy": strategy, "threshold": is_du_threshold}
+        chosen = {name: given[name] if given[name] is not None else default for name, default in self.defaults.items()}
+        return resolve_plan(self.library, self.model.config.modalities, records, **chosen)
+
+    def embed(self, records: Sequence[dict[str, str]], query: str | None = None) -> torch.Tensor:
+        """Embeddings [N, D] (float32, L2-normalised, on the CPU) of query records for `query`
+        (default: as `plan_for` chooses); a `ValueError` naming records that lack its fields."""
         records = list(records)
-        self._check(records)
-        return embed_checked(self.model, self.processor, records, self.index.modality, self.batch_size)[0]
+        plan = self.plan_for(records, query=query)
+        for name in plan.fields:
+            missing = [r["id"] for r in records if not r.get(name)]
+            if missing:
+                raise ValueError(f"{len(missing)} queries have no {name} (the {plan.query} query needs it), "
+                                 f"e.g. {missing[:5]}")
+        return embed_queries(self.model, self.processor, records, plan.query, self.batch_size)[0]
 
-    def identify_embeddings(self, embeddings: torch.Tensor, query_ids: Sequence[str],
-                            top_k: int = 5) -> list[Prediction]:
-        """Predictions for queries already embedded (`embed`), in order."""
-        similarities, rows = self.index.search(embeddings, top_k, self.backend)
+    def identify_embeddings(self, embeddings: torch.Tensor, query_ids: Sequence[str], top_k: int = 5,
+                            plan: QueryPlan | None = None) -> list[Prediction]:
+        """Predictions for queries already embedded (`embed`), in order; `plan` as `plan_for` gives
+        (default: the first key set's own modality)."""
+        plan = plan or self._first_plan()
+        if plan.strategy == "is-du":
+            return self._route_is_du(embeddings, query_ids, top_k, plan.threshold)
+        keys = self.library.keys(plan.keys)
+        similarities, rows = self._search(keys, embeddings, top_k)
+        own = plan.keys == (plan.query,) and keys.scores_novelty_apart  # novelty parts: one tower's own
+        novelty = keys.novelty_similarity(embeddings, self.backend) if own else similarities[:, 0]
+        thresholds, curves = self.library.calibration(plan.query, plan.keys)
+        predictions = []
+        for query_id, ss, js, n in zip(query_ids, similarities.tolist(), rows.tolist(), novelty.tolist(), strict=True):
+            hits = [self._hit(keys, plan.keys, j, s) for j, s in zip(js, ss, strict=True)]
+            predictions.append(replace(predict(query_id, hits, thresholds, n, curves), route=hits[0].modality))
+        return predictions
+
+    def _route_is_du(self, embeddings: torch.Tensor, query_ids: Sequence[str], top_k: int,
+                     threshold: float) -> list[Prediction]:
+        """IS+DU: the image keys answer where the best image-key cosine is above `threshold`
+        (strictly, as `evaluate_is_du`), the DNA keys elsewhere, each with its pair's calibration."""
+        routes = {}
+        for modality in ("image", "dna"):
+            keys = self.library.keys([modality])
+            routes[modality] = (keys, *self._search(keys, embeddings, top_k),
+                                *self.library.calibration("image", [modality]))
+        predictions = []
+        for n, query_id in enumerate(query_ids):
+            route = "image" if float(routes["image"][1][n, 0]) > threshold else "dna"
+            keys, similarities, rows, thresholds, curves = routes[route]
+            hits = [self._hit(keys, [route], j, s) for j, s in zip(rows[n].tolist(), similarities[n].tolist(),
+                                                                   strict=True)]
+            predictions.append(replace(predict(query_id, hits, thresholds, None, curves), route=route))
+        return predictions
+
+    def _search(self, keys: ReferenceIndex, embeddings: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        similarities, rows = keys.search(embeddings, top_k, self.backend)
         if not torch.isfinite(similarities).all():  # queries are checked when embedded: a key is damaged
-            raise ValueError(f"{self.index.directory / 'embeddings.safetensors'}: holds embeddings that are not "
+            raise ValueError(f"{keys.directory / 'embeddings.safetensors'}: holds embeddings that are not "
                              "finite (NaN or inf): the index is damaged; rebuild it")
-        novelty = (self.index.novelty_similarity(embeddings, self.backend) if self.index.scores_novelty_apart
-                   else similarities[:, 0])
-        thresholds, curves = self.index.thresholds, self.index.precision_curves
-        return [predict(query_id, [self._hit(j, s) for j, s in zip(js, ss, strict=True)], thresholds, n, curves)
-                for query_id, ss, js, n in zip(query_ids, similarities.tolist(), rows.tolist(), novelty.tolist(),
-                                               strict=True)]
+        return similarities, rows
 
-    def iter_identify(self, records: Iterable[dict[str, str]], top_k: int = 5) -> Iterator[list[Prediction]]:
+    def iter_identify(self, records: Iterable[dict[str, str]], top_k: int = 5, keys: Sequence[str] | None = None,
+                      query: str | None = None, strategy: str | None = None,
+                      is_du_threshold: float | None = None) -> Iterator[list[Prediction]]:
         """Predictions batch by batch (`batch_size` records), so a long run holds one batch. Queries
-        that cannot be identified (no barcode or photo for the index's modality, a repeated id, a
-        reader's `error`, an unreadable photo, a non-finite embedding) follow `on_bad_input`."""
+        that cannot be identified (no barcode or photo for the query modality, a repeated id, a
+        reader's `error`, an unreadable photo, a non-finite embedding) follow `on_bad_input`.
+        `keys`, `query`, `strategy`, `is_du_threshold`: as `plan_for`."""
         records = list(records)
-        problems = self._problems(records)  # before the first batch, so "error" leaves no partial output
+        plan = self.plan_for(records, keys, query, strategy, is_du_threshold)
+        problems = self._problems(records, plan)  # before the first batch, so "error" leaves no partial output
         starts = range(0, len(records), self.batch_size)
         for start in tqdm(starts, desc="identify", disable=not self.progress):
             batch = records[start : start + self.batch_size]
             yield self._identify_batch(batch, {i - start: problems[i] for i in problems
-                                               if start <= i < start + len(batch)}, top_k)
+                                               if start <= i < start + len(batch)}, top_k, plan)
 
-    def _problems(self, records: list[dict[str, str]]) -> dict[int, str]:
+    def _problems(self, records: list[dict[str, str]], plan: QueryPlan) -> dict[int, str]:
         """Position -> why, for queries that cannot be identified as given; raised under "error"."""
-        problems = unusable(records, self.index.modality, what="query")
+        problems: dict[int, str] = {}
+        for name in plan.fields:
+            for i, why in unusable(records, name, what="query").items():
+                problems.setdefault(i, why)
+        problems = dict(sorted(problems.items()))
         self._raise_or_warn([(records[i]["id"], reason) for i, reason in problems.items()])
         return problems
 
@@ -214,40 +287,53 @@ class Identifier:
             raise ValueError(f"{len(bad)} queries cannot be identified: {shown}")
         logger.warning("%d queries cannot be identified (error rows): %s", len(bad), shown)
 
-    def _identify_batch(self, batch: list[dict[str, str]], problems: dict[int, str], top_k: int) -> list[Prediction]:
+    def _identify_batch(self, batch: list[dict[str, str]], problems: dict[int, str], top_k: int,
+                        plan: QueryPlan) -> list[Prediction]:
         good = [i for i in range(len(batch)) if i not in problems]
-        embeddings, failures = self._embed_checked([batch[i] for i in good])
+        embeddings, failures = embed_queries(self.model, self.processor, [batch[i] for i in good], plan.query,
+                                             self.batch_size, skip=self.on_bad_input == "skip")
+        self._raise_or_warn([(batch[good[j]]["id"], reason) for j, reason in failures.items()])
         problems = {**problems, **{good[j]: reason for j, reason in failures.items()}}
         kept = [j for j in range(len(good)) if j not in failures]
-        found = iter(self.identify_embeddings(embeddings[kept], [batch[good[j]]["id"] for j in kept], top_k)
+        found = iter(self.identify_embeddings(embeddings[kept], [batch[good[j]]["id"] for j in kept], top_k, plan)
                      if kept else [])
         return [failed(record["id"], problems[i]) if i in problems else next(found) for i, record in enumerate(batch)]
 
-    def _embed_checked(self, records: list[dict[str, str]]) -> tuple[torch.Tensor, dict[int, str]]:
-        """Embeddings of `records` and position -> why for those that could not be embedded."""
-        embeddings, failures = embed_checked(self.model, self.processor, records, self.index.modality,
-                                             self.batch_size, skip=self.on_bad_input == "skip")
-        self._raise_or_warn([(records[i]["id"], reason) for i, reason in failures.items()])
-        return embeddings, failures
+    def identify(self, records: Iterable[dict[str, str]], top_k: int = 5, keys: Sequence[str] | None = None,
+                 query: str | None = None, strategy: str | None = None,
+                 is_du_threshold: float | None = None) -> list[Prediction]:
+        """One `Prediction` per record (record schema: id and a dna barcode and/or image path), in
+        order. `keys`: key modalities (["dna"], ["image", "dna"] stacked, ["text"]); `query`:
+        "image", "dna" or "image+dna"; `strategy`: "nearest" or "is-du" (see `clibd.query_plan`)."""
+        return [prediction for batch in self.iter_identify(records, top_k, keys, query, strategy, is_du_threshold)
+                for prediction in batch]
 
-    def identify(self, records: Iterable[dict[str, str]], top_k: int = 5) -> list[Prediction]:
-        """One `Prediction` per record (record schema: id and a dna barcode or image path), in order."""
-        return [prediction for batch in self.iter_identify(records, top_k) for prediction in batch]
+    def key_count(self, plan: QueryPlan) -> int:
+        """How many keys a query of `plan` is searched among (is-du: the smaller key set)."""
+        if plan.strategy == "is-du":
+            return min(len(self.library.keys([m]).records) for m in ("image", "dna"))
+        return len(self.library.keys(plan.keys).records)
 
-    def provenance_line(self) -> str:
-        """The TSV's `# ` line: clibd version, model and its hash, index, thresholds."""
-        index = self.index
-        thresholds = ", ".join(f"{rank}={value:.4f}" for rank, value in index.thresholds.items())
+    def provenance_line(self, plan: QueryPlan | None = None) -> str:
+        """The TSV's `# ` line: clibd version, model and its hash, index, query/keys/strategy, thresholds."""
+        plan = plan or self._first_plan()
+        library = self.library
+        pairs = [("image", ["image"]), ("image", ["dna"])] if plan.strategy == "is-du" else [(plan.query, plan.keys)]
+        thresholds = "; ".join(", ".join(f"{rank}={value:.4f}" for rank, value in library.calibration(*pair)[0].items())
+                               for pair in pairs)
+        held = ", ".join(f"{len(library.key_sets[m].records)} {m}" for m in library.modalities)
         return (f"{COMMENT}clibd {__version__} identify; model {self.model_dir} "
-                f"(sha256 {index.meta['model_hash'][:16]}); index {index.directory.resolve()} "
-                f"({len(index.records)} {index.modality} references); thresholds {thresholds}\n")
+                f"(sha256 {library.meta['model_hash'][:16]}); index {library.directory.resolve()} "
+                f"({held} references); {plan.describe()}; thresholds {thresholds}\n")
 
-    def _check(self, records: list[dict[str, str]]) -> None:
-        require_field(records, self.index.modality, f"queries (this index holds {self.index.modality} references)")
+    def _first_plan(self) -> QueryPlan:
+        """The plan of callers that give none: the first image / dna key set's own modality."""
+        return self.plan_for([], query=next(m for m in self.library.modalities if m != "text"))
 
-    def _hit(self, row: int, similarity: float) -> Hit:
-        record = self.index.records[row]
-        return Hit(record["id"], similarity, {rank: record[rank] for rank in RANKS})
+    def _hit(self, keys: ReferenceIndex, modalities: Sequence[str], row: int, similarity: float) -> Hit:
+        record = keys.records[row]
+        return Hit(record["id"], similarity, {rank: record[rank] for rank in RANKS},
+                   self.library.key_modality(modalities, row))
 
 
 def image_records(paths: list[str]) -> list[dict[str, str]]:
@@ -269,7 +355,7 @@ def prediction_columns(top_k: int) -> list[str]:
     """The TSV's columns for `top_k` hits."""
     hits = [f"hit{i}_{field}" for i in range(1, top_k + 1) for field in ("id", "species", "similarity")]
     return ["query_id", *RANKS, "similarity", "novel", *(f"{rank}_support" for rank in RANKS),
-            "novelty_similarity", *(f"{rank}_precision" for rank in RANKS), "error", *hits]
+            "novelty_similarity", *(f"{rank}_precision" for rank in RANKS), "error", "route", *hits]
 
 
 def _row(prediction: Prediction) -> dict[str, str]:
@@ -279,7 +365,8 @@ def _row(prediction: Prediction) -> dict[str, str]:
            "similarity": f"{prediction.similarity:.4f}", "novel": str(prediction.novel).lower(),
            **{f"{rank}_support": f"{prediction.support[rank]:.2f}" for rank in RANKS},
            "novelty_similarity": f"{prediction.novelty_similarity:.4f}",
-           **{f"{rank}_precision": _number(prediction.precision.get(rank, math.nan), 3) for rank in RANKS}}
+           **{f"{rank}_precision": _number(prediction.precision.get(rank, math.nan), 3) for rank in RANKS},
+           "route": prediction.route}
     for i, hit in enumerate(prediction.hits, start=1):
         row |= {f"hit{i}_id": hit.id, f"hit{i}_species": hit.taxonomy.get("species", ""),
                 f"hit{i}_similarity": f"{hit.similarity:.4f}"}
@@ -302,7 +389,8 @@ def _prediction(row: dict[str, str]) -> Prediction:
                       {rank: float(row[f"{rank}_support"]) for rank in RANKS}, hits,
                       # files written before the precision columns read without them
                       precision={rank: float(row[f"{rank}_precision"]) for rank in RANKS
-                                 if row.get(f"{rank}_precision")})
+                                 if row.get(f"{rank}_precision")},
+                      route=row.get("route") or "")  # files written before the route column: ""
 
 
 def write_predictions_tsv(predictions: Iterable[Prediction], stream: TextIO, top_k: int, header: bool = True) -> None:
@@ -384,22 +472,24 @@ def _still_to_do(records: Sequence[dict[str, str]], done: list[str]) -> list[dic
 
 
 def identify_to_tsv(identifier: Identifier, records: Sequence[dict[str, str]],
-                    out: str | os.PathLike | None = None, top_k: int = 5) -> int:
+                    out: str | os.PathLike | None = None, top_k: int = 5, **plan) -> int:
     """Stream predictions for `records` as TSV to `out` (stdout when None); return rows written.
 
     The provenance line and header are written at once (the file exists with both or not at all);
     rows are appended batch by batch and flushed, so an interrupted run, started again with the
     same `out`, skips the queries already written (the file's provenance and columns must match
-    this run).
+    this run: model, index, query, keys, strategy, thresholds). `plan`: keys, query, strategy,
+    is_du_threshold (`Identifier.plan_for`).
 
     Usage:
         identify_to_tsv(Identifier.load("refs/", progress=True), records, "preds.tsv", top_k=5)
     """
-    top_k = min(top_k, len(identifier.index.records))
-    done = _resume(Path(out), identifier.provenance_line(), prediction_columns(top_k)) if out is not None else None
+    plan = identifier.plan_for(records, **plan)
+    top_k, provenance = min(top_k, identifier.key_count(plan)), identifier.provenance_line(plan)
+    done = _resume(Path(out), provenance, prediction_columns(top_k)) if out is not None else None
     todo = _still_to_do(records, done) if done is not None else list(records)
     header = io.StringIO()
-    header.write(identifier.provenance_line())
+    header.write(provenance)
     write_predictions_tsv([], header, top_k)
     if out is None:
         sys.stdout.write(header.getvalue())
@@ -408,7 +498,7 @@ def identify_to_tsv(identifier: Identifier, records: Sequence[dict[str, str]],
     stream: TextIO = sys.stdout if out is None else open(out, "a", newline="")  # noqa: SIM115
     try:
         written = 0
-        for batch in identifier.iter_identify(todo, top_k):
+        for batch in identifier.iter_identify(todo, top_k, plan.keys, plan.query, plan.strategy, plan.threshold):
             write_predictions_tsv(batch, stream, top_k, header=False)
             stream.flush()
             written += len(batch)

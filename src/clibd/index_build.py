@@ -21,12 +21,12 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .atomic import atomic_directory, atomic_write_text
-from .constants import INDEX_MODALITIES
 from .index import RECORD_COLUMNS, ReferenceIndex, _calibrate, embed_in_shards, load_model, unusable
 from .retrieval import launched_processes
 from .towers.parts import EmbeddingPart
 
 logger = logging.getLogger(__name__)
+SINGLE_MODALITIES = ("dna", "image")  # what a single-modality index folder holds
 
 
 def _write_index(directory: Path, meta: dict, embeddings: torch.Tensor, records: list[dict],
@@ -101,7 +101,8 @@ def _finish(directory: Path, meta: dict, parts: list[EmbeddingPart], embeddings:
     return ReferenceIndex.load(directory)
 
 
-def build_index(model_dir: str | os.PathLike, records: list[dict], modality: str, out: str | os.PathLike,
+def build_index(model_dir: str | os.PathLike, records: list[dict], modality: str | Sequence[str],
+                out: str | os.PathLike,
                 batch_size: int = 256, calibrate: bool = True, progress: bool = True,
                 on_bad_input: str = "error", precision: float | None = None) -> ReferenceIndex:
     """Embed labelled records with the model saved in `model_dir` into a new index at `out`.
@@ -109,12 +110,22 @@ def build_index(model_dir: str | os.PathLike, records: list[dict], modality: str
     them out, warns and lists them in the index's `skipped.tsv`. `precision`: thresholds set so
     that answers are right at least that often on species held out at calibration (`clibd.novelty`);
     None: thresholds that best separate right from wrong answers. Kept for `add_to_index`.
+    Several modalities (e.g. ["image", "dna", "text"]): a multi-modal library
+    (`clibd.library_build.build_library`, which this returns).
 
     Usage:
         index = build_index("runs/demo/best", read_records("refs.tsv"), "dna", "refs/")
     """
-    if modality not in INDEX_MODALITIES:
-        raise ValueError(f"an index holds {' or '.join(INDEX_MODALITIES)} embeddings, not {modality!r}")
+    if not isinstance(modality, str):  # several key modalities (or text): a multi-modal library
+        if len(modality) != 1 or modality[0] == "text":
+            from .library_build import build_library
+
+            return build_library(model_dir, records, list(modality), out, batch_size, calibrate, progress,
+                                 on_bad_input, precision)
+        modality = modality[0]
+    if modality not in SINGLE_MODALITIES:
+        raise ValueError(f"a single-modality index holds {' or '.join(SINGLE_MODALITIES)} embeddings, not "
+                         f"{modality!r} (text keys: a multi-modal library, e.g. modality=['dna', 'text'])")
     skip = _skip(on_bad_input)
     out = Path(out)
     records, skipped = _screen(records, modality, [], skip)

@@ -39,7 +39,6 @@ from .towers.parts import EmbeddingPart, whole
 logger = logging.getLogger(__name__)
 
 KEY_MODALITIES = MODALITIES  # what a library may hold keys of
-QUERY_MODALITIES = ("image", "dna", "image+dna")  # image+dna: the normalised mean of both embeddings
 
 
 def keys_name(modalities: Sequence[str]) -> str:
