@@ -183,3 +183,35 @@ def test_cli_builds_a_library_and_identifies_photos_with_routes(model_dir, recor
     assert cli(["identify", "--index", str(tmp_path / "refs"), "--images", str(photos), "--strategy", "is-du",
                 "--query", "dna"]) == 2  # a clear error, not a crash
     assert "is-du answers photo queries" in capsys.readouterr().err
+
+
+def test_identify_embeds_on_the_gpu_when_there_is_one_and_returns_cpu_tensors(library, records, monkeypatch):
+    moved = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(CLIBDModel, "to", lambda self, device: moved.append(device) or self)
+    Identifier.load(library.directory)
+    assert moved == ["cuda"]  # a GPU is used when there is one (here only asked for: the machine has none)
+    monkeypatch.undo()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    identifier = Identifier.load(library.directory, device=device)
+    assert next(identifier.model.parameters()).device.type == device
+    photos = [{"id": r["id"], "image": r["image"]} for r in records if r["image"]][:5]
+    embeddings = identifier.embed(photos, query="image")
+    assert embeddings.device.type == "cpu" and embeddings.dtype == torch.float32  # each batch back on the CPU
+    assert all(k.embeddings.device.type == "cpu" for k in identifier.library.key_sets.values())
+    assert len(identifier.identify(photos, keys=["dna"], query="image", top_k=2)) == 5
+
+
+def test_demo_builds_a_library_from_the_shared_photos_and_identifies_them(data_dir, tmp_path, capsys):
+    assert cli(["demo", "--data-dir", str(data_dir), "--limit", "30", "--show", "2", "--library",
+                str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "UNTRAINED" in out and "photo -> DNA" in out and "photo -> image" in out and "IS+DU" in out
+    library = ReferenceLibrary.load(tmp_path / "demo" / "refs")
+    assert len(library.key_sets["dna"].records) == 30 and len(library.key_sets["image"].records) == 19
+    assert library.key_sets["image"].records[0]["id"].startswith("order_")  # images.csv: ids from file names
+    # the demo's library answers the same commands a user would type
+    photos = data_dir / "bioscan1m_examples" / "images"
+    assert cli(["identify", "--index", str(tmp_path / "demo" / "refs"), "--images", str(photos / "order_Diptera.jpg"),
+                "--keys", "dna", "--query", "image", "--top-k", "1"]) == 0
+    assert "\tdna\t" in capsys.readouterr().out

@@ -33,7 +33,13 @@ def _demo(args: argparse.Namespace) -> int:
     from .data import shared_data_dir
     from .demo import run_demo
 
-    run_demo(Path(args.data_dir or shared_data_dir()), sys.stdout, limit=args.limit, show=args.show, seed=args.seed)
+    data_dir = Path(args.data_dir or shared_data_dir())
+    run_demo(data_dir, sys.stdout, limit=args.limit, show=args.show, seed=args.seed)
+    if not args.no_library:
+        from .demo import run_library_demo
+
+        run_library_demo(data_dir, sys.stdout, Path(args.library) if args.library else None,
+                         limit=args.limit or 200, seed=args.seed)
     return 0
 
 
@@ -306,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--limit", type=int, default=None, help="read at most this many barcode records")
     demo.add_argument("--show", type=int, default=12, help="rows to print per table")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--library", help="keep the demo's model (LIBRARY/model) and multi-modal library (LIBRARY/refs) "
+                                        "here, to try `clibd identify --index LIBRARY/refs ...` on them")
+    demo.add_argument("--no-library", action="store_true", help="skip the multi-modal library and photo identify part")
     demo.set_defaults(run=_demo)
 
     tokenize = commands.add_parser("tokenize", help="print the k-mer token ids of one barcode")
