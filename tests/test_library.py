@@ -127,8 +127,15 @@ def test_is_du_routes_by_the_image_similarity(library, records):
 
 
 def test_clear_errors_for_keys_and_towers(model_dir, records, tmp_path, text_tokenizer):
-    dna_text = build_library(model_dir, [r for r in records if r["dna"]][:20], ["dna", "text"], tmp_path / "dt",
-                             progress=False)
+    # a library with text keys takes names-only records (a checklist): their taxa become text keys
+    checklist = {"id": "checklist-1", "order": "Diptera", "family": "Culicidae", "genus": "Aedes", "species": "",
+                 "dna": "", "image": ""}
+    dna_text = build_library(model_dir, [r for r in records if r["dna"]][:20] + [checklist], ["dna", "text"],
+                             tmp_path / "dt", progress=False)
+    assert "Diptera Culicidae Aedes not_classified" in [t["id"] for t in dna_text.key_sets["text"].records]
+    assert len(dna_text.key_sets["dna"].records) == 20
+    with pytest.raises(ValueError, match="checklist-1: no image or dna"):
+        build_library(model_dir, records[:5] + [checklist], ["image", "dna"], tmp_path / "no_text", progress=False)
     with pytest.raises(ValueError, match="holds no image keys"):
         Identifier.load(dna_text.directory).identify(records[:2], keys=["image"], query="dna")
     no_image = save_model(tmp_path / "dna_text_model", text_tokenizer, ("dna", "text"))

@@ -4,7 +4,9 @@ An index directory holds `embeddings.safetensors` (fp16, one tensor per modality
 (id, ranks, source) and `index.json` (model path and weights hash, modality, dimension, the
 embedding's parts (`EmbeddingPart`: which dimensions score novelty), count, per-rank novelty
 thresholds, clibd version). Builds run in shards that survive an interruption; the finished
-directory is renamed into place. Searching goes through `clibd.retrieval`.
+directory is renamed into place. Searching goes through `clibd.retrieval`. Writing lives in
+`clibd.index_build`; a folder with several key modalities (image, DNA, taxon names) is a
+multi-modal library (`clibd.library`), which `ReferenceIndex.load` opens as its first key set.
 
 Usage:
     index = build_index("runs/demo/best", records, modality="dna", out="refs/")

@@ -57,8 +57,10 @@ def taxon_keys(records: list[dict]) -> list[dict]:
 def _screen(records: list[dict], modalities: list[str], known_ids: set[str], skip: bool
             ) -> tuple[list[dict], list[tuple[str, str]]]:
     """(usable records, (id, why) of the others): a reader's error, no taxonomy, none of the
-    library's photo / barcode fields, an id already held or repeated. Without `skip`, a `ValueError`."""
-    fields = [m for m in SPECIMEN_MODALITIES if m in modalities]
+    library's photo / barcode fields (a library without text keys), an id already held or repeated.
+    Without `skip`, a `ValueError`."""
+    # a library with text keys also takes records that are names only (a checklist): their taxa become keys
+    fields = [m for m in SPECIMEN_MODALITIES if m in modalities] if "text" not in modalities else []
     kept, skipped, first = [], [], set()
     for record in records:
         record_id = record["id"]
