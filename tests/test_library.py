@@ -165,6 +165,11 @@ def test_add_grows_every_key_set_and_single_modality_folders_still_load(library,
     assert as_library.calibration("dna", ["dna"])[0] == single.thresholds
     [prediction] = Identifier.load(single.directory).identify([{"id": "q", "dna": records[0]["dna"]}], top_k=1)
     assert prediction.route == "dna" and math.isfinite(prediction.similarity)
+    # photos against a DNA-only index: nothing to calibrate that pair on, so hits but no answer
+    photo = next(r for r in records if r["image"])
+    [prediction] = Identifier.load(single.directory).identify([{"id": "p", "image": photo["image"]}], keys=["dna"],
+                                                              query="image", top_k=2)
+    assert len(prediction.hits) == 2 and prediction.deepest_rank is None and prediction.route == "dna"
 
 
 def test_cli_builds_a_library_and_identifies_photos_with_routes(model_dir, records, tmp_path, capsys):

@@ -157,21 +157,26 @@ class ReferenceLibrary:
             return index.thresholds, index.precision_curves
         if name not in self._calibrations:
             logger.info("%s: no stored calibration for %s: calibrating it now", self.directory, name)
-            self._calibrations[name] = self.calibrate(query, keys, self.meta.get("precision"))
+            self._calibrations[name] = calibration = self.calibrate(query, keys, self.meta.get("precision"))
+            if all(method == "none" for method in calibration.methods.values()):
+                logger.warning("%s: no %s thresholds can be learned (no reference has both a %s embedding and "
+                               "keys to match): no rank is answered, the nearest keys are still listed",
+                               self.directory, name, query)
         calibration = self._calibrations[name]
         return calibration.thresholds, calibration.curves
 
     def query_embeddings(self, query: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The library's own embeddings in a query modality, with each one's record position (for
         `image+dna`: the normalised mean, for records with both)."""
+        dim = self.key_sets[self.modalities[0]].embeddings.shape[1]
+        if not set(query.split("+")) <= set(self.key_sets):  # no such embeddings here: nothing to calibrate on
+            return torch.empty(0, dim), torch.empty(0, dtype=torch.long)
         if query != "image+dna":
-            self.keys([query])
             return self.key_sets[query].embeddings.float(), self.owners[query]
-        self.keys(["image", "dna"])
         image_at = {int(r): i for i, r in enumerate(self.owners["image"].tolist())}
         both = [(image_at[int(r)], j, int(r)) for j, r in enumerate(self.owners["dna"].tolist()) if int(r) in image_at]
         if not both:
-            return torch.empty(0, self.key_sets["dna"].embeddings.shape[1]), torch.empty(0, dtype=torch.long)
+            return torch.empty(0, dim), torch.empty(0, dtype=torch.long)
         i, j, owner = (torch.tensor(column) for column in zip(*both, strict=True))
         mean = self.key_sets["image"].embeddings[i].float() + self.key_sets["dna"].embeddings[j].float()
         return F.normalize(mean, dim=-1), owner

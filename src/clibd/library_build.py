@@ -210,6 +210,10 @@ def calibrate_library(library: ReferenceLibrary, precision: float | None = None)
             calibration = library.calibrate(query, keys, precision)
             for line in calibration.warnings():
                 logger.info("%s: %s: threshold for %s", library.directory, pair_name(query, keys), line)
+            if all(method == "none" for method in calibration.methods.values()):
+                logger.warning("%s: %s: no record has both a %s embedding and keys to match it against: identify "
+                               "answers no rank for this pair (its nearest keys are still listed)",
+                               library.directory, pair_name(query, keys), query)
             pairs[pair_name(query, keys)] = {"thresholds": calibration.thresholds, "calibration": calibration.methods,
                                              "precision_curves": calibration.curves,
                                              "counts": {r: list(c) for r, c in calibration.counts.items()}}
