@@ -20,14 +20,27 @@ from pathlib import Path
 
 # Only constants at module level: each command imports what it needs, so `clibd --help` and
 # `clibd tokenize` answer without loading torch, transformers and datasets.
-from .constants import DEFAULT_TEXT_MODEL, INDEX_MODALITIES, RANKS, SEARCH_BACKENDS
+from .constants import (
+    DEFAULT_TEXT_MODEL,
+    INDEX_MODALITIES,
+    QUERY_MODALITIES,
+    RANKS,
+    SEARCH_BACKENDS,
+    STRATEGIES,
+)
 
 
 def _demo(args: argparse.Namespace) -> int:
     from .data import shared_data_dir
     from .demo import run_demo
 
-    run_demo(Path(args.data_dir or shared_data_dir()), sys.stdout, limit=args.limit, show=args.show, seed=args.seed)
+    data_dir = Path(args.data_dir or shared_data_dir())
+    run_demo(data_dir, sys.stdout, limit=args.limit, show=args.show, seed=args.seed)
+    if not args.no_library:
+        from .demo import run_library_demo
+
+        run_library_demo(data_dir, sys.stdout, Path(args.library) if args.library else None,
+                         limit=args.limit or 200, seed=args.seed)
     return 0
 
 
@@ -42,15 +55,26 @@ def _tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _summary(folder: str, index) -> str:
+    """One line on an index (a single-modality `ReferenceIndex`) or a multi-modal `ReferenceLibrary`."""
+    if not hasattr(index, "key_sets"):
+        return f"{folder}: {index.meta['count']} {index.modality} references; thresholds {index.thresholds}"
+    held = ", ".join(f"{len(keys.records)} {m} keys" for m, keys in index.key_sets.items())
+    is_du = index.meta.get("is_du", {}).get("threshold")
+    return (f"{folder}: {index.meta['count']} records; {held}; {len(index.meta.get('pairs', {}))} query/key pairs "
+            f"calibrated" + (f"; IS+DU threshold {is_du:.4f}" if is_du is not None else ""))
+
+
 def _index_build(args: argparse.Namespace) -> int:
     from .index import build_index
 
     records = _read_with_errors([args.records])
     check = False if args.no_species_check else {k: v for k, v in (("identity_cutoff", args.identity_cutoff),
                                                                   ("novel_named", args.novel_named)) if v is not None}
+    # one key modality: the single-modality index folder it always was; several: a library
     index = build_index(args.model, records, args.modality, args.out, batch_size=args.batch_size,
                         on_bad_input=args.on_bad_input, precision=args.precision, species_check=check)
-    print(f"{args.out}: {index.meta['count']} {index.modality} references; thresholds {index.thresholds}")
+    print(_summary(args.out, index))
     return 0
 
 
@@ -60,15 +84,14 @@ def _index_add(args: argparse.Namespace) -> int:
     records = _read_with_errors([args.records])
     index = add_to_index(args.index, records, replace=args.replace, batch_size=args.batch_size,
                          on_bad_input=args.on_bad_input)
-    print(f"{args.index}: {index.meta['count']} {index.modality} references; thresholds {index.thresholds}")
+    print(_summary(args.index, index))
     return 0
 
 
 def _index_recalibrate(args: argparse.Namespace) -> int:
     from .index import recalibrate_index
 
-    index = recalibrate_index(args.index, precision=args.precision)
-    print(f"{args.index}: {index.meta['count']} {index.modality} references; thresholds {index.thresholds}")
+    print(_summary(args.index, recalibrate_index(args.index, precision=args.precision)))
     return 0
 
 
@@ -103,8 +126,9 @@ def _identify(args: argparse.Namespace) -> int:
     if not queries:
         raise ValueError("no queries: give --records, --fasta, --dna or --image")
     identifier = Identifier.load(args.index, model_dir=args.model, backend=args.search, batch_size=args.batch_size,
-                                 progress=True, on_bad_input=args.on_bad_input)
-    identify_to_tsv(identifier, queries, args.out, top_k=args.top_k)
+                                 progress=True, on_bad_input=args.on_bad_input, device=args.device)
+    identify_to_tsv(identifier, queries, args.out, top_k=args.top_k, keys=args.keys, query=args.query,
+                    strategy=args.strategy, is_du_threshold=args.is_du_threshold)
     return 0
 
 
@@ -213,7 +237,9 @@ def _add_index_commands(commands: argparse._SubParsersAction) -> None:
     build = index_commands.add_parser("build", help="embed labelled records into a new index")
     build.add_argument("--model", required=True, help="a saved CLIBD model folder (model + processor)")
     build.add_argument("--records", required=True, help="labelled records: TSV/CSV export or FASTA")
-    build.add_argument("--modality", choices=INDEX_MODALITIES, default="dna")
+    build.add_argument("--modality", nargs="+", choices=INDEX_MODALITIES, default=["dna"],
+                       help="key modalities: one (dna or image: a single-modality index) or several (e.g. image dna "
+                            "text: a multi-modal library; text keys are the taxa of the records at every rank)")
     build.add_argument("--out", required=True, help="index folder to create")
     build.add_argument("--batch-size", type=int, default=256)
     build.add_argument("--on-bad-input", choices=("error", "skip"), default="error",
@@ -262,7 +288,19 @@ def _add_identify_command(commands: argparse._SubParsersAction) -> None:
     ident.add_argument("--records", nargs="+", help="TSV/CSV files of query records")
     ident.add_argument("--fasta", nargs="+", help="FASTA files of query barcodes")
     ident.add_argument("--dna", nargs="+", help="barcode sequences given on the command line")
-    ident.add_argument("--image", nargs="+", help="photo files or folders of photos")
+    ident.add_argument("--image", "--images", dest="image", nargs="+", help="photo files or folders of photos")
+    ident.add_argument("--query", choices=QUERY_MODALITIES,
+                       help="what a query is embedded from: its photo, its barcode, or the mean of both (image+dna); "
+                            "default: the index's modality, or dna where queries have barcodes, else image")
+    ident.add_argument("--keys", nargs="+", choices=INDEX_MODALITIES,
+                       help="key modalities to search (several: stacked, the paper's 'all'); default: the query's own")
+    ident.add_argument("--strategy", choices=STRATEGIES, default=None,
+                       help="nearest (default): the nearest key answers; is-du: photos whose best image-key "
+                            "similarity is above the library's IS+DU threshold are answered from image keys "
+                            "(species seen in photos), the others from DNA keys (the route column says which)")
+    ident.add_argument("--is-du-threshold", type=float,
+                       help="is-du: this threshold instead of the one calibrated on the library")
+    ident.add_argument("--device", help="where queries are embedded (default: cuda when there is a GPU, else cpu)")
     ident.add_argument("--top-k", type=int, default=5)
     ident.add_argument("--search", choices=SEARCH_BACKENDS, default="torch",
                        help="exact search with torch or faiss, or approximate with a faiss inverted file "
@@ -330,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--limit", type=int, default=None, help="read at most this many barcode records")
     demo.add_argument("--show", type=int, default=12, help="rows to print per table")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--library", help="keep the demo's model (LIBRARY/model) and multi-modal library (LIBRARY/refs) "
+                                        "here, to try `clibd identify --index LIBRARY/refs ...` on them")
+    demo.add_argument("--no-library", action="store_true", help="skip the multi-modal library and photo identify part")
     demo.set_defaults(run=_demo)
 
     tokenize = commands.add_parser("tokenize", help="print the k-mer token ids of one barcode")

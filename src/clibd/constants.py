@@ -12,7 +12,11 @@ RANKS = ("order", "family", "genus", "species")
 MODALITIES = ("image", "dna", "text")
 # The paper's taxonomy-text BERT (and its tokenizer).
 DEFAULT_TEXT_MODEL = "prajjwal1/bert-small"
-# What a reference index embeds: the record field each modality reads has the same name.
-INDEX_MODALITIES = ("dna", "image")
+# What a reference index embeds: the record field each modality reads has the same name (text keys:
+# the records' taxa at every rank; only in a multi-modal library, `clibd.library`).
+INDEX_MODALITIES = ("dna", "image", "text")
+# What an identify query is embedded from (image+dna: the normalised mean of both) and how it is answered.
+QUERY_MODALITIES = ("image", "dna", "image+dna")
+STRATEGIES = ("nearest", "is-du")
 # `clibd identify --search`: exact torch, exact faiss, approximate faiss inverted file.
 SEARCH_BACKENDS = ("torch", "faiss", "faiss-ivf")

@@ -4,7 +4,9 @@ An index directory holds `embeddings.safetensors` (fp16, one tensor per modality
 (id, ranks, source) and `index.json` (model path and weights hash, modality, dimension, the
 embedding's parts (`EmbeddingPart`: which dimensions score novelty), count, per-rank novelty
 thresholds, clibd version). Builds run in shards that survive an interruption; the finished
-directory is renamed into place. Searching goes through `clibd.retrieval`.
+directory is renamed into place. Searching goes through `clibd.retrieval`. Writing lives in
+`clibd.index_build`; a folder with several key modalities (image, DNA, taxon names) is a
+multi-modal library (`clibd.library`), which `ReferenceIndex.load` opens as its first key set.
 
 Usage:
     index = build_index("runs/demo/best", records, modality="dna", out="refs/")
@@ -13,14 +15,11 @@ Usage:
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
 import math
 import os
-import shutil
-import uuid
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -31,16 +30,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import __version__
-from .atomic import atomic_directory, atomic_write_text
 from .checked_embedding import NOT_FINITE, check_finite_weights, embed_checked, not_finite_rows
-from .constants import INDEX_MODALITIES, RANKS
+from .constants import RANKS
 from .index_store import RecordTable, map_embeddings, persisted_ivf
 from .modeling_clibd import CLIBDModel
 from .novelty import Calibration, calibrate
 from .processing import CLIBDProcessor
-from .retrieval import active_processes, embedding_processes, faiss_search, launched_processes, search
-from .species_check import SpeciesCheck, calibrated_options, species_check_options
+from .retrieval import active_processes, embedding_processes, faiss_search, search
+from .species_check import SpeciesCheck
 from .towers.parts import EmbeddingPart, part_columns, select_parts, whole
 
 logger = logging.getLogger(__name__)
@@ -104,6 +101,9 @@ class ReferenceIndex:
     # folder, `clibd.index_store`); the novelty part of the keys
     _faiss: dict = field(default_factory=dict, repr=False, compare=False)
     _keys: dict = field(default_factory=dict, repr=False, compare=False)
+    # what its searched keys are called in the folder: "embeddings" for a single-modality index;
+    # a multi-modal library's key sets (`clibd.library`) are named by their modality
+    key_name: str = "embeddings"
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> ReferenceIndex:
@@ -115,6 +115,10 @@ class ReferenceIndex:
         if not meta_path.exists():
             raise FileNotFoundError(f"{directory}: not a clibd index (no index.json)")
         meta = json.loads(meta_path.read_text())
+        if "modalities" in meta:  # a multi-modal library: its first key set (`clibd.library` reads all)
+            from .library import ReferenceLibrary
+
+            return ReferenceLibrary.load(directory).key_sets[meta["modalities"][0]]
         embeddings = map_embeddings(directory / "embeddings.safetensors", meta["modality"])
         records = RecordTable.read(directory / "records.tsv")
         if len(records) != embeddings.shape[0] or meta["count"] != len(records):
@@ -201,13 +205,14 @@ class ReferenceIndex:
         """Cosine similarities and indices [Q, k] of the k nearest references; `backend` as in
         `clibd.retrieval.search` ("torch", "faiss", "faiss-ivf"; a faiss index is built on first
         use and kept; "faiss-ivf" is also kept in the index folder, for later processes)."""
-        return self._search(queries, "embeddings", lambda: self.embeddings, k, backend)
+        return self._search(queries, self.key_name, lambda: self.embeddings, k, backend)
 
     def novelty_similarity(self, queries: torch.Tensor, backend: str = "torch") -> torch.Tensor:
         """Each query's best cosine [Q] to any reference on the parts that score novelty
         (`select_parts(..., "scores_novelty")`). `queries`: whole embeddings [Q, D]."""
         queries = select_parts(queries, self.parts, "scores_novelty")
-        return self._search(queries, "novelty", self._novelty_keys, 1, backend)[0][:, 0]
+        name = "novelty" if self.key_name == "embeddings" else f"novelty-{self.key_name}"
+        return self._search(queries, name, self._novelty_keys, 1, backend)[0][:, 0]
 
     def _novelty_keys(self) -> torch.Tensor:
         if "novelty" not in self._keys:
@@ -222,7 +227,7 @@ class ReferenceIndex:
             # keyed to the build this object loaded, not only to the file now in the folder: a process
             # that loaded an index before `index add` replaced it neither reads nor leaves a wrong file
             describe = {"build_id": self.meta.get("build_id"), "count": len(self.records)}
-            if name == "novelty":
+            if name.startswith("novelty"):
                 describe["parts"] = [part.to_dict() for part in self.parts]
             ivf = persisted_ivf(self.directory, name, keys, describe)
             if ivf.ntotal != len(self.records):  # never answer row numbers of another library
@@ -232,29 +237,6 @@ class ReferenceIndex:
         if (name, backend) in self._faiss:
             return faiss_search(queries, self._faiss[(name, backend)], k)
         return search(queries, keys(), k, backend, cache=self._faiss, name=name)
-
-
-def _write_index(directory: Path, meta: dict, embeddings: torch.Tensor, records: list[dict],
-                 skipped: list[tuple[str, str]] | None = None) -> None:
-    """Write all files into a temporary folder, then swap it into place; `skipped.tsv` lists the
-    records the last build or add left out (`on_bad_input="skip"`) and why."""
-    with atomic_directory(directory) as tmp:
-        if skipped:
-            with open(tmp / "skipped.tsv", "w", newline="") as f:
-                f.write("id\treason\n" + "".join(f"{i}\t{' '.join(why.split())}\n" for i, why in skipped))
-        save_file({meta["modality"]: embeddings.to(torch.float16).contiguous()}, tmp / "embeddings.safetensors")
-        with open(tmp / "records.tsv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=RECORD_COLUMNS, delimiter="\t", extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows({c: r.get(c, "") for c in RECORD_COLUMNS} for r in records)
-        if meta["modality"] == "dna" and any(r.get("dna") for r in records):
-            with open(tmp / BARCODES_FILE, "w", newline="") as f:
-                writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-                writer.writerow(["id", "dna"])
-                writer.writerows([r["id"], r.get("dna", "")] for r in records)
-        # a new id for every write of the embeddings: what a persisted faiss file is keyed to
-        (tmp / "index.json").write_text(json.dumps({**meta, "count": len(records), "build_id": uuid.uuid4().hex},
-                                                   indent=2))
 
 
 def require_field(records: list[dict], modality: str, what: str = "records") -> None:
@@ -288,31 +270,6 @@ def unusable(records: Sequence[dict], modality: str, known_ids: Collection[str] 
             found[i] = f"duplicate {what} id (repeated; first given as {what} {first[record_id] + 1})"
         first.setdefault(record_id, i)
     return found
-
-
-def _screen(records: list[dict], modality: str, existing: Sequence[dict], skip: bool
-            ) -> tuple[list[dict], list[tuple[str, str]]]:
-    """(records that can be indexed, (id, why) of those that cannot: `unusable`). Without `skip`,
-    a `ValueError` naming them."""
-    found = unusable(records, modality, {r["id"] for r in existing}, labelled=True)
-    skipped = [(records[i]["id"], why) for i, why in found.items()]
-    if skipped and not skip:
-        shown = "; ".join(f"{i}: {why}" for i, why in skipped[:10])
-        raise ValueError(f"{len(skipped)} records cannot be indexed: {shown} (or skip them: on_bad_input='skip')")
-    return [{**r, "source": r.get("source", "")} for i, r in enumerate(records) if i not in found], skipped
-
-
-def _drop_failures(records: list[dict], embeddings: torch.Tensor, failures: dict[int, str],
-                   skipped: list[tuple[str, str]]) -> tuple[list[dict], torch.Tensor]:
-    """The records and embeddings left once those that could not be embedded are dropped (and
-    added to `skipped`, with a warning)."""
-    if not failures:
-        return records, embeddings
-    skipped += [(records[i]["id"], why) for i, why in sorted(failures.items())]
-    logger.warning("%d records could not be embedded and are not indexed (listed in skipped.tsv): %s",
-                   len(failures), "; ".join(f"{records[i]['id']}: {why}" for i, why in list(failures.items())[:5]))
-    keep = [i for i in range(len(records)) if i not in failures]
-    return [records[i] for i in keep], embeddings[keep]
 
 
 def embed_in_shards(model: CLIBDModel, processor: CLIBDProcessor, records: list[dict], modality: str,
@@ -360,128 +317,6 @@ def _calibrate(embeddings: torch.Tensor, records: list[dict], parts: list[Embedd
                      precision=precision)
 
 
-def _store_calibration(meta: dict, embeddings: torch.Tensor, records: list[dict], parts: list[EmbeddingPart],
-                       directory: Path) -> dict:
-    """`meta` with the library's thresholds and how each was set; warns where one is not learned
-    from both right and wrong answers (e.g. a library with one reference per species)."""
-    calibration = _calibrate(embeddings, records, parts, meta.get("precision"))
-    for line in calibration.warnings():
-        logger.warning("%s: threshold for %s", directory, line)
-    meta = {**meta, "thresholds": calibration.thresholds, "calibration": calibration.methods,
-            "precision_curves": calibration.curves}
-    asked = meta.get("species_check", {})
-    if meta["modality"] == "dna" and asked is not False:
-        meta["species_check"] = calibrated_options(embeddings, records, parts, directory, asked or {})
-    return meta
 
-
-def _finish(directory: Path, meta: dict, parts: list[EmbeddingPart], embeddings: torch.Tensor,
-            records: list[dict], calibrate: bool, work_dir: Path, skipped: list[tuple[str, str]],
-            processes=None) -> ReferenceIndex:
-    """Store the parts (and thresholds, if asked), write the index, drop the build's shards. Under
-    several processes (`accelerate launch`) the main one writes and the others wait for it."""
-    if not records:
-        raise ValueError(f"{directory}: no record could be indexed ({len(skipped)} skipped, e.g. {skipped[:3]})")
-    if processes is None or processes.is_main_process:
-        meta = {**meta, "parts": [part.to_dict() for part in parts]}
-        if calibrate:
-            meta = _store_calibration(meta, embeddings, records, parts, directory)
-        _write_index(directory, meta, embeddings, records, skipped)
-        shutil.rmtree(work_dir, ignore_errors=True)
-    if processes is not None:
-        processes.wait_for_everyone()
-    return ReferenceIndex.load(directory)
-
-
-def build_index(model_dir: str | os.PathLike, records: list[dict], modality: str, out: str | os.PathLike,
-                batch_size: int = 256, calibrate: bool = True, progress: bool = True,
-                on_bad_input: str = "error", precision: float | None = None,
-                species_check: bool | dict = True) -> ReferenceIndex:
-    """Embed labelled records with the model saved in `model_dir` into a new index at `out`.
-    `on_bad_input`: "error" refuses records that cannot be indexed (naming them); "skip" leaves
-    them out, warns and lists them in the index's `skipped.tsv`. `precision`: thresholds set so
-    that answers are right at least that often on species held out at calibration (`clibd.novelty`);
-    None: thresholds that best separate right from wrong answers. Kept for `add_to_index`.
-    `species_check`: a DNA index keeps its barcodes and decides the species by alignment where
-    alignment can (`clibd.species_check`); a dict sets its options (`identity_cutoff`,
-    `candidates`, `novel_named`), kept by `add_to_index` and `recalibrate_index`; False: the
-    embedding alone decides, as before.
-
-    Usage:
-        index = build_index("runs/demo/best", read_records("refs.tsv"), "dna", "refs/")
-    """
-    if modality not in INDEX_MODALITIES:
-        raise ValueError(f"an index holds {' or '.join(INDEX_MODALITIES)} embeddings, not {modality!r}")
-    skip = _skip(on_bad_input)
-    out = Path(out)
-    records, skipped = _screen(records, modality, [], skip)
-    model, processor, digest = load_model(model_dir)
-    work_dir, processes = out.with_name(f".{out.name}.partial"), launched_processes()
-    embeddings, failures = embed_in_shards(model, processor, records, modality, work_dir, batch_size, progress, skip,
-                                           processes)
-    records, embeddings = _drop_failures(records, embeddings, failures, skipped)
-    meta = {"clibd_version": __version__, "model": str(Path(model_dir).resolve()), "model_hash": digest,
-            "modality": modality, "dim": int(embeddings.shape[1]), "precision": _checked_precision(precision),
-            "species_check": species_check_options(species_check)}
-    return _finish(out, meta, model.embedding_parts(modality), embeddings, records, calibrate, work_dir, skipped,
-                   processes)
-
-
-def _checked_precision(precision: float | None) -> float | None:
-    if precision is not None and not 0 < precision < 1:
-        raise ValueError(f"precision must be between 0 and 1 (e.g. 0.95), got {precision}")
-    return precision
-
-
-def _skip(on_bad_input: str) -> bool:
-    if on_bad_input not in ("error", "skip"):
-        raise ValueError(f"on_bad_input must be 'error' or 'skip', got {on_bad_input!r}")
-    return on_bad_input == "skip"
-
-
-def add_to_index(directory: str | os.PathLike, records: list[dict], replace: bool = False,
-                 batch_size: int = 256, recalibrate: bool = True, progress: bool = True,
-                 on_bad_input: str = "error") -> ReferenceIndex:
-    """Embed new labelled records with the index's own model and add them (new species included).
-    An index written before parts were stored is rewritten with the model's parts.
-    `on_bad_input` as in `build_index`.
-
-    Usage:
-        index = add_to_index("refs/", read_records("new_species.fasta"))
-    """
-    index, skip = ReferenceIndex.load(directory), _skip(on_bad_input)
-    kept_records, kept = index.records_with_barcodes() if index.barcodes else index.records, index.embeddings
-    if replace:
-        incoming = {r["id"] for r in records}
-        mask = torch.tensor([r["id"] not in incoming for r in index.records], dtype=torch.bool)
-        kept_records = [r for r in kept_records if r["id"] not in incoming]
-        kept = index.embeddings[mask]
-    records, skipped = _screen(records, index.modality, kept_records, skip)
-    model, processor = index.load_model()
-    work_dir, processes = Path(directory).with_name(f".{Path(directory).name}.partial"), launched_processes()
-    new, failures = embed_in_shards(model, processor, records, index.modality, work_dir, batch_size, progress, skip,
-                                    processes)
-    records, new = _drop_failures(records, new, failures, skipped)
-    embeddings = torch.cat([kept, new])
-    meta = {k: v for k, v in index.meta.items() if k != "novelty_dim"}  # legacy: the parts replace it
-    return _finish(Path(directory), meta, model.embedding_parts(index.modality), embeddings, kept_records + records,
-                   recalibrate, work_dir, skipped, processes)
-
-
-def recalibrate_index(directory: str | os.PathLike, precision: float | None = None) -> ReferenceIndex:
-    """Calibrate an index's thresholds again with this clibd (no model needed: the embeddings and
-    labels are in the folder) and store them; `precision` as in `build_index` (None: the index's own).
-    Only `index.json` is rewritten (atomically): the embeddings, records and any persisted faiss
-    file stay as they are.
-
-    Usage:
-        index = recalibrate_index("refs/")
-    """
-    index = ReferenceIndex.load(directory)
-    meta = {k: v for k, v in index.meta.items() if k != "novelty_dim"}
-    meta["precision"] = _checked_precision(precision) if precision is not None else meta.get("precision")
-    records = index.records_with_barcodes() if index.barcodes else index.records
-    meta = _store_calibration(meta, index.embeddings, records, index.parts, index.directory)
-    meta["parts"] = [part.to_dict() for part in index.parts]
-    atomic_write_text(index.directory / "index.json", json.dumps(meta, indent=2))
-    return ReferenceIndex.load(directory)
+# the writing side lives in `clibd.index_build`; its names stay importable from here
+from .index_build import _write_index, add_to_index, build_index, recalibrate_index  # noqa: E402, F401

@@ -95,6 +95,10 @@ class RecordTable(Sequence):
             raise ValueError(f"{path}: not a records table ({error}): the index is damaged") from error
         return cls(table)
 
+    def take(self, rows: Sequence[int]) -> RecordTable:
+        """The records at `rows`, in that order (a multi-modal library's records with one modality)."""
+        return RecordTable(self._table.take(pa.array(list(rows), type=pa.int64())))
+
     def column(self, name: str) -> list[str]:
         """One column, for every record."""
         return self._columns[name].to_pylist()

@@ -142,8 +142,9 @@ def read_table(
 ) -> list[dict[str, str]]:
     """Records of a TSV (`.tsv`, `.txt`) or CSV (`.csv`) export with a header line.
 
-    Image paths are resolved against `image_root` (default: the table's folder). A file without an
-    id column or that is not UTF-8 raises `ValueError` naming the file; bad rows follow `on_bad_row`,
+    Image paths are resolved against `image_root` (default: the table's folder). A table of photos
+    without an id column (e.g. BIOSCAN's images.csv) takes each photo's file name as its id; any
+    other file without an id column, or one that is not UTF-8, raises `ValueError` naming the file; bad rows follow `on_bad_row`,
     or go to `bad_rows` (whose policy then applies) when given.
     """
     path = Path(path)
@@ -167,7 +168,7 @@ def _table_records(
 ) -> list[dict[str, str]]:
     header = reader.fieldnames or []
     columns = {name: next((a for a in aliases if a in header), None) for name, aliases in COLUMN_ALIASES.items()}
-    if columns["id"] is None:
+    if columns["id"] is None and columns["image"] is None:
         raise ValueError(f"{path}: no id column (one of {COLUMN_ALIASES['id']}) in header {header}")
     records: list[dict[str, str]] = []
     for row in reader:
@@ -176,6 +177,8 @@ def _table_records(
             bad.report(path, line, f"expected {len(header)} fields", _clean(row.get(columns["id"])))
             continue
         record = {name: _clean(row[col]) if col else "" for name, col in columns.items()}
+        if columns["id"] is None:  # a table of photos (images.csv): each one's id is its file name
+            record["id"] = Path(record["image"]).name
         if record["image"]:
             record["image"] = os.fspath(image_root / record["image"])
         if reason := _check_record(record, require_dna):

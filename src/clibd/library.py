@@ -1,0 +1,222 @@
+"""A multi-modal reference library: image, DNA and taxonomy-text keys in one index folder.
+
+The folder (written by `clibd.library_build`) holds `embeddings.safetensors` with one fp16 tensor
+per key modality (`image`, `dna`, `text`) and, for image and DNA, `<modality>.rows`: the position in
+`records.tsv` of each key's record (records are shared by id; a record may have a photo, a barcode
+or both). Text keys are taxa, not specimens: `taxa.tsv` lists them, one per distinct taxon at every
+rank (a genus key reads "Diptera Cecidomyiidae Aedes not_classified", as the text tower is trained
+to read a taxonomy with missing ranks). `index.json` has `modalities`, per key modality its parts
+and count, and per (query, keys) pair its calibration (`pairs`, e.g. "image->dna"; stacked keys are
+space-joined: "image->image dna"), and the IS+DU threshold (`is_du`). A folder written by
+`clibd.index.build_index` (one modality) loads as a library of that one key set.
+
+Usage:
+    library = ReferenceLibrary.load("refs/")
+    keys = library.keys(["image", "dna"])            # a ReferenceIndex over both, stacked
+    thresholds, curves = library.calibration("image", "dna")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from .constants import MODALITIES
+from .index import ReferenceIndex, _calibrate
+from .index_store import RecordTable, map_embeddings
+from .novelty import Calibration
+from .pair_calibration import calibrate_is_du, calibrate_pair
+from .towers.parts import EmbeddingPart, whole
+
+logger = logging.getLogger(__name__)
+
+KEY_MODALITIES = MODALITIES  # what a library may hold keys of
+
+
+def keys_name(modalities: Sequence[str]) -> str:
+    """The canonical name of a key set: its modalities in `MODALITIES` order, space-joined."""
+    return " ".join(m for m in MODALITIES if m in modalities)
+
+
+def pair_name(query: str, keys: Sequence[str] | str) -> str:
+    """How `index.json` names a (query, keys) calibration: "image->dna", "image+dna->image dna"."""
+    return f"{query}->{keys if isinstance(keys, str) else keys_name(keys)}"
+
+
+@dataclass
+class ReferenceLibrary:
+    """The key sets of an index folder (one `ReferenceIndex` per key modality) and the records they share.
+
+    Usage:
+        library = ReferenceLibrary.load("refs/"); library.modalities   # ["image", "dna", "text"]
+    """
+
+    directory: Path
+    meta: dict
+    records: Sequence[dict[str, str]]  # the specimens (text keys' taxa are in key_sets["text"].records)
+    key_sets: dict[str, ReferenceIndex]
+    owners: dict[str, torch.Tensor] = field(default_factory=dict)  # key modality -> record position per key
+    _stacks: dict = field(default_factory=dict, repr=False)
+    _calibrations: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> ReferenceLibrary:
+        """Read a library folder, or a single-modality index folder as a library of one key set."""
+        directory = Path(directory)
+        meta_path = directory / "index.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{directory}: not a clibd index (no index.json)")
+        meta = json.loads(meta_path.read_text())
+        if "modalities" not in meta:
+            return cls.of_index(ReferenceIndex.load(directory))
+        records = RecordTable.read(directory / "records.tsv")
+        if len(records) != meta["count"]:
+            raise ValueError(f"{directory}: {len(records)} records, index.json says {meta['count']}: "
+                             "the index is damaged")
+        key_sets, owners = {}, {}
+        path = directory / "embeddings.safetensors"
+        for modality in meta["modalities"]:
+            embeddings = map_embeddings(path, modality)
+            if modality == "text":
+                key_records, owners[modality] = RecordTable.read(directory / "taxa.tsv"), None
+            else:
+                with safe_open(path, framework="pt") as f:
+                    owners[modality] = f.get_tensor(f"{modality}.rows").long()
+                key_records = records.take(owners[modality].tolist())
+            if len(key_records) != embeddings.shape[0]:
+                raise ValueError(f"{directory}: {len(key_records)} {modality} keys listed, {embeddings.shape[0]} "
+                                 "embeddings: the index is damaged")
+            key_sets[modality] = ReferenceIndex(directory, key_meta(meta, modality, len(key_records)), embeddings,
+                                                key_records, key_name=modality)
+        owners = {m: o if o is not None else torch.full((len(key_sets[m].records),), -1) for m, o in owners.items()}
+        return cls(directory, meta, records, key_sets, owners)
+
+    @classmethod
+    def of_index(cls, index: ReferenceIndex) -> ReferenceLibrary:
+        """A single-modality index as a library: its one key set, each key its own record."""
+        return cls(index.directory, index.meta, index.records, {index.modality: index},
+                   {index.modality: torch.arange(len(index.records))})
+
+    @property
+    def modalities(self) -> list[str]:
+        """The key modalities held, in `MODALITIES` order."""
+        return [m for m in MODALITIES if m in self.key_sets]
+
+    @property
+    def is_library(self) -> bool:
+        """Whether the folder is a multi-modal library (not a single-modality index)."""
+        return "modalities" in self.meta
+
+    def keys(self, modalities: Sequence[str]) -> ReferenceIndex:
+        """The key set of one modality, or several stacked into one (the paper's "all"): their
+        embeddings concatenated (a copy, made once), their records one after the other."""
+        missing = [m for m in modalities if m not in self.key_sets]
+        if missing:
+            raise ValueError(f"{self.directory}: holds no {' or '.join(missing)} keys (it holds "
+                             f"{', '.join(self.modalities)}); build it with --modality {' '.join(missing)} "
+                             "or choose other --keys")
+        name = keys_name(modalities)
+        if len(name.split()) == 1:
+            return self.key_sets[name]
+        if name not in self._stacks:
+            parts = [self.key_sets[m] for m in name.split()]
+            embeddings = torch.cat([p.embeddings for p in parts])
+            records = [record for p in parts for record in p.records]
+            meta = {**key_meta(self.meta, name, len(records)), "parts": [p.to_dict() for p in whole(embeddings.shape[1])]}
+            self._stacks[name] = ReferenceIndex(self.directory, meta, embeddings, records,
+                                                key_name="keys-" + name.replace(" ", "-"))
+        return self._stacks[name]
+
+    def key_modality(self, keys: Sequence[str], row: int) -> str:
+        """Which modality row `row` of `keys(keys)` is (stacked keys follow `MODALITIES` order)."""
+        for modality in keys_name(keys).split():
+            count = len(self.key_sets[modality].records)
+            if row < count:
+                return modality
+            row -= count
+        raise IndexError(row)
+
+    def calibration(self, query: str, keys: Sequence[str]) -> tuple[dict[str, float], dict[str, list]]:
+        """(thresholds, precision curves) for `query` embeddings against `keys`: as stored in the
+        folder, else calibrated now on the library (in memory, with a log line: `clibd index
+        recalibrate` stores every pair)."""
+        name = pair_name(query, keys)
+        stored = self.meta.get("pairs", {}).get(name)
+        if stored is not None:
+            return stored["thresholds"], stored.get("precision_curves", {})
+        if not self.is_library and query == keys_name(keys):  # a single-modality index's own thresholds
+            index = self.key_sets[query]
+            return index.thresholds, index.precision_curves
+        if name not in self._calibrations:
+            logger.info("%s: no stored calibration for %s: calibrating it now", self.directory, name)
+            self._calibrations[name] = calibration = self.calibrate(query, keys, self.meta.get("precision"))
+            if all(method == "none" for method in calibration.methods.values()):
+                logger.warning("%s: no %s thresholds can be learned (no reference has both a %s embedding and "
+                               "keys to match): no rank is answered, the nearest keys are still listed",
+                               self.directory, name, query)
+        calibration = self._calibrations[name]
+        return calibration.thresholds, calibration.curves
+
+    def query_embeddings(self, query: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The library's own embeddings in a query modality, with each one's record position (for
+        `image+dna`: the normalised mean, for records with both)."""
+        dim = self.key_sets[self.modalities[0]].embeddings.shape[1]
+        if not set(query.split("+")) <= set(self.key_sets):  # no such embeddings here: nothing to calibrate on
+            return torch.empty(0, dim), torch.empty(0, dtype=torch.long)
+        if query != "image+dna":
+            return self.key_sets[query].embeddings.float(), self.owners[query]
+        image_at = {int(r): i for i, r in enumerate(self.owners["image"].tolist())}
+        both = [(image_at[int(r)], j, int(r)) for j, r in enumerate(self.owners["dna"].tolist()) if int(r) in image_at]
+        if not both:
+            return torch.empty(0, dim), torch.empty(0, dtype=torch.long)
+        i, j, owner = (torch.tensor(column) for column in zip(*both, strict=True))
+        mean = self.key_sets["image"].embeddings[i].float() + self.key_sets["dna"].embeddings[j].float()
+        return F.normalize(mean, dim=-1), owner
+
+    def calibrate(self, query: str, keys: Sequence[str], precision: float | None = None) -> Calibration:
+        """Calibrate (query, keys) on the library (`clibd.pair_calibration`; same-modality keys as
+        a single-modality index is, novelty parts included)."""
+        name = keys_name(keys)
+        if query == name:
+            index = self.key_sets[name]
+            return _calibrate(index.embeddings, index.records, index.parts, precision)
+        key_set, queries = self.keys(keys), self.query_embeddings(query)
+        owners = torch.cat([self.owners[m] for m in name.split()])
+        records = self.records if self.is_library else self.key_sets[self.modalities[0]].records
+        query_records = [records[int(i)] for i in queries[1].tolist()]
+        return calibrate_pair(queries[0], query_records, queries[1].tolist(), key_set.embeddings, key_set.records,
+                              owners.tolist(), precision=precision)
+
+    def is_du_threshold(self) -> float:
+        """The IS+DU threshold stored in the folder, else calibrated now (`calibrate_is_du`)."""
+        self.keys(["image", "dna"])
+        if "is_du" not in self.meta:
+            self.meta["is_du"] = self.calibrate_is_du()
+        return self.meta["is_du"]["threshold"]
+
+    def calibrate_is_du(self) -> dict:
+        """`clibd.pair_calibration.calibrate_is_du` on this library's photos and barcodes."""
+        image, dna = self.key_sets["image"], self.key_sets["dna"]
+        return calibrate_is_du(image.embeddings.float(), self.owners["image"].tolist(), image.embeddings,
+                               self.owners["image"].tolist(), dna.embeddings, self.owners["dna"].tolist(),
+                               self.records)
+
+
+def key_meta(meta: dict, modality: str, count: int) -> dict:
+    """The `meta` a library's key set carries as a `ReferenceIndex`: the model, its parts, count,
+    and (one modality) the calibration of its own modality's queries."""
+    own = meta.get("pairs", {}).get(f"{modality}->{modality}", {})
+    keys = meta.get("keys", {}).get(modality, {})
+    return {"model": meta["model"], "model_hash": meta["model_hash"], "modality": modality,
+            "build_id": meta.get("build_id"), "count": count, "dim": meta.get("dim"),
+            "parts": keys.get("parts", [EmbeddingPart("embedding", meta.get("dim", 0)).to_dict()]),
+            "calibration": own.get("calibration", {}), "thresholds": own.get("thresholds", {}),
+            "precision_curves": own.get("precision_curves", {})}
