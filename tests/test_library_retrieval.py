@@ -15,7 +15,8 @@ from library_fixtures import with_photos
 
 from clibd.constants import RANKS
 from clibd.data import read_records, records_to_dataset
-from clibd.evaluation.retrieval import EmbeddingCache, evaluate_is_du, evaluate_retrieval
+from clibd.evaluation.is_du import evaluate_is_du
+from clibd.evaluation.retrieval import EmbeddingCache, evaluate_retrieval
 from clibd.identify import Identifier
 from clibd.library_build import build_library
 from clibd.retrieval import embed_records
@@ -80,8 +81,9 @@ def test_identify_top1_equals_evaluate_retrieval(trained, tmp_path):
     # text: the evaluation's keys are the pool's distinct taxonomies; here the library's taxa (every rank)
     text_splits = datasets.DatasetDict({"seen_keys": records_to_dataset(keys["text"].records),
                                         "val_seen": splits["val_seen"], "val_unseen": splits["val_unseen"]})
-    embed = _cache(identifier, {("keys-image", "image"): keys["image"], ("keys-dna", "dna"): keys["dna"],
-                                ("keys-text", "text"): keys["text"]})
+    # the evaluation's cache names: the key pool per feature, distinct taxonomies for text keys
+    embed = _cache(identifier, {("keys", "image"): keys["image"], ("keys", "dna"): keys["dna"],
+                                ("keys-text-unique", "text"): keys["text"]})
     pairs = [("image", "dna"), ("image", "image"), ("image_dna", "dna"), ("dna", "dna"), ("image", "text")]
     compared = 0
     for query, key in pairs:
@@ -114,12 +116,13 @@ def test_is_du_routing_equals_evaluate_is_du(trained, tmp_path):
     routed = build_library(model_dir, _records(splits["seen_keys"], drop="dna") + _records(unseen_keys, drop="image"),
                            ["image", "dna"], tmp_path / "routed", progress=False)
     identifier = Identifier.load(routed.directory)
-    embed = _cache(identifier, {("keys-image", "image"): routed.key_sets["image"],
-                                ("unseen-keys-dna", "dna"): routed.key_sets["dna"]})
+    embed = _cache(identifier, {("seen-keys", "image"): routed.key_sets["image"],
+                                ("unseen-keys", "dna"): routed.key_sets["dna"]})
     expected = evaluate_is_du(identifier.model, identifier.processor, splits, embed, threshold=threshold)
     for split in ("seen", "unseen"):
         queries = splits[f"val_{split}"]
         predictions = identifier.identify(_records(queries), strategy="is-du", is_du_threshold=threshold)
-        assert _top1(predictions, queries)["species"] == pytest.approx(expected[split], abs=1e-12)
+        assert _top1(predictions, queries)["species"] == pytest.approx(expected[split]["species"]["micro_top1"],
+                                                                       abs=1e-12)
         assert {p.route for p in predictions} <= {"image", "dna"}
-    assert torch.isfinite(torch.tensor(expected["hm"]))
+    assert torch.isfinite(torch.tensor(expected["hm"]["species"]["micro_top1"]))
