@@ -59,12 +59,12 @@ def settings_for_split(identifier: Identifier, queries: list[dict], novel: list[
     for cutoff in cutoffs:  # alignment alone: the embedding never names a species
         index.__dict__["species_check"] = SpeciesCheck(math.inf, identity_cutoff=cutoff)
         out[f"alignment alone, cut-off {cutoff}"] = rates(identifier.identify_embeddings(query_embeddings, ids, 5,
-                                                                                        barcodes), novel, seen)
+                                                                                        barcodes=barcodes), novel, seen)
     for cutoff in cutoffs:
         for share in novel_named:
             check = calibrate_species_check(embeddings, novelty, records, identity_cutoff=cutoff, novel_named=share)
             index.__dict__["species_check"] = check  # the cached property, replaced for this setting
-            predictions = identifier.identify_embeddings(query_embeddings, ids, 5, barcodes)
+            predictions = identifier.identify_embeddings(query_embeddings, ids, 5, barcodes=barcodes)
             out[f"cut-off {cutoff}, novel_named {share} (embedding threshold {check.embedding_threshold:.3f})"] = \
                 rates(predictions, novel, seen)
     return out

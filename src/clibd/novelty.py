@@ -235,18 +235,29 @@ def calibrate(embeddings: torch.Tensor, records: list[dict], max_queries: int = 
     placing = nearest_held_out(embeddings, taxa, queries)
     apart = novelty_embeddings is not None and novelty_embeddings is not embeddings
     novelty = nearest_held_out(novelty_embeddings, taxa, queries) if apart else placing
+    answers = {rank: _answers(records, rank, queries, shared, novelty if rank == "species" else placing)
+               for rank in RANKS}
+    return calibration_from_answers(answers, held_out_rank, precision)
+
+
+def calibration_from_answers(answers: dict[str, Answers], held_out_rank: str | None,
+                             precision: float | None = None) -> Calibration:
+    """Per-rank thresholds (balanced, or for `precision`), methods, counts and precision curves
+    from each rank's right and wrong calibration answers.
+
+    Usage:
+        calibration = calibration_from_answers({rank: answers_at(rank) for rank in RANKS}, "species")
+    """
     thresholds, methods, counts, curves = {}, {}, {}, {}
-    for rank in RANKS:
-        answers = _answers(records, rank, queries, shared, novelty if rank == "species" else placing)
+    for rank, found in answers.items():
         # the answers a threshold at this rank decides: for species, novel (held out) against known
         # queries; above it, the placement of species the library does not hold
-        right, wrong = (answers.right, answers.wrong) if rank == "species" else (answers.held_right,
-                                                                                 answers.held_wrong)
+        right, wrong = (found.right, found.wrong) if rank == "species" else (found.held_right, found.held_wrong)
         if precision is None:
-            thresholds[rank], methods[rank] = rank_threshold(answers.right, answers.wrong)
+            thresholds[rank], methods[rank] = rank_threshold(found.right, found.wrong)
         else:
             thresholds[rank], methods[rank] = precision_threshold(right, wrong, precision)
-        counts[rank] = (len(answers.right), len(answers.wrong))
+        counts[rank] = (len(found.right), len(found.wrong))
         curves[rank] = precision_curve(right, wrong)
     return Calibration(thresholds, methods, counts, held_out_rank, curves, precision)
 

@@ -89,13 +89,16 @@ class ToolScores:
 
 
 def prediction_answer(prediction: Prediction) -> ToolAnswer:
-    """clibd's `Prediction` as a `ToolAnswer`: the nearest reference, the calibrated answer and
-    the novelty similarity.
+    """clibd's `Prediction` as a `ToolAnswer`: its top hit, the calibrated answer and the novelty
+    similarity. The top hit is the reference whose species clibd names where it names one (the
+    species check may name a reference other than the nearest by embedding, as an aligner's top
+    hit is the reference of highest identity), else the nearest reference.
 
     Usage:
         answers = [prediction_answer(p) for p in identifier.identify(queries)]
     """
-    return ToolAnswer(dict(prediction.hits[0].taxonomy), dict(prediction.answer), prediction.novelty_similarity)
+    top = prediction.answer if prediction.answer.get("species") else prediction.hits[0].taxonomy
+    return ToolAnswer(dict(top), dict(prediction.answer), prediction.novelty_similarity)
 
 
 def _fraction(hits: int, total: int) -> float:
@@ -193,7 +196,7 @@ def run_clibd(model_dir: str | os.PathLike, references: Sequence[dict], queries:
     marks.append(time.perf_counter())
     embeddings = identifier.embed(queries)
     marks.append(time.perf_counter())
-    again = identifier.identify_embeddings(embeddings, [q["id"] for q in queries], top_k, [q["dna"] for q in queries])
+    again = identifier.identify_embeddings(embeddings, [q["id"] for q in queries], top_k, barcodes=[q["dna"] for q in queries])
     marks.append(time.perf_counter())
     steps = ("index build", "model + index load", *QUERY_STEPS)
     timings |= {step: b - a for step, a, b in zip(steps, marks[:-1], marks[1:], strict=True)}
