@@ -84,19 +84,21 @@ def test_identify_top1_equals_evaluate_retrieval(trained, tmp_path):
     # the evaluation's cache names: the key pool per feature, distinct taxonomies for text keys
     embed = _cache(identifier, {("keys", "image"): keys["image"], ("keys", "dna"): keys["dna"],
                                 ("keys-text-unique", "text"): keys["text"]})
-    pairs = [("image", "dna"), ("image", "image"), ("image_dna", "dna"), ("dna", "dna"), ("image", "text")]
+    pairs = [("image", "dna"), ("image", "image"), ("image_dna", "dna"), ("dna", "dna"), ("image", "text"),
+             ("text", "dna"), ("image", "image_dna"), ("image_dna_concat", "image_dna_concat")]
+    spelling = {"image_dna": "image+dna", "image_dna_concat": "image+dna-concat"}  # identify's names
     compared = 0
     for query, key in pairs:
         metrics = evaluate_retrieval(identifier.model, identifier.processor,
                                      text_splits if key == "text" else splits, pairs=[(query, key)], embed=embed)
         for split in ("seen", "unseen"):
             queries = splits[f"val_{split}"]
-            predictions = identifier.identify(_records(queries), top_k=5, keys=[key],
-                                              query=query.replace("_", "+"))
+            predictions = identifier.identify(_records(queries), top_k=5, keys=[spelling.get(key, key)],
+                                              query=spelling.get(query, query))
             expected = {rank: metrics[query][key][split][rank]["micro_top1"] for rank in RANKS}
             assert _top1(predictions, queries) == pytest.approx(expected, abs=1e-12), (query, key, split)
             compared += 1
-    assert compared == 10
+    assert compared == 16
     # the text keys are what the evaluation itself embeds for those taxa (stored in fp16)
     fresh = embed_records(identifier.model, identifier.processor, text_splits["seen_keys"], "text")
     assert torch.allclose(fresh, keys["text"].embeddings.float(), atol=2e-3)

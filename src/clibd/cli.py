@@ -23,6 +23,7 @@ from pathlib import Path
 from .constants import (
     DEFAULT_TEXT_MODEL,
     INDEX_MODALITIES,
+    KEY_KINDS,
     QUERY_MODALITIES,
     RANKS,
     SEARCH_BACKENDS,
@@ -290,10 +291,14 @@ def _add_identify_command(commands: argparse._SubParsersAction) -> None:
     ident.add_argument("--dna", nargs="+", help="barcode sequences given on the command line")
     ident.add_argument("--image", "--images", dest="image", nargs="+", help="photo files or folders of photos")
     ident.add_argument("--query", choices=QUERY_MODALITIES,
-                       help="what a query is embedded from: its photo, its barcode, or the mean of both (image+dna); "
-                            "default: the index's modality, or dna where queries have barcodes, else image")
-    ident.add_argument("--keys", nargs="+", choices=INDEX_MODALITIES,
-                       help="key modalities to search (several: stacked, the paper's 'all'); default: the query's own")
+                       help="what a query is embedded from: its photo, its barcode, its taxonomy (text: the ranks "
+                            "of --records), the mean of photo and barcode (image+dna) or the two concatenated "
+                            "(image+dna-concat); default: the index's modality, or dna where queries have "
+                            "barcodes, else image")
+    ident.add_argument("--keys", nargs="+", choices=KEY_KINDS,
+                       help="key kinds to search (several: stacked, the paper's 'all'; image+dna, "
+                            "image+dna-concat: the image and DNA keys of records with both, averaged or "
+                            "concatenated, searched alone); default: the query's own")
     ident.add_argument("--strategy", choices=STRATEGIES, default=None,
                        help="nearest (default): the nearest key answers; is-du: photos whose best image-key "
                             "similarity is above the library's IS+DU threshold are answered from image keys "

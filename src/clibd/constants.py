@@ -15,8 +15,10 @@ DEFAULT_TEXT_MODEL = "prajjwal1/bert-small"
 # What a reference index embeds: the record field each modality reads has the same name (text keys:
 # the records' taxa at every rank; only in a multi-modal library, `clibd.library`).
 INDEX_MODALITIES = ("dna", "image", "text")
-# What an identify query is embedded from (image+dna: the normalised mean of both) and how it is answered.
-QUERY_MODALITIES = ("image", "dna", "image+dna")
+# What an identify query is embedded from (text: the record's taxonomy; image+dna: the normalised mean of the
+# photo's and barcode's embeddings; image+dna-concat: the two concatenated) and how it is answered.
+QUERY_MODALITIES = ("image", "dna", "text", "image+dna", "image+dna-concat")  # clibd.query_plan
+KEY_KINDS = QUERY_MODALITIES  # what --keys searches (image+dna kinds: built from the image and DNA keys)
 STRATEGIES = ("nearest", "is-du")
 # `clibd identify --search`: exact torch, exact faiss, approximate faiss inverted file.
 SEARCH_BACKENDS = ("torch", "faiss", "faiss-ivf")

@@ -22,8 +22,9 @@ hit1_id, hit1_species, hit1_similarity, ... for the top-k references. The TSV fu
 `clibd.predictions_tsv` (importable from here too).
 
 A multi-modal library (`clibd.library`) is searched with any query modality against any of its
-key sets (`clibd.query_plan`: photo -> DNA keys, image+DNA -> DNA, photo -> taxon names, stacked
-keys, IS+DU routing); the thresholds are those calibrated for that (query, keys) pair.
+key sets (`clibd.query_plan`: photo -> DNA keys, image+DNA -> DNA, photo -> taxon names, a taxonomy
+(text query) -> photos or barcodes, image+DNA keys (averaged or concatenated), stacked keys, IS+DU
+routing: every query/key pair `evaluate_retrieval` reports); the thresholds are those calibrated for that (query, keys) pair.
 
 Usage:
     identifier = Identifier.load("refs/")
@@ -52,7 +53,7 @@ from .modeling_clibd import CLIBDModel
 from .prediction import COMMENT, Hit, Prediction, failed, predict
 from .predictions_tsv import identify_to_tsv, prediction_columns, read_predictions_tsv, write_predictions_tsv
 from .processing import CLIBDProcessor
-from .query_plan import QueryPlan, embed_queries, resolve_plan
+from .query_plan import QueryPlan, embed_queries, query_problems, resolve_plan
 from .retrieval import SEARCH_BACKENDS
 from .species_check import SpeciesCheck, choose_candidate
 
@@ -110,7 +111,9 @@ class Identifier:
         """The checked plan for `records`: the arguments given, else this identifier's defaults."""
         given = {"keys": keys, "query": query, "strategy": strategy, "threshold": is_du_threshold}
         chosen = {name: given[name] if given[name] is not None else default for name, default in self.defaults.items()}
-        return resolve_plan(self.library, self.model.config.modalities, records, **chosen)
+        towers = self.model.config.modalities
+        return resolve_plan(self.library, towers, records, **chosen,
+                            dims={m: self.model.embedding_dim(m) for m in towers})
 
     def embed(self, records: Sequence[dict[str, str]], query: str | None = None) -> torch.Tensor:
         """Embeddings [N, D] (float32, L2-normalised, on the CPU) of query records for `query`
@@ -118,7 +121,9 @@ class Identifier:
         records = list(records)
         plan = self.plan_for(records, query=query)
         for name in plan.fields:
-            missing = [r["id"] for r in records if not r.get(name)]
+            lacking = query_problems(records, name) if name == "text" else [i for i, r in enumerate(records)
+                                                                               if not r.get(name)]
+            missing = [records[i]["id"] for i in lacking]
             if missing:
                 raise ValueError(f"{len(missing)} queries have no {name} (the {plan.query} query needs it), "
                                  f"e.g. {missing[:5]}")
@@ -207,7 +212,9 @@ class Identifier:
         """Position -> why, for queries that cannot be identified as given; raised under "error"."""
         problems: dict[int, str] = {}
         for name in plan.fields:
-            for i, why in unusable(records, name, what="query").items():
+            # text queries read the ranks: screened as if each had its taxonomy in a "text" field
+            screened = [{**r, "text": "text"} for r in records] if name == "text" else records
+            for i, why in {**unusable(screened, name, what="query"), **query_problems(records, name)}.items():
                 problems.setdefault(i, why)
         problems = dict(sorted(problems.items()))
         self._raise_or_warn([(records[i]["id"], reason) for i, reason in problems.items()])
@@ -239,8 +246,9 @@ class Identifier:
                  query: str | None = None, strategy: str | None = None,
                  is_du_threshold: float | None = None) -> list[Prediction]:
         """One `Prediction` per record (record schema: id and a dna barcode and/or image path), in
-        order. `keys`: key modalities (["dna"], ["image", "dna"] stacked, ["text"]); `query`:
-        "image", "dna" or "image+dna"; `strategy`: "nearest" or "is-du" (see `clibd.query_plan`)."""
+        order. `keys`: key kinds (["dna"], ["image", "dna"] stacked, ["text"], ["image+dna"],
+        ["image+dna-concat"]); `query`: "image", "dna", "text", "image+dna" or "image+dna-concat";
+        `strategy`: "nearest" or "is-du" (see `clibd.query_plan`)."""
         return [prediction for batch in self.iter_identify(records, top_k, keys, query, strategy, is_du_threshold)
                 for prediction in batch]
 

@@ -10,10 +10,16 @@ and count, and per (query, keys) pair its calibration (`pairs`, e.g. "image->dna
 space-joined: "image->image dna"), and the IS+DU threshold (`is_du`). A folder written by
 `clibd.index.build_index` (one modality) loads as a library of that one key set.
 
+Two more key kinds are built on demand from the stored image and DNA keys, for the records that
+have both (`combined`): `image+dna`, their normalised mean, and `image+dna-concat`, their
+normalised concatenation (twice as wide), as `clibd.evaluation` builds its averaged and
+concatenated features; their pairs are calibrated in memory when first asked for.
+
 Usage:
     library = ReferenceLibrary.load("refs/")
     keys = library.keys(["image", "dna"])            # a ReferenceIndex over both, stacked
     thresholds, curves = library.calibration("image", "dna")
+    mean_keys = library.keys(["image+dna"])          # built from the image and DNA keys, once
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from .constants import MODALITIES
+from .constants import KEY_KINDS, MODALITIES
 from .index import ReferenceIndex, _calibrate
 from .index_store import RecordTable, map_embeddings
 from .novelty import Calibration
@@ -39,11 +45,31 @@ from .towers.parts import EmbeddingPart, whole
 logger = logging.getLogger(__name__)
 
 KEY_MODALITIES = MODALITIES  # what a library may hold keys of
+# a record's photo and barcode embeddings joined, as `clibd.evaluation.pairs` joins them: the normalised
+# mean ("averaged", as wide as each) or the normalised concatenation ("concatenated", twice as wide)
+MEAN, CONCAT = "image+dna", "image+dna-concat"
+COMBINED = (MEAN, CONCAT)
 
 
 def keys_name(modalities: Sequence[str]) -> str:
-    """The canonical name of a key set: its modalities in `MODALITIES` order, space-joined."""
-    return " ".join(m for m in MODALITIES if m in modalities)
+    """The canonical name of a key set: its kinds in `KEY_KINDS` order, space-joined."""
+    return " ".join(m for m in KEY_KINDS if m in modalities)
+
+
+def feature_parts(kind: str) -> list[str]:
+    """The tower embeddings a query or key kind is made of: ["image", "dna"] for the combined kinds."""
+    return ["image", "dna"] if kind in COMBINED else [kind]
+
+
+def combine(image: torch.Tensor, dna: torch.Tensor, kind: str) -> torch.Tensor:
+    """The combined feature of L2-normalised photo and barcode embeddings, as the evaluation builds it
+    (`clibd.evaluation.retrieval.EmbeddingCache`): normalise(image + dna) or normalise([image, dna]).
+
+    Usage:
+        combine(image_embeddings, dna_embeddings, "image+dna-concat")   # [N, 2D]
+    """
+    joined = image + dna if kind == MEAN else torch.cat([image, dna], dim=1)
+    return F.normalize(joined, dim=-1)
 
 
 def pair_name(query: str, keys: Sequence[str] | str) -> str:
@@ -117,13 +143,23 @@ class ReferenceLibrary:
 
     def keys(self, modalities: Sequence[str]) -> ReferenceIndex:
         """The key set of one modality, or several stacked into one (the paper's "all"): their
-        embeddings concatenated (a copy, made once), their records one after the other."""
-        missing = [m for m in modalities if m not in self.key_sets]
+        embeddings concatenated (a copy, made once), their records one after the other. A combined
+        kind (`image+dna`, `image+dna-concat`) is built from the image and DNA keys (`combined`)."""
+        unknown = [m for m in modalities if m not in KEY_KINDS]
+        if unknown:
+            raise ValueError(f"unknown key kind {unknown}; keys are {', '.join(KEY_KINDS)}")
+        if any(m in COMBINED for m in modalities) and len(set(modalities)) > 1:
+            raise ValueError(f"{' '.join(modalities)}: combined image+dna keys are searched alone, not stacked "
+                             "with other keys")
+        missing = sorted({p for m in modalities for p in feature_parts(m) if p not in self.key_sets},
+                         key=MODALITIES.index)
         if missing:
             raise ValueError(f"{self.directory}: holds no {' or '.join(missing)} keys (it holds "
                              f"{', '.join(self.modalities)}); build it with --modality {' '.join(missing)} "
                              "or choose other --keys")
         name = keys_name(modalities)
+        if name in COMBINED:
+            return self.combined(name)
         if len(name.split()) == 1:
             return self.key_sets[name]
         if name not in self._stacks:
@@ -135,10 +171,43 @@ class ReferenceLibrary:
                                                 key_name="keys-" + name.replace(" ", "-"))
         return self._stacks[name]
 
+    def _both(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image key row, DNA key row, record position) of every record with both, in DNA key order."""
+        image_at = {int(r): i for i, r in enumerate(self.owners["image"].tolist())}
+        both = [(image_at[int(r)], j, int(r)) for j, r in enumerate(self.owners["dna"].tolist()) if int(r) in image_at]
+        if not both:
+            return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+        i, j, owner = (torch.tensor(column) for column in zip(*both, strict=True))
+        return i, j, owner
+
+    def combined(self, kind: str) -> ReferenceIndex:
+        """The `image+dna` or `image+dna-concat` keys (`combine`) of the records that have an image
+        and a DNA key, built once from the stored keys (float32: the same numbers the evaluation
+        gets from them); their owners are in `key_owners([kind])`.
+
+        Usage:
+            library.combined("image+dna").embeddings      # [records with both, D]
+        """
+        if kind not in self._stacks:
+            i, j, owner = self._both()
+            image, dna = self.key_sets["image"].embeddings, self.key_sets["dna"].embeddings
+            embeddings = combine(image[i].float(), dna[j].float(), kind)
+            records = [self.records[int(r)] for r in owner.tolist()]
+            meta = {**key_meta(self.meta, kind, len(records)), "parts": [p.to_dict() for p in whole(embeddings.shape[1])]}
+            self._stacks[kind] = ReferenceIndex(self.directory, meta, embeddings, records,
+                                                key_name="keys-" + kind.replace("+", "-"))
+            self.owners[kind] = owner
+        return self._stacks[kind]
+
+    def key_owners(self, keys: Sequence[str]) -> torch.Tensor:
+        """The record position of each row of `keys(keys)` (-1: a text key, which belongs to no record)."""
+        self.keys(keys)
+        return torch.cat([self.owners[m] for m in keys_name(keys).split()])
+
     def key_modality(self, keys: Sequence[str], row: int) -> str:
-        """Which modality row `row` of `keys(keys)` is (stacked keys follow `MODALITIES` order)."""
+        """Which kind row `row` of `keys(keys)` is (stacked keys follow `MODALITIES` order)."""
         for modality in keys_name(keys).split():
-            count = len(self.key_sets[modality].records)
+            count = len(self.keys([modality]).records)
             if row < count:
                 return modality
             row -= count
@@ -147,7 +216,7 @@ class ReferenceLibrary:
     def calibration(self, query: str, keys: Sequence[str]) -> tuple[dict[str, float], dict[str, list]]:
         """(thresholds, precision curves) for `query` embeddings against `keys`: as stored in the
         folder, else calibrated now on the library (in memory, with a log line: `clibd index
-        recalibrate` stores every pair)."""
+        recalibrate` stores the pairs `clibd.library_build.calibrate_library` lists)."""
         name = pair_name(query, keys)
         stored = self.meta.get("pairs", {}).get(name)
         if stored is not None:
@@ -166,32 +235,29 @@ class ReferenceLibrary:
         return calibration.thresholds, calibration.curves
 
     def query_embeddings(self, query: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The library's own embeddings in a query modality, with each one's record position (for
-        `image+dna`: the normalised mean, for records with both)."""
+        """The library's own embeddings in a query kind, with each one's record position (combined
+        kinds: for records with both, as `combined`; text: the taxon keys, position -1)."""
         dim = self.key_sets[self.modalities[0]].embeddings.shape[1]
-        if not set(query.split("+")) <= set(self.key_sets):  # no such embeddings here: nothing to calibrate on
+        if not set(feature_parts(query)) <= set(self.key_sets):  # no such embeddings here: nothing to calibrate on
             return torch.empty(0, dim), torch.empty(0, dtype=torch.long)
-        if query != "image+dna":
-            return self.key_sets[query].embeddings.float(), self.owners[query]
-        image_at = {int(r): i for i, r in enumerate(self.owners["image"].tolist())}
-        both = [(image_at[int(r)], j, int(r)) for j, r in enumerate(self.owners["dna"].tolist()) if int(r) in image_at]
-        if not both:
-            return torch.empty(0, dim), torch.empty(0, dtype=torch.long)
-        i, j, owner = (torch.tensor(column) for column in zip(*both, strict=True))
-        mean = self.key_sets["image"].embeddings[i].float() + self.key_sets["dna"].embeddings[j].float()
-        return F.normalize(mean, dim=-1), owner
+        index = self.keys([query])
+        return index.embeddings.float(), self.key_owners([query])
 
     def calibrate(self, query: str, keys: Sequence[str], precision: float | None = None) -> Calibration:
         """Calibrate (query, keys) on the library (`clibd.pair_calibration`; same-modality keys as
-        a single-modality index is, novelty parts included)."""
+        a single-modality index is, novelty parts included). Text queries are the taxon keys (a
+        taxon's name asked for its specimens)."""
         name = keys_name(keys)
-        if query == name:
+        if query == name and name in self.key_sets:
             index = self.key_sets[name]
             return _calibrate(index.embeddings, index.records, index.parts, precision)
         key_set, queries = self.keys(keys), self.query_embeddings(query)
-        owners = torch.cat([self.owners[m] for m in name.split()])
+        owners = self.key_owners(keys)
         records = self.records if self.is_library else self.key_sets[self.modalities[0]].records
-        query_records = [records[int(i)] for i in queries[1].tolist()]
+        if query == "text" and "text" in self.key_sets:
+            query_records = list(self.key_sets["text"].records)
+        else:
+            query_records = [records[int(i)] for i in queries[1].tolist()]
         return calibrate_pair(queries[0], query_records, queries[1].tolist(), key_set.embeddings, key_set.records,
                               owners.tolist(), precision=precision)
 

@@ -1,8 +1,13 @@
 """What an identify run compares: the query modality, the key set and the strategy, checked once.
 
-`query`: "image", "dna" or "image+dna" (the normalised mean of a record's photo and barcode
-embeddings, the paper's combined query). `keys`: one key modality of the library or several
-stacked (["image", "dna"], the paper's "all"); `text` keys are taxon names. `strategy`: "nearest"
+`query`: "image", "dna", "text" (the record's taxonomy through the text tower), "image+dna" (the
+normalised mean of a record's photo and barcode embeddings, the paper's "averaged" feature) or
+"image+dna-concat" (the two concatenated, "concatenated"): every query feature of
+`clibd.evaluation.pairs`, built as the evaluation builds it. `keys`: one key kind of the library or
+several stacked (["image", "dna", "text"], the paper's "all"); `text` keys are taxon names;
+"image+dna" / "image+dna-concat" keys are the library's image and DNA keys of the records that have
+both, joined the same way (searched alone). A query and keys of different widths (a concatenated
+query against single keys, a multi-part DNA embedding) cannot be compared. `strategy`: "nearest"
 (the nearest key answers) or "is-du" (paper 5.4: image queries; the best image-key cosine above the
 library's IS+DU threshold routes a query to the image keys, "seen", else to the DNA keys, "unseen").
 
@@ -13,15 +18,14 @@ Usage:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .checked_embedding import embed_checked
-from .constants import QUERY_MODALITIES, STRATEGIES
-from .library import ReferenceLibrary, keys_name
+from .constants import KEY_KINDS, QUERY_MODALITIES, RANKS, STRATEGIES
+from .library import CONCAT, MEAN, ReferenceLibrary, combine, feature_parts, keys_name
 from .modeling_clibd import CLIBDModel
 from .processing import CLIBDProcessor
 
@@ -41,8 +45,8 @@ class QueryPlan:
 
     @property
     def fields(self) -> list[str]:
-        """The record fields a query needs ("image", "dna", or both for image+dna)."""
-        return self.query.split("+")
+        """What a query needs embedded: "image", "dna", "text" (its ranks), or image and dna."""
+        return feature_parts(self.query)
 
     def describe(self) -> str:
         """One line for the TSV's provenance: what was compared, and how."""
@@ -60,11 +64,12 @@ def _default_query(library: ReferenceLibrary, records: Sequence[dict]) -> str:
 
 def resolve_plan(library: ReferenceLibrary, towers: Sequence[str], records: Sequence[dict],
                  keys: Sequence[str] | str | None = None, query: str | None = None, strategy: str | None = None,
-                 threshold: float | None = None) -> QueryPlan:
+                 threshold: float | None = None, dims: Mapping[str, int] | None = None) -> QueryPlan:
     """The plan for `records`, defaults filled: query as `_default_query`; keys the query's own
-    modality where the library holds it (image+dna: dna), else every image / dna key set stacked.
-    A query or key modality the model has no tower for, or keys the library does not hold, is a
-    `ValueError` naming it."""
+    kind where the library holds it (image+dna: dna), else every image / dna key set stacked.
+    A query or key kind the model has no tower for, keys the library does not hold, or a query and
+    keys of different widths (`dims`: each tower's embedding width, default the library's key
+    widths) is a `ValueError` naming it."""
     strategy = strategy or "nearest"
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; use one of {STRATEGIES}")
@@ -78,16 +83,18 @@ def resolve_plan(library: ReferenceLibrary, towers: Sequence[str], records: Sequ
     if query not in QUERY_MODALITIES:
         raise ValueError(f"unknown query modality {query!r}; use one of {QUERY_MODALITIES}")
     if not keys:
-        own = "dna" if query == "image+dna" else query
-        keys = [own] if own in library.modalities else [m for m in library.modalities if m != "text"]
-    unknown = [m for m in keys if m not in ("image", "dna", "text")]
+        own = "dna" if query == MEAN else query
+        held = set(feature_parts(own)) <= set(library.modalities)
+        keys = [own] if held else [m for m in library.modalities if m != "text"]
+    unknown = [m for m in keys if m not in KEY_KINDS]
     if unknown:
-        raise ValueError(f"unknown key modality {unknown}; keys are image, dna or text")
-    no_tower = [m for m in [*query.split("+"), *keys] if m not in towers]
+        raise ValueError(f"unknown key kind {unknown}; keys are {', '.join(KEY_KINDS)}")
+    no_tower = [m for kind in [query, *keys] for m in feature_parts(kind) if m not in towers]
     if no_tower:
         raise ValueError(f"the model has no {' or '.join(sorted(set(no_tower)))} tower (its towers: "
                          f"{', '.join(towers)}): it cannot compare {query} queries with {' '.join(keys)} keys")
     library.keys(keys)  # a ValueError naming the key modalities the library does not hold
+    check_widths(query, keys, dims or {m: k.embeddings.shape[1] for m, k in library.key_sets.items()})
     if strategy == "is-du" and threshold is None:
         threshold = library.is_du_threshold()
         if threshold != threshold:  # NaN: nothing to calibrate from
@@ -97,21 +104,58 @@ def resolve_plan(library: ReferenceLibrary, towers: Sequence[str], records: Sequ
     return QueryPlan(query, tuple(keys_name(keys).split()), strategy, threshold)
 
 
+def feature_width(kind: str, dims: Mapping[str, int]) -> int | None:
+    """The width of a query / key kind (`dims`: per tower; None where a tower's width is unknown);
+    a `ValueError` for `image+dna` when the image and DNA widths differ (no mean exists)."""
+    parts = [dims.get(m) for m in feature_parts(kind)]
+    if None in parts:
+        return None
+    if kind == MEAN and parts[0] != parts[1]:
+        raise ValueError(f"image+dna (the mean of the image and DNA embeddings) needs equally wide embeddings; "
+                         f"image is {parts[0]} wide, dna {parts[1]}: use image+dna-concat")
+    return parts[0] if kind == MEAN else sum(parts)
+
+
+def check_widths(query: str, keys: Sequence[str], dims: Mapping[str, int]) -> None:
+    """A `ValueError` naming both sides when `query` embeddings and `keys` differ in width (the
+    evaluation skips such pairs: a cosine needs equal widths).
+
+    Usage:
+        check_widths("image+dna-concat", ["dna"], {"image": 512, "dna": 512})   # raises: 1024 vs 512
+    """
+    key_widths = {kind: feature_width(kind, dims) for kind in keys}
+    query_width = feature_width(query, dims)
+    for kind, width in key_widths.items():
+        if None not in (width, query_width) and width != query_width:
+            raise ValueError(f"{query} queries are {query_width} wide and {kind} keys {width} wide: they cannot "
+                             f"be compared (choose keys as wide as the query, e.g. --query {CONCAT} with "
+                             f"--keys {CONCAT})")
+
+
+def query_problems(records: Sequence[dict], field: str) -> dict[int, str]:
+    """Position -> why, for `records` that lack what a query needs for `field` (text: a rank);
+    the plain fields are checked by `clibd.index.unusable`."""
+    if field != "text":
+        return {}
+    return {i: "no taxonomy (a text query reads its order, family, genus and species)"
+            for i, r in enumerate(records) if not r.get("error") and not any(r.get(rank) for rank in RANKS)}
+
+
 def embed_queries(model: CLIBDModel, processor: CLIBDProcessor, records: list[dict], query: str, batch_size: int,
                   skip: bool = False) -> tuple[torch.Tensor, dict[int, str]]:
     """Query embeddings [N, D] (CPU, float32, L2-normalised) and {position: why} of those that
-    could not be embedded (`clibd.checked_embedding.embed_checked`); image+dna: the normalised
-    mean of the two, failing where either fails.
+    could not be embedded (`clibd.checked_embedding.embed_checked`); the combined kinds joined as
+    `clibd.library.combine` (as the evaluation), failing where either fails.
 
     Usage:
         embeddings, failures = embed_queries(model, processor, records, "image+dna", 64, skip=True)
     """
     parts, failures = [], {}
-    for modality in query.split("+"):
+    for modality in feature_parts(query):
         embeddings, failed = embed_checked(model, processor, records, modality, batch_size, skip)
         parts.append(embeddings)
         for i, why in failed.items():
             failures.setdefault(i, why)
     if len(parts) == 1:
         return parts[0], failures
-    return F.normalize(parts[0] + parts[1], dim=-1), failures
+    return combine(parts[0], parts[1], query), failures
