@@ -37,3 +37,14 @@ def with_photos(records: list[dict], photo_dir: Path, out_dir: Path) -> list[dic
     """The records of the orders that have a BIOSCAN photo, each with a synthetic photo (see the module doc)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     return [{**r, "image": synthetic_photo(photo_dir, r, out_dir)} for r in records if r["order"] in PHOTO_ORDERS]
+
+
+def species_photo_records(data_dir: Path, out_dir: Path, limit: int) -> list[dict]:
+    """Up to `limit` shared barcode records, up to 4 of each species with at least 3, with synthetic photos."""
+    from clibd.data import read_records
+
+    by_species: dict[str, list[dict]] = {}
+    for row in read_records(data_dir / "insect_bold_coi" / "insect_bold_coi_small.tsv"):
+        by_species.setdefault(row["species"], []).append(row)
+    rows = [row for group in by_species.values() if len(group) >= 3 for row in group[:4]][:limit]
+    return with_photos(rows, data_dir / "bioscan1m_examples", out_dir)

@@ -9,11 +9,10 @@ import shutil
 
 import pytest
 import torch
-from library_fixtures import with_photos
+from library_fixtures import species_photo_records
 
 from clibd import CLIBDConfig, CLIBDModel, CLIBDProcessor
 from clibd.cli import main as cli
-from clibd.data import read_records
 from clibd.identify import Identifier, read_predictions_tsv
 from clibd.index import ReferenceIndex, add_to_index, build_index
 from clibd.library import ReferenceLibrary
@@ -38,11 +37,7 @@ def model_dir(tmp_path_factory, text_tokenizer):
 @pytest.fixture(scope="module")
 def records(data_dir, tmp_path_factory):
     """60 barcode records (up to 4 per species) with synthetic photos; a few lose their photo or barcode."""
-    by_species = {}
-    for row in read_records(data_dir / "insect_bold_coi" / "insect_bold_coi_small.tsv"):
-        by_species.setdefault(row["species"], []).append(row)
-    rows = [row for group in by_species.values() if len(group) >= 3 for row in group[:4]][:60]
-    rows = with_photos(rows, data_dir / "bioscan1m_examples", tmp_path_factory.mktemp("photos"))
+    rows = species_photo_records(data_dir, tmp_path_factory.mktemp("photos"), 60)
     for i, row in enumerate(rows):
         if i % 7 == 3:
             row["dna"] = ""  # photo only

@@ -11,12 +11,12 @@ below check that identify builds each feature as the evaluation does (not that t
 import datasets
 import pytest
 import torch
-from library_fixtures import with_photos
+from library_fixtures import species_photo_records
 from test_library import save_model
 
 from clibd.cli import main as cli
 from clibd.constants import RANKS
-from clibd.data import read_records, records_to_dataset
+from clibd.data import records_to_dataset
 from clibd.evaluation.pairs import evaluation_pairs
 from clibd.evaluation.retrieval import EmbeddingCache, evaluate_retrieval
 from clibd.identify import Identifier, read_predictions_tsv
@@ -38,11 +38,7 @@ def model_dir(tmp_path_factory, text_tokenizer):
 @pytest.fixture(scope="module")
 def split(data_dir, tmp_path_factory):
     """(key pool, seen queries, unseen queries): records with a photo and a barcode, up to 4 per species."""
-    by_species = {}
-    for row in read_records(data_dir / "insect_bold_coi" / "insect_bold_coi_small.tsv"):
-        by_species.setdefault(row["species"], []).append(row)
-    rows = [row for group in by_species.values() if len(group) >= 3 for row in group[:4]][:56]
-    rows = with_photos(rows, data_dir / "bioscan1m_examples", tmp_path_factory.mktemp("photos"))
+    rows = species_photo_records(data_dir, tmp_path_factory.mktemp("photos"), 56)
     rows = [{c: r[c] for c in COLUMNS} for r in rows]
     return rows[:40], rows[40:48], rows[48:]
 

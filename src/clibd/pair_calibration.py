@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import torch
 
 from .constants import RANKS
-from .novelty import Answers, Calibration, precision_curve, precision_threshold, rank_threshold
+from .novelty import Answers, Calibration, calibration_from_answers
 
 NO_KEY = -2.0  # the similarity given to removed keys
 
@@ -103,18 +103,8 @@ def calibrate_pair(queries: torch.Tensor, query_records: Sequence[dict], query_o
         return Calibration(dict.fromkeys(RANKS, float("nan")), dict.fromkeys(RANKS, "none"), {}, rank)
     index = torch.tensor(chosen)
     matches = nearest_pair(queries[index], query_owner_t[index], query_taxa[index], keys, key_owner_t, key_taxa)
-    thresholds, methods, counts, curves = {}, {}, {}, {}
-    for level in RANKS:
-        answers = _pair_answers(query_records, key_records, level, chosen, shared, matches)
-        right, wrong = (answers.right, answers.wrong) if level == "species" else (answers.held_right,
-                                                                                  answers.held_wrong)
-        if precision is None:
-            thresholds[level], methods[level] = rank_threshold(answers.right, answers.wrong)
-        else:
-            thresholds[level], methods[level] = precision_threshold(right, wrong, precision)
-        counts[level] = (len(answers.right), len(answers.wrong))
-        curves[level] = precision_curve(right, wrong)
-    return Calibration(thresholds, methods, counts, rank, curves, precision)
+    answers = {level: _pair_answers(query_records, key_records, level, chosen, shared, matches) for level in RANKS}
+    return calibration_from_answers(answers, rank, precision)
 
 
 def _pair_answers(query_records: Sequence[dict], key_records: Sequence[dict], rank: str, chosen: list[int],
