@@ -33,10 +33,16 @@ def test_identity_counts_identical_bases_over_the_aligned_region():
     assert identity(BARCODE.lower(), "-" + BARCODE) == 1.0
 
 
-def test_identity_never_counts_an_ambiguous_base_as_identical():
+def test_identity_sets_unknown_bases_aside():
+    # N padding at the ends is trimmed: a padded barcode is its known part
     padded = "N" * 10 + BARCODE[10:]
-    assert identity(padded, padded) == pytest.approx(590 / 600)
-    assert identity(BARCODE, padded) < 1.0 and identity(padded, BARCODE) < 1.0
+    assert identity(padded, BARCODE) == 1.0 and identity(BARCODE, padded) == 1.0
+    # an N inside is neither identical nor compared: one substitution among 590 compared columns
+    gapped = BARCODE[:300] + "N" * 10 + BARCODE[310:]
+    assert identity(gapped, mutate(BARCODE, [100])) == pytest.approx(589 / 590)
+    # a reference that is mostly N is not a species call on its few known bases
+    assert identity(BARCODE, "N" * 540 + BARCODE[540:]) == 0.0
+    assert identity(BARCODE[:60], BARCODE) == 0.0
 
 
 def test_identity_names_a_bad_barcode():

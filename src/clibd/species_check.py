@@ -50,10 +50,11 @@ CANDIDATES = 5
 NOVEL_NAMED = 0.01
 CALIBRATION_QUERIES = 1000
 # Scores of VSEARCH's defaults (match 2, mismatch -4, gap open 20, extend 2); N and the other
-# ambiguity codes score 0 and never count as identical (VSEARCH counts N as a match: a reference
-# padded with N would look identical to everything).
+# ambiguity codes score 0 and are not compared (VSEARCH counts N as a match: a reference padded
+# with N looks identical to everything).
 _MATCH, _MISMATCH, _GAP_OPEN, _GAP_EXTEND = 2, -4, 20, 2
-_ALPHABET = "ACGTNX"  # the query's ambiguous bases become N, the reference's X: never identical
+_ALPHABET = "ACGTN"
+MIN_COVERAGE, MIN_COLUMNS = 0.8, 100  # identity on less than this is not a species call
 _MATRIX = None
 logger = logging.getLogger(__name__)
 
@@ -65,30 +66,56 @@ def _matrix():
 
         matrix = parasail.matrix_create(_ALPHABET, _MATCH, _MISMATCH)
         for i in range(len(_ALPHABET)):
-            for ambiguous in (4, 5):
-                matrix.set_value(i, ambiguous, 0)
-                matrix.set_value(ambiguous, i, 0)
+            matrix.set_value(i, 4, 0)
+            matrix.set_value(4, i, 0)
         _MATRIX = matrix
     return _MATRIX
 
 
 def identity(query: str, reference: str, query_name: str = "query", reference_name: str = "reference") -> float:
-    """Identical bases / aligned columns of the best semi-global alignment of two barcodes, end gaps
-    left out (VSEARCH's default definition): 1.0 for a query that is an exact piece of the
-    reference. Gaps, case and IUPAC codes are normalised first (`normalise_barcode`); a bad
-    barcode is a `ValueError` naming it.
+    """Identical bases / compared columns of the best semi-global alignment of two barcodes
+    (VSEARCH's default definition: end gaps left out), with unknown bases set aside: N padding at
+    the ends is trimmed first, and a column with an N (or another IUPAC code) inside is neither
+    identical nor compared. 1.0 for a query that is an exact piece of the reference. Where the
+    compared columns cover less than `MIN_COVERAGE` of the shorter barcode's known bases (or fewer
+    than `MIN_COLUMNS`), 0.0: too little to call a species on. A bad barcode is a `ValueError`
+    naming it.
 
     Usage:
         identity("AACATTATATTTTATTTT", "AACATTGTATTTTATTTT")   # 17/18
     """
-    import parasail
+    query = normalise_barcode(query, query_name).strip("N")
+    reference = normalise_barcode(reference, reference_name).strip("N")
+    if "N" in query or "N" in reference:
+        matches, columns = _counts_with_unknowns(query, reference)
+    else:
+        matches, columns = _counts(query, reference)
+    shorter = min(len(query) - query.count("N"), len(reference) - reference.count("N"))
+    if columns < max(MIN_COLUMNS, MIN_COVERAGE * shorter):
+        return 0.0
+    return matches / columns
 
-    query = normalise_barcode(query, query_name)
-    reference = normalise_barcode(reference, reference_name).replace("N", "X")
+
+def _counts(query: str, reference: str) -> tuple[int, int]:
+    """(identical, aligned) columns, end gaps left out: parasail's statistics, no traceback."""
+    import parasail  # a C library: imported on first use, not at `import clibd`
+
     result = parasail.sg_stats_scan_16(query, reference, _GAP_OPEN, _GAP_EXTEND, _matrix())
     if result.saturated:  # scores past 16 bits: a barcode of tens of thousands of bases
         result = parasail.sg_stats_scan_sat(query, reference, _GAP_OPEN, _GAP_EXTEND, _matrix())
-    return result.matches / result.length if result.length else 0.0
+    return result.matches, result.length
+
+
+def _counts_with_unknowns(query: str, reference: str) -> tuple[int, int]:
+    """(identical, compared) columns from the traceback: end gaps and columns with an N left out."""
+    import parasail
+
+    trace = parasail.sg_trace_scan_sat(query, reference, _GAP_OPEN, _GAP_EXTEND, _matrix()).traceback
+    pairs = list(zip(trace.query, trace.ref, strict=True))
+    start = next((i for i, (q, r) in enumerate(pairs) if q != "-" and r != "-"), len(pairs))
+    end = len(pairs) - next((i for i, (q, r) in enumerate(reversed(pairs)) if q != "-" and r != "-"), len(pairs))
+    compared = [(q, r) for q, r in pairs[start:end] if q != "N" and r != "N"]
+    return sum(q == r for q, r in compared), len(compared)
 
 
 def choose_candidate(query: str, candidates: Sequence[str], cutoff: float = IDENTITY_CUTOFF,
