@@ -54,7 +54,9 @@ CALIBRATION_QUERIES = 1000
 # with N looks identical to everything).
 _MATCH, _MISMATCH, _GAP_OPEN, _GAP_EXTEND = 2, -4, 20, 2
 _ALPHABET = "ACGTN"
-MIN_COVERAGE, MIN_COLUMNS = 0.8, 100  # identity on less than this is not a species call
+# identity over fewer compared columns is not a species call (a reference that is mostly N);
+# no coverage rule: BOLD holds barcodes of shifted stretches of COI whose overlap is a fair call
+MIN_COLUMNS = 100  # mini-barcodes (~130 bp) still called; a few dozen known bases are not
 _MATRIX = None
 logger = logging.getLogger(__name__)
 
@@ -76,10 +78,9 @@ def identity(query: str, reference: str, query_name: str = "query", reference_na
     """Identical bases / compared columns of the best semi-global alignment of two barcodes
     (VSEARCH's default definition: end gaps left out), with unknown bases set aside: N padding at
     the ends is trimmed first, and a column with an N (or another IUPAC code) inside is neither
-    identical nor compared. 1.0 for a query that is an exact piece of the reference. Where the
-    compared columns cover less than `MIN_COVERAGE` of the shorter barcode's known bases (or fewer
-    than `MIN_COLUMNS`), 0.0: too little to call a species on. A bad barcode is a `ValueError`
-    naming it.
+    identical nor compared. 1.0 for a query that is an exact piece of the reference. Over fewer
+    than `MIN_COLUMNS` compared columns, 0.0: too little to call a species on. A bad barcode is a
+    `ValueError` naming it.
 
     Usage:
         identity("AACATTATATTTTATTTT", "AACATTGTATTTTATTTT")   # 17/18
@@ -90,10 +91,7 @@ def identity(query: str, reference: str, query_name: str = "query", reference_na
         matches, columns = _counts_with_unknowns(query, reference)
     else:
         matches, columns = _counts(query, reference)
-    shorter = min(len(query) - query.count("N"), len(reference) - reference.count("N"))
-    if columns < max(MIN_COLUMNS, MIN_COVERAGE * shorter):
-        return 0.0
-    return matches / columns
+    return matches / columns if columns >= MIN_COLUMNS else 0.0
 
 
 def _counts(query: str, reference: str) -> tuple[int, int]:
