@@ -169,7 +169,7 @@ class ReferenceIndex:
     @cached_property
     def species_check(self) -> SpeciesCheck | None:
         """The calibrated species rule of a DNA index (`clibd.species_check`); None for an index
-        built without it (or by an older clibd: `clibd index recalibrate` adds it)."""
+        built without it, or by an older clibd (which kept no barcodes: rebuild it)."""
         stored = self.meta.get("species_check")
         calibrated = isinstance(stored, dict) and "embedding_threshold" in stored
         return SpeciesCheck.from_dict(stored) if calibrated and self.barcodes else None
