@@ -5,6 +5,7 @@ barcodes (a small untrained k-mer-profile tower: its fixed k-mer sketch already 
 import json
 import math
 import random
+import shutil
 
 import pytest
 
@@ -73,7 +74,7 @@ def test_naming_threshold_names_at_most_the_asked_share():
 
 
 def test_check_round_trips_through_json_with_an_infinite_threshold():
-    check = SpeciesCheck(math.inf, precision=0.95, known_named=0.99, novel_aligned=0.02, counts=(10, 10))
+    check = SpeciesCheck(math.inf, precision=0.95, known_named=0.99, novel_aligned=0.02, specimens=10, settled=(9, 1))
     assert SpeciesCheck.from_dict(json.loads(json.dumps(check.to_dict()))) == check
 
 
@@ -107,7 +108,7 @@ def test_alignment_names_held_species_the_embedding_alone_misses(libraries, dna_
     assert all(p.precision["species"] == pytest.approx(checked.species_check.precision) for p in settled)
 
 
-def test_absent_species_are_named_no_more_often_than_alignment_and_embedding_allow(libraries, dna_model, records):
+def test_absent_species_are_named_only_by_alignment_or_above_the_checks_threshold(libraries, dna_model, records):
     checked, _ = libraries
     _, predictions = species_rates(checked, dna_model, records["absent"])
     named = [p for p in predictions if p.answer["species"]]
@@ -137,6 +138,13 @@ def test_add_and_recalibrate_keep_the_barcodes_and_the_check(dna_model, records,
     grown = add_to_index(tmp_path / "refs", records["many_each"][half:], progress=False)
     assert grown.barcodes == [r["dna"] for r in records["many_each"]]
     assert grown.species_check is not None
+    # --replace: the replaced records' barcodes go with them, in the records' order
+    replaced = [{**r, "dna": r["dna"][50:]} for r in records["many_each"][:3]]
+    after = add_to_index(tmp_path / "refs", replaced, replace=True, progress=False)
+    by_id = dict(zip(after.labels("id"), after.barcodes, strict=True))
+    assert [by_id[r["id"]] for r in replaced] == [r["dna"] for r in replaced]
+    assert len(after.barcodes) == len(grown.barcodes) and after.species_check is not None
+    grown = after
     meta = json.loads((tmp_path / "refs" / "index.json").read_text())
     del meta["species_check"]  # as an index of an older clibd
     (tmp_path / "refs" / "index.json").write_text(json.dumps(meta))
@@ -159,3 +167,26 @@ def test_index_build_options_reach_the_stored_check(dna_model, records, tmp_path
     assert ReferenceIndex.load(tmp_path / "b").species_check is None
     with pytest.raises(ValueError, match="novel_named must be between 0 and 1"):
         build_index(dna_model, records["many_each"], "dna", tmp_path / "c", species_check={"novel_named": 2})
+
+
+def test_a_reference_barcode_that_cannot_be_aligned_is_named(libraries, dna_model, records, tmp_path):
+    checked, _ = libraries
+    shutil.copytree(checked.directory, tmp_path / "refs")
+    lines = (tmp_path / "refs" / "barcodes.tsv").read_text().splitlines()
+    query = records["held"][0]
+    target = Identifier.load(tmp_path / "refs", model_dir=dna_model).identify([query])[0].hits[0].id
+    lines = [f"{target}\tNOT-A-BARCODE" if line.split("\t")[0] == target else line for line in lines]
+    (tmp_path / "refs" / "barcodes.tsv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=f"reference {target}"):
+        Identifier.load(tmp_path / "refs", model_dir=dna_model).identify([query])
+    skipped = Identifier.load(tmp_path / "refs", model_dir=dna_model, on_bad_input="skip").identify([query])[0]
+    assert skipped.error.startswith("species check") and target in skipped.error
+
+
+def test_a_stated_precision_still_bounds_the_embeddings_species(dna_model, records, tmp_path):
+    index = build_index(dna_model, records["many_each"], "dna", tmp_path / "refs", progress=False, precision=0.99)
+    identifier = Identifier.load(index.directory, model_dir=dna_model)
+    thresholds, curves = identifier._checked_thresholds(index.thresholds, index.precision_curves,
+                                                        index.species_check)
+    assert thresholds["species"] == max(index.thresholds["species"], index.species_check.embedding_threshold)
+    assert "species" not in curves  # the stored curve was not learnt on the queries alignment leaves

@@ -15,8 +15,9 @@ a `# ` provenance line, then columns query_id, order, family, genus, species, si
 order_support ... species_support (the fraction of the top-k references that agree with the
 nearest one at that rank, like SINTAX's per-rank bootstrap), novelty_similarity, order_precision
 ... species_precision (the calibrated precision of the answer at that rank, empty where none is
-given), identity (the best alignment identity to the nearest references, where the index has a
-species check: `clibd.species_check`), error (why a query could not be identified; its other
+given), identity (where the index has a species check, `clibd.species_check`: the alignment
+identity of the reference that named the species, else the best among the nearest references),
+error (why a query could not be identified; its other
 columns are then empty), route (the key modality that answered: see `Prediction.route`), then
 hit1_id, hit1_species, hit1_similarity, ... for the top-k references. The TSV functions live in
 `clibd.predictions_tsv` (importable from here too).
@@ -143,8 +144,10 @@ class Identifier:
         own = plan.keys == (plan.query,) and keys.scores_novelty_apart  # novelty parts: one tower's own
         novelty = keys.novelty_similarity(embeddings, self.backend) if own else similarities[:, 0]
         thresholds, curves = self.library.calibration(plan.query, plan.keys)
-        if check:  # the species threshold of the queries alignment leaves to the embedding
-            thresholds = {**thresholds, "species": check.embedding_threshold}
+        if check:
+            if len(barcodes) != len(query_ids):
+                raise ValueError(f"{len(barcodes)} barcodes for {len(query_ids)} queries")
+            thresholds, curves = self._checked_thresholds(thresholds, curves, check)
         predictions = []
         for n, (query_id, ss, js, novelty_sim) in enumerate(zip(query_ids, similarities.tolist(), rows.tolist(),
                                                                  novelty.tolist(), strict=True)):
@@ -153,16 +156,31 @@ class Identifier:
             predictions.append(self._check_species(prediction, keys, barcodes[n], js, check) if check else prediction)
         return predictions
 
-    @staticmethod
-    def _check_species(prediction: Prediction, keys: ReferenceIndex, barcode: str, rows: list[int],
+    def _checked_thresholds(self, thresholds: dict, curves: dict, check: SpeciesCheck) -> tuple[dict, dict]:
+        """The thresholds and curves of the queries alignment leaves to the embedding: the check's
+        species threshold, or the index's where it was set for a stated precision and is higher;
+        no species precision curve (the stored one was learnt on every query, not on these)."""
+        species = check.embedding_threshold
+        if self.library.meta.get("precision") is not None:
+            species = max(species, thresholds.get("species", -math.inf))
+        return {**thresholds, "species": species}, {r: c for r, c in curves.items() if r != "species"}
+
+    def _check_species(self, prediction: Prediction, keys: ReferenceIndex, barcode: str, rows: list[int],
                        check: SpeciesCheck) -> Prediction:
-        """`prediction` with its species settled by alignment where a candidate clears the cut-off."""
-        references = keys.barcodes
-        position, best = choose_candidate(barcode, [references[j] for j in rows[: check.candidates]],
-                                          check.identity_cutoff, prediction.query_id)
+        """`prediction` with its species settled by alignment where a candidate clears the cut-off
+        (`identity`: that reference's; else the best among the candidates). A reference barcode
+        that cannot be aligned follows `on_bad_input` (a `failed` row under "skip")."""
+        candidates = rows[: check.candidates]
+        try:
+            position, best = choose_candidate(barcode, [keys.barcodes[j] for j in candidates], check.identity_cutoff,
+                                              prediction.query_id, [keys.records[j]["id"] for j in candidates])
+        except ValueError as error:
+            if self.on_bad_input == "error":
+                raise
+            return failed(prediction.query_id, f"species check: {error}")
         if position < 0:
             return replace(prediction, identity=best)
-        record = keys.records[rows[position]]
+        record = keys.records[candidates[position]]
         named = {rank: check.precision for rank in RANKS if not math.isnan(check.precision)}
         return replace(prediction, answer={rank: record[rank] for rank in RANKS}, novel=False, identity=best,
                        precision={**named, **{r: v for r, v in prediction.precision.items() if r != "species"}})

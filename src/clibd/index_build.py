@@ -143,6 +143,10 @@ def build_index(model_dir: str | os.PathLike, records: list[dict], modality: str
         if len(modality) != 1 or modality[0] == "text":
             from .library_build import build_library
 
+            if species_check is not True:
+                logger.warning("%s: a multi-modal library has no species check (single-modality DNA indexes only): "
+                               "the species check options are not used", out)
+
             return build_library(model_dir, records, list(modality), out, batch_size, calibrate, progress,
                                  on_bad_input, precision)
         modality = modality[0]

@@ -141,10 +141,13 @@ class ReferenceLibrary:
         """Whether the folder is a multi-modal library (not a single-modality index)."""
         return "modalities" in self.meta
 
-    def keys(self, modalities: Sequence[str]) -> ReferenceIndex:
-        """The key set of one modality, or several stacked into one (the paper's "all"): their
-        embeddings concatenated (a copy, made once), their records one after the other. A combined
-        kind (`image+dna`, `image+dna-concat`) is built from the image and DNA keys (`combined`)."""
+    def require(self, modalities: Sequence[str]) -> None:
+        """A `ValueError` naming key kinds that are unknown, stacked where they cannot be, or not
+        held by this library; nothing is built.
+
+        Usage:
+            library.require(["image", "dna"])
+        """
         unknown = [m for m in modalities if m not in KEY_KINDS]
         if unknown:
             raise ValueError(f"unknown key kind {unknown}; keys are {', '.join(KEY_KINDS)}")
@@ -157,6 +160,12 @@ class ReferenceLibrary:
             raise ValueError(f"{self.directory}: holds no {' or '.join(missing)} keys (it holds "
                              f"{', '.join(self.modalities)}); build it with --modality {' '.join(missing)} "
                              "or choose other --keys")
+
+    def keys(self, modalities: Sequence[str]) -> ReferenceIndex:
+        """The key set of one modality, or several stacked into one (the paper's "all"): their
+        embeddings concatenated (a copy, made once), their records one after the other. A combined
+        kind (`image+dna`, `image+dna-concat`) is built from the image and DNA keys (`combined`)."""
+        self.require(modalities)
         name = keys_name(modalities)
         if name in COMBINED:
             return self.combined(name)
@@ -195,7 +204,7 @@ class ReferenceLibrary:
             records = [self.records[int(r)] for r in owner.tolist()]
             meta = {**key_meta(self.meta, kind, len(records)), "parts": [p.to_dict() for p in whole(embeddings.shape[1])]}
             self._stacks[kind] = ReferenceIndex(self.directory, meta, embeddings, records,
-                                                key_name="keys-" + kind.replace("+", "-"))
+                                                key_name="combined-" + kind.replace("+", "-"))  # not a stack's name
             self.owners[kind] = owner
         return self._stacks[kind]
 
@@ -263,7 +272,7 @@ class ReferenceLibrary:
 
     def is_du_threshold(self) -> float:
         """The IS+DU threshold stored in the folder, else calibrated now (`calibrate_is_du`)."""
-        self.keys(["image", "dna"])
+        self.require(["image", "dna"])
         if "is_du" not in self.meta:
             self.meta["is_du"] = self.calibrate_is_du()
         return self.meta["is_du"]["threshold"]

@@ -28,6 +28,7 @@ from .atomic import atomic_directory, atomic_write_text
 from .checked_embedding import embed_checked
 from .constants import MODALITIES, RANKS
 from .index import RECORD_COLUMNS, ReferenceIndex, embed_in_shards, load_model
+from .index_build import _checked_precision, _skip
 from .library import ReferenceLibrary, key_meta, keys_name, pair_name
 from .modeling_clibd import CLIBDModel
 from .processing import CLIBDProcessor
@@ -125,7 +126,7 @@ def build_library(model_dir: str | os.PathLike, records: list[dict], modalities:
     records, skipped = _screen(records, modalities, set(), _skip(on_bad_input))
     meta = {"clibd_version": __version__, "model": str(Path(model_dir).resolve()), "model_hash": digest,
             "format": 2, "modalities": modalities, "modality": modalities[0],
-            "dim": model.config.projection_dim, "precision": precision,
+            "dim": model.config.projection_dim, "precision": _checked_precision(precision),
             "keys": {m: {"parts": [p.to_dict() for p in model.embedding_parts(m)]} for m in modalities}}
     keys = _new_keys(model, processor, records, 0, modalities, Path(out), batch_size, progress,
                      on_bad_input == "skip", skipped, known_taxa=set())
@@ -147,12 +148,6 @@ def _new_keys(model, processor, records: list[dict], offset: int, modalities: li
             keys[modality] = _embed_keys(model, processor, records, offset, modality, work_dir, batch_size,
                                          progress, skip, skipped)
     return keys
-
-
-def _skip(on_bad_input: str) -> bool:
-    if on_bad_input not in ("error", "skip"):
-        raise ValueError(f"on_bad_input must be 'error' or 'skip', got {on_bad_input!r}")
-    return on_bad_input == "skip"
 
 
 def add_to_library(directory: str | os.PathLike, records: list[dict], replace: bool = False, batch_size: int = 256,
@@ -225,8 +220,20 @@ def calibrate_library(library: ReferenceLibrary, precision: float | None = None)
 
 def _finish(directory: Path, meta: dict, records: list[dict], keys: dict, skipped: list, calibrate: bool
             ) -> ReferenceLibrary:
+    """Calibrate (if asked) and write the library. Under several processes (`accelerate launch`,
+    which shared the embedding) the main one writes and the others wait for it."""
     if not records:
         raise ValueError(f"{directory}: no record could be indexed ({len(skipped)} skipped, e.g. {skipped[:3]})")
+    processes = launched_processes()
+    if processes is None or processes.is_main_process:
+        _write_library(directory, meta, records, keys, skipped, calibrate)
+    if processes is not None:
+        processes.wait_for_everyone()
+    return ReferenceLibrary.load(directory)
+
+
+def _write_library(directory: Path, meta: dict, records: list[dict], keys: dict, skipped: list,
+                   calibrate: bool) -> None:
     meta = {k: v for k, v in meta.items() if k not in ("pairs", "is_du")}
     meta["keys"] = {m: {**meta["keys"].get(m, {}), "count": len(rows)} for m, (_, rows) in keys.items()}
     if calibrate:
@@ -244,7 +251,6 @@ def _finish(directory: Path, meta: dict, records: list[dict], keys: dict, skippe
         (tmp / "index.json").write_text(json.dumps({**meta, "count": len(records), "build_id": uuid.uuid4().hex},
                                                    indent=2))
     shutil.rmtree(directory.with_name(f".{directory.name}.partial"), ignore_errors=True)
-    return ReferenceLibrary.load(directory)
 
 
 def _write_table(path: Path, records: list[dict]) -> None:
@@ -262,7 +268,7 @@ def recalibrate_library(directory: str | os.PathLike, precision: float | None = 
     """
     library = ReferenceLibrary.load(directory)
     meta = {k: v for k, v in library.meta.items() if k not in ("pairs", "is_du")}
-    meta["precision"] = precision if precision is not None else meta.get("precision")
+    meta["precision"] = _checked_precision(precision) if precision is not None else meta.get("precision")
     library.meta = meta
     meta |= calibrate_library(library, meta["precision"])
     atomic_write_text(library.directory / "index.json", json.dumps(meta, indent=2))

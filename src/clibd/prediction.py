@@ -42,8 +42,9 @@ class Prediction:
     at this similarity were right at that rank, for the ranks answered (where the index has a curve);
     `route`: the key modality the answer came from (is-du: "image" for a species judged seen,
     "dna" for unseen; stacked keys: the nearest key's), "" where not known (older TSVs, error rows);
-    `identity`: the best alignment identity to the nearest references (`clibd.species_check`; NaN
-    where the index has no species check), which names the species when it clears the cut-off.
+    `identity`: the alignment identity of the reference that named the species
+    (`clibd.species_check`; it may not be `hits[0]`, whose support and precision the other ranks
+    keep), else the best among the nearest references; NaN where the index has no species check.
     """
 
     query_id: str

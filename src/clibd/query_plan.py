@@ -93,7 +93,7 @@ def resolve_plan(library: ReferenceLibrary, towers: Sequence[str], records: Sequ
     if no_tower:
         raise ValueError(f"the model has no {' or '.join(sorted(set(no_tower)))} tower (its towers: "
                          f"{', '.join(towers)}): it cannot compare {query} queries with {' '.join(keys)} keys")
-    library.keys(keys)  # a ValueError naming the key modalities the library does not hold
+    library.require(keys)  # a ValueError naming the key modalities the library does not hold
     check_widths(query, keys, dims or {m: k.embeddings.shape[1] for m, k in library.key_sets.items()})
     if strategy == "is-du" and threshold is None:
         threshold = library.is_du_threshold()

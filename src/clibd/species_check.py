@@ -26,7 +26,7 @@ splits; 0.01 the same, 0.02 0.92 %) and names a held species for 5.1 % of novel-
 `clibd index build --novel-named`.
 
 Usage:
-    identity("AACATTATATTTTATTTT...", "AACATTGTATTTTATTTT...")         # 0.9444...
+    identity(query_barcode, reference_barcode)                         # e.g. 0.9848
     check = calibrate_species_check(embeddings, novelty_embeddings, records)
     position, best = choose_candidate(query_barcode, [r["dna"] for r in hit_records], check.identity_cutoff)
 """
@@ -84,7 +84,7 @@ def identity(query: str, reference: str, query_name: str = "query", reference_na
     `ValueError` naming it.
 
     Usage:
-        identity("AACATTATATTTTATTTT", "AACATTGTATTTTATTTT")   # 17/18
+        identity(barcode, reference_barcode)   # e.g. 0.9848 for 10 differences over 658 compared columns
     """
     query = normalise_barcode(query, query_name).strip("N")
     reference = normalise_barcode(reference, reference_name).strip("N")
@@ -118,17 +118,20 @@ def _counts_with_unknowns(query: str, reference: str) -> tuple[int, int]:
 
 
 def choose_candidate(query: str, candidates: Sequence[str], cutoff: float = IDENTITY_CUTOFF,
-                     query_name: str = "query") -> tuple[int, float]:
+                     query_name: str = "query", candidate_names: Sequence[str] | None = None) -> tuple[int, float]:
     """(position, identity) of the first candidate (search order) at least `cutoff` identical to
     `query`; where none is, (-1, the best identity among them). Stops aligning at the first that
-    clears the cut-off, so a known species usually costs one alignment.
+    clears the cut-off, so a known species usually costs one alignment. A bad barcode is a
+    `ValueError` naming it (`query_name`, `candidate_names`: the references' ids).
 
     Usage:
-        position, best = choose_candidate(barcode, [hit_record["dna"] for hit_record in hits])
+        position, best = choose_candidate(barcode, [r["dna"] for r in hit_records], 0.97, "q1",
+                                          [r["id"] for r in hit_records])
     """
     best = 0.0
-    for position, candidate in enumerate(candidates):
-        value = identity(query, candidate, query_name, f"candidate {position + 1} of {query_name}")
+    names = candidate_names or [f"candidate {i + 1} of {query_name}" for i in range(len(candidates))]
+    for position, (candidate, name) in enumerate(zip(candidates, names, strict=True)):
+        value = identity(query, candidate, query_name, f"reference {name}")
         if value >= cutoff:
             return position, value
         best = max(best, value)
@@ -145,8 +148,13 @@ class SpeciesCheck:
     often a species named by alignment was right on the calibration specimens; `known_named`:
     share of the calibration specimens of held species the rule names a species for;
     `novel_aligned`: share of those of held-out species that alignment (wrongly) named, a sign
-    of sister species under 3 % apart in the library; `counts`: calibration specimens of held
-    and held-out species.
+    of sister species under 3 % apart in the library; `specimens`: calibration specimens (each
+    matched as a held and as a held-out species); `settled`: how many of them alignment settled,
+    held and held-out. `precision` mixes the two halves equally: a library whose queries are
+    mostly of held species sees a higher one.
+
+    Usage:
+        check = SpeciesCheck.from_dict(json.loads(Path("refs/index.json").read_text())["species_check"])
     """
 
     embedding_threshold: float
@@ -156,9 +164,11 @@ class SpeciesCheck:
     precision: float = float("nan")
     known_named: float = float("nan")
     novel_aligned: float = float("nan")
-    counts: tuple[int, int] = (0, 0)
+    specimens: int = 0
+    settled: tuple[int, int] = (0, 0)
 
     def to_dict(self) -> dict:
+        """As index.json stores it: inf and NaN as null."""
         out = asdict(self)
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
 
@@ -169,7 +179,7 @@ class SpeciesCheck:
         values = {k: (float("nan") if v is None else v) for k, v in data.items() if k in cls.__dataclass_fields__}
         if data.get("embedding_threshold") is None:
             values["embedding_threshold"] = math.inf
-        values["counts"] = tuple(values.get("counts", (0, 0)))
+        values["settled"] = tuple(values.get("settled", (0, 0)))
         return cls(**values)
 
 
@@ -179,17 +189,26 @@ def _sample(species: list[str], max_queries: int, seed: int) -> list[int]:
     return random.Random(seed).sample(eligible, min(max_queries, len(eligible)))
 
 
-def _nearest(embeddings: torch.Tensor, novelty: torch.Tensor, rows: list[int], exclude: torch.Tensor,
-             k: int) -> tuple[list[list[int]], list[float]]:
+def _nearest(embeddings: torch.Tensor, novelty: torch.Tensor, rows: list[int], labels: torch.Tensor,
+             whole_species: bool, k: int, chunk_size: int = 128) -> tuple[list[list[int]], list[float]]:
     """For each of `rows`: the `k` nearest references by `embeddings` and the best `novelty`
-    similarity, both leaving out the references `exclude` [len(rows), N] marks."""
-    index = torch.tensor(rows)
-    placing = (embeddings[index] @ embeddings.T).masked_fill(exclude, -2.0)
-    scoring = (novelty[index] @ novelty.T).masked_fill(exclude, -2.0)
-    top = placing.topk(min(k, placing.shape[1]), dim=1)
-    kept = [[j for j, s in zip(js, ss, strict=True) if s > -2.0] for js, ss in zip(top.indices.tolist(),
-                                                                                   top.values.tolist(), strict=True)]
-    return kept, scoring.max(dim=1).values.tolist()
+    similarity, leaving out the row itself (or, with `whole_species`, every reference of its
+    species: `labels`). In chunks of rows, so a library of millions needs [chunk, N] at a time."""
+    kept, best = [], []
+    for start in range(0, len(rows), chunk_size):
+        index = torch.tensor(rows[start : start + chunk_size])
+        if whole_species:
+            exclude = labels[index].unsqueeze(1) == labels.unsqueeze(0)
+        else:
+            exclude = torch.zeros(len(index), len(labels), dtype=torch.bool)
+            exclude[torch.arange(len(index)), index] = True
+        placing = (embeddings[index].float() @ embeddings.T.float()).masked_fill_(exclude, -2.0)
+        scoring = (novelty[index].float() @ novelty.T.float()).masked_fill_(exclude, -2.0)
+        top = placing.topk(min(k, placing.shape[1]), dim=1)
+        kept += [[j for j, s in zip(js, ss, strict=True) if s > -2.0]
+                 for js, ss in zip(top.indices.tolist(), top.values.tolist(), strict=True)]
+        best += scoring.max(dim=1).values.tolist()
+    return kept, best
 
 
 def _settle(records: Sequence[dict], rows: list[int], neighbours: list[list[int]], cutoff: float
@@ -198,7 +217,8 @@ def _settle(records: Sequence[dict], rows: list[int], neighbours: list[list[int]
     out = []
     for row, near in zip(rows, neighbours, strict=True):
         position, _ = choose_candidate(records[row]["dna"], [records[j]["dna"] for j in near], cutoff,
-                                       records[row].get("id", f"record #{row}"))
+                                       records[row].get("id", f"record #{row}"),
+                                       [records[j].get("id", f"record #{j}") for j in near])
         named = records[near[position]]["species"] if position >= 0 else ""
         out.append((position >= 0, named == records[row]["species"]))
     return out
@@ -237,24 +257,26 @@ def calibrate_species_check(embeddings: torch.Tensor, novelty_embeddings: torch.
         return None
     ids = {s: i for i, s in enumerate(sorted(set(species)))}
     labels = torch.tensor([ids[s] for s in species])
-    itself = torch.zeros(len(rows), len(records), dtype=torch.bool)
-    itself[torch.arange(len(rows)), torch.tensor(rows)] = True
-    own_species = labels[torch.tensor(rows)].unsqueeze(1) == labels.unsqueeze(0)
-    known_near, known_sims = _nearest(embeddings, novelty_embeddings, rows, itself, candidates)
-    novel_near, novel_sims = _nearest(embeddings, novelty_embeddings, rows, own_species, candidates)
+    known_near, known_sims = _nearest(embeddings, novelty_embeddings, rows, labels, False, candidates)
+    novel_near, novel_sims = _nearest(embeddings, novelty_embeddings, rows, labels, True, candidates)
     known = _settle(records, rows, known_near, identity_cutoff)
     novel = _settle(records, rows, novel_near, identity_cutoff)
     threshold = naming_threshold([sim for (settled, _), sim in zip(novel, novel_sims, strict=True)
                                   if not settled], novel_named)
     named = [right for settled, right in known + novel if settled]
     known_named = sum(settled or sim >= threshold for (settled, _), sim in zip(known, known_sims, strict=True))
+    settled = (sum(s for s, _ in known), sum(s for s, _ in novel))
     return SpeciesCheck(threshold, identity_cutoff, candidates, novel_named,
                         sum(named) / len(named) if named else float("nan"), known_named / len(rows),
-                        sum(settled for settled, _ in novel) / len(rows), (len(rows), len(rows)))
+                        settled[1] / len(rows), len(rows), settled)
 
 
 def species_check_options(species_check: bool | dict) -> dict | bool:
-    """What index.json keeps of the asked species check before it is calibrated."""
+    """What index.json keeps of the asked species check before it is calibrated (False: none).
+
+    Usage:
+        species_check_options({"novel_named": 0.01})   # checked: unknown names and values out of (0, 1) raise
+    """
     if species_check is False:
         return False
     options = {} if species_check is True else dict(species_check)
@@ -271,14 +293,17 @@ def calibrated_options(embeddings: torch.Tensor, records: list[dict], parts: lis
                        directory: Path, asked: dict) -> dict:
     """The calibrated species rule as an index stores it in index.json, with the
     options `asked`; only the options (with a warning) where the library cannot calibrate it (no
-    barcodes, no species with two references), so a later `add` or `recalibrate` can."""
+    barcodes, no species with two references), so a later `add` or `recalibrate` can.
+
+    Usage:
+        meta["species_check"] = calibrated_options(embeddings, records, parts, Path("refs"), {})
+    """
     options = {k: asked[k] for k in ("identity_cutoff", "candidates", "novel_named") if k in asked}
     if not all(r.get("dna") for r in records):
         logger.warning("%s: no species check: the index does not keep every reference's barcode", directory)
         return options
-    embeddings = embeddings.float()
     check = calibrate_species_check(embeddings, select_parts(embeddings, parts, "scores_novelty"), records,
-                                    **options)
+                                    **options)  # chunks are made float32 as they are used
     if check is None:
         logger.warning("%s: no species check: no species has two references to calibrate it on", directory)
     return check.to_dict() if check else options
