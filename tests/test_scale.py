@@ -57,6 +57,10 @@ labelled = [{**r, "order": "O", "family": "F", "genus": f"g{i % 5 // 2}", "speci
             for i, r in enumerate(records["dna"])]
 built = index.build_index(out / "model", labelled, "dna", out / "built", batch_size=4, progress=False)
 got["built"], got["built_meta"] = built.embeddings.clone(), built.meta  # `clibd index build` under accelerate
+both = [{**labelled[i], "image": records["image"][i]["image"]} for i in range(5)]  # a library: photos and barcodes
+library = index.build_index(out / "model", both, ["image", "dna"], out / "library", batch_size=2, progress=False)
+got["library"] = {m: keys.embeddings.clone() for m, keys in library.key_sets.items()}
+got["library_build"] = library.meta["build_id"]  # one writer: every rank reads the one build
 with embedding_processes(state):  # a photo that cannot be read, in rank 1's part only
     got["photos"], got["photo_failures"] = embed_checked(model, processor, records["image"], "image", 2, skip=True)
     try:
@@ -121,6 +125,17 @@ def test_two_gloo_processes_embed_what_one_process_does_bit_for_bit(tiny_model_d
         assert torch.allclose(got["built"].float(), plain.embeddings.float(), atol=1e-3)
         assert got["built_meta"]["thresholds"] == pytest.approx(plain.meta["thresholds"], abs=1e-3)
     assert not list(tmp_path.glob(".built*"))  # no temporary folder or partial shards left
+    # a multi-modal library too: written once, by the main process, the one-process library
+    both = [{**labelled[i], "image": photos[i]["image"]} for i in range(5)]
+    plain_library = build_index(tiny_model_dir, both, ["image", "dna"], tmp_path / "plain_library", batch_size=2,
+                                progress=False)
+    for got in ranks:
+        for modality in ("image", "dna"):
+            assert torch.allclose(got["library"][modality].float(),
+                                  plain_library.key_sets[modality].embeddings.float(), atol=1e-3)
+    written = json.loads((tmp_path / "library" / "index.json").read_text())["build_id"]
+    assert [got["library_build"] for got in ranks] == [written, written]
+    assert not list(tmp_path.glob(".library*"))
     shards = sorted(p.name for p in (tmp_path / "work").iterdir())
     assert shards == ["shard-000000.safetensors", "shard-000001.safetensors", "shard-000002.safetensors"]
     # the worker's one-process run is this process's, up to the thread count's rounding
