@@ -153,6 +153,13 @@ def test_add_grows_every_key_set_and_single_modality_folders_still_load(library,
     replaced = add_to_index(first.directory, [{**records[0], "image": ""}], replace=True, progress=False)
     assert records[0]["id"] not in [r["id"] for r in replaced.key_sets["image"].records]
     assert records[0]["id"] in [r["id"] for r in replaced.key_sets["dna"].records]
+    # relabelling every record of a species removes its name from the text keys
+    species = records[1]["species"]
+    relabelled = [{**r, "species": "Relabelled species"} for r in records[:30] if r["species"] == species]
+    after = add_to_index(first.directory, relabelled, replace=True, progress=False)
+    names = [r["species"] for r in after.key_sets["text"].records]
+    assert species not in names and "Relabelled species" in names
+    assert len(after.key_sets["text"].records) == after.key_sets["text"].embeddings.shape[0]
     # a folder the single-modality code writes opens as a library of one key set, with its own thresholds
     single = build_index(model_dir, [r for r in records if r["dna"]], "dna", tmp_path / "single", progress=False)
     as_library = ReferenceLibrary.load(single.directory)

@@ -180,7 +180,16 @@ def add_to_library(directory: str | os.PathLike, records: list[dict], replace: b
         before, before_rows = keys[modality]
         keys[modality] = (torch.cat([before, embeddings]),
                           before_rows + rows if modality == "text" else torch.cat([before_rows, rows]))
+    if "text" in keys:  # a taxon whose last record was replaced or relabelled is no longer a key
+        keys["text"] = _present_taxa(*keys["text"], kept_records + new)
     return _finish(Path(directory), dict(library.meta), kept_records + new, keys, skipped, recalibrate)
+
+
+def _present_taxa(embeddings: torch.Tensor, taxa: list[dict], records: list[dict]) -> tuple[torch.Tensor, list[dict]]:
+    """The text keys (embeddings, taxon records) of the taxa some record of `records` still names."""
+    present = {taxon["id"] for taxon in taxon_keys(records)}
+    keep = [i for i, taxon in enumerate(taxa) if taxon["id"] in present]
+    return embeddings[torch.tensor(keep, dtype=torch.long)], [taxa[i] for i in keep]
 
 
 def _in_memory(directory: Path, meta: dict, records: list[dict], keys: dict) -> ReferenceLibrary:
