@@ -91,12 +91,20 @@ def rollout(maps: list[torch.Tensor]) -> torch.Tensor:
 
 
 def attention_rollout(vit: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The rollout [B, tokens, tokens] of a timm ViT on `pixel_values` (`rollout` of `attention_maps`)."""
+    """The rollout [B, tokens, tokens] of a timm ViT on `pixel_values` (`rollout` of `attention_maps`).
+
+    Usage:
+        joint = attention_rollout(vit, pixel_values)   # [B, tokens, tokens]
+    """
     return rollout(attention_maps(vit, pixel_values))
 
 
 def patch_grid(vit: nn.Module) -> tuple[int, int]:
-    """(rows, columns) of image patches of a timm ViT."""
+    """(rows, columns) of image patches of a timm ViT.
+
+    Usage:
+        rows, columns = patch_grid(vit)   # (14, 14) for a ViT-B/16 at 224 px
+    """
     grid = getattr(getattr(vit, "patch_embed", None), "grid_size", None)
     if grid is None:
         raise ValueError(f"{type(vit).__name__} has no patch_embed.grid_size: attention maps need a timm ViT")
@@ -107,7 +115,11 @@ PAPER_BLOCKS = (2, 6)  # the paper's Fig. 5: "the forward outputs of the second 
 
 
 def select_blocks(maps: list[torch.Tensor], blocks: tuple[int, int] | None) -> list[torch.Tensor]:
-    """The maps of blocks `first`..`last` (counted from 1, both included); None: every block."""
+    """The maps of blocks `first`..`last` (counted from 1, both included); None: every block.
+
+    Usage:
+        rollout(select_blocks(attention_maps(vit, pixel_values), PAPER_BLOCKS))
+    """
     if blocks is None:
         return maps
     first, last = blocks

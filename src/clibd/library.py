@@ -52,12 +52,20 @@ COMBINED = (MEAN, CONCAT)
 
 
 def keys_name(modalities: Sequence[str]) -> str:
-    """The canonical name of a key set: its kinds in `KEY_KINDS` order, space-joined."""
+    """The canonical name of a key set: its kinds in `KEY_KINDS` order, space-joined.
+
+    Usage:
+        keys_name(["dna", "image"])   # "image dna"
+    """
     return " ".join(m for m in KEY_KINDS if m in modalities)
 
 
 def feature_parts(kind: str) -> list[str]:
-    """The tower embeddings a query or key kind is made of: ["image", "dna"] for the combined kinds."""
+    """The tower embeddings a query or key kind is made of: ["image", "dna"] for the combined kinds.
+
+    Usage:
+        feature_parts("image+dna")   # ["image", "dna"]
+    """
     return ["image", "dna"] if kind in COMBINED else [kind]
 
 
@@ -73,7 +81,11 @@ def combine(image: torch.Tensor, dna: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def pair_name(query: str, keys: Sequence[str] | str) -> str:
-    """How `index.json` names a (query, keys) calibration: "image->dna", "image+dna->image dna"."""
+    """How `index.json` names a (query, keys) calibration: "image->dna", "image+dna->image dna".
+
+    Usage:
+        pair_name("image", ["image", "dna"])   # "image->image dna"
+    """
     return f"{query}->{keys if isinstance(keys, str) else keys_name(keys)}"
 
 
@@ -95,7 +107,11 @@ class ReferenceLibrary:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> ReferenceLibrary:
-        """Read a library folder, or a single-modality index folder as a library of one key set."""
+        """Read a library folder, or a single-modality index folder as a library of one key set.
+
+        Usage:
+            library = ReferenceLibrary.load("refs/")
+        """
         directory = Path(directory)
         meta_path = directory / "index.json"
         if not meta_path.exists():
@@ -127,18 +143,30 @@ class ReferenceLibrary:
 
     @classmethod
     def of_index(cls, index: ReferenceIndex) -> ReferenceLibrary:
-        """A single-modality index as a library: its one key set, each key its own record."""
+        """A single-modality index as a library: its one key set, each key its own record.
+
+        Usage:
+            library = ReferenceLibrary.of_index(ReferenceIndex.load("refs_dna/"))
+        """
         return cls(index.directory, index.meta, index.records, {index.modality: index},
                    {index.modality: torch.arange(len(index.records))})
 
     @property
     def modalities(self) -> list[str]:
-        """The key modalities held, in `MODALITIES` order."""
+        """The key modalities held, in `MODALITIES` order.
+
+        Usage:
+            library.modalities   # ["image", "dna", "text"]
+        """
         return [m for m in MODALITIES if m in self.key_sets]
 
     @property
     def is_library(self) -> bool:
-        """Whether the folder is a multi-modal library (not a single-modality index)."""
+        """Whether the folder is a multi-modal library (not a single-modality index).
+
+        Usage:
+            if library.is_library: print(library.meta["modalities"])
+        """
         return "modalities" in self.meta
 
     def require(self, modalities: Sequence[str]) -> None:
@@ -164,7 +192,11 @@ class ReferenceLibrary:
     def keys(self, modalities: Sequence[str]) -> ReferenceIndex:
         """The key set of one modality, or several stacked into one (the paper's "all"): their
         embeddings concatenated (a copy, made once), their records one after the other. A combined
-        kind (`image+dna`, `image+dna-concat`) is built from the image and DNA keys (`combined`)."""
+        kind (`image+dna`, `image+dna-concat`) is built from the image and DNA keys (`combined`).
+
+        Usage:
+            index = library.keys(["image", "dna"]); index.embeddings.shape   # [image + dna keys, D]
+        """
         self.require(modalities)
         name = keys_name(modalities)
         if name in COMBINED:
@@ -209,12 +241,20 @@ class ReferenceLibrary:
         return self._stacks[kind]
 
     def key_owners(self, keys: Sequence[str]) -> torch.Tensor:
-        """The record position of each row of `keys(keys)` (-1: a text key, which belongs to no record)."""
+        """The record position of each row of `keys(keys)` (-1: a text key, which belongs to no record).
+
+        Usage:
+            owners = library.key_owners(["image", "dna"]); library.records[int(owners[0])]
+        """
         self.keys(keys)
         return torch.cat([self.owners[m] for m in keys_name(keys).split()])
 
     def key_modality(self, keys: Sequence[str], row: int) -> str:
-        """Which kind row `row` of `keys(keys)` is (stacked keys follow `MODALITIES` order)."""
+        """Which kind row `row` of `keys(keys)` is (stacked keys follow `MODALITIES` order).
+
+        Usage:
+            library.key_modality(["image", "dna"], row=0)   # "image"
+        """
         for modality in keys_name(keys).split():
             count = len(self.keys([modality]).records)
             if row < count:
@@ -225,7 +265,11 @@ class ReferenceLibrary:
     def calibration(self, query: str, keys: Sequence[str]) -> tuple[dict[str, float], dict[str, list]]:
         """(thresholds, precision curves) for `query` embeddings against `keys`: as stored in the
         folder, else calibrated now on the library (in memory, with a log line: `clibd index
-        recalibrate` stores the pairs `clibd.library_build.calibrate_library` lists)."""
+        recalibrate` stores the pairs `clibd.library_build.calibrate_library` lists).
+
+        Usage:
+            thresholds, curves = library.calibration("image", ["dna"])
+        """
         name = pair_name(query, keys)
         stored = self.meta.get("pairs", {}).get(name)
         if stored is not None:
@@ -245,7 +289,11 @@ class ReferenceLibrary:
 
     def query_embeddings(self, query: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The library's own embeddings in a query kind, with each one's record position (combined
-        kinds: for records with both, as `combined`; text: the taxon keys, position -1)."""
+        kinds: for records with both, as `combined`; text: the taxon keys, position -1).
+
+        Usage:
+            embeddings, owners = library.query_embeddings("image+dna")
+        """
         dim = self.key_sets[self.modalities[0]].embeddings.shape[1]
         if not set(feature_parts(query)) <= set(self.key_sets):  # no such embeddings here: nothing to calibrate on
             return torch.empty(0, dim), torch.empty(0, dtype=torch.long)
@@ -255,7 +303,11 @@ class ReferenceLibrary:
     def calibrate(self, query: str, keys: Sequence[str], precision: float | None = None) -> Calibration:
         """Calibrate (query, keys) on the library (`clibd.pair_calibration`; same-modality keys as
         a single-modality index is, novelty parts included). Text queries are the taxon keys (a
-        taxon's name asked for its specimens)."""
+        taxon's name asked for its specimens).
+
+        Usage:
+            calibration = library.calibrate("image", ["dna"], precision=0.95)
+        """
         name = keys_name(keys)
         if query == name and name in self.key_sets:
             index = self.key_sets[name]
@@ -271,14 +323,22 @@ class ReferenceLibrary:
                               owners.tolist(), precision=precision)
 
     def is_du_threshold(self) -> float:
-        """The IS+DU threshold stored in the folder, else calibrated now (`calibrate_is_du`)."""
+        """The IS+DU threshold stored in the folder, else calibrated now (`calibrate_is_du`).
+
+        Usage:
+            threshold = library.is_du_threshold()
+        """
         self.require(["image", "dna"])
         if "is_du" not in self.meta:
             self.meta["is_du"] = self.calibrate_is_du()
         return self.meta["is_du"]["threshold"]
 
     def calibrate_is_du(self) -> dict:
-        """`clibd.pair_calibration.calibrate_is_du` on this library's photos and barcodes."""
+        """`clibd.pair_calibration.calibrate_is_du` on this library's photos and barcodes.
+
+        Usage:
+            library.meta["is_du"] = library.calibrate_is_du()   # {"threshold": ..., ...}
+        """
         image, dna = self.key_sets["image"], self.key_sets["dna"]
         return calibrate_is_du(image.embeddings.float(), self.owners["image"].tolist(), image.embeddings,
                                self.owners["image"].tolist(), dna.embeddings, self.owners["dna"].tolist(),
@@ -287,7 +347,11 @@ class ReferenceLibrary:
 
 def key_meta(meta: dict, modality: str, count: int) -> dict:
     """The `meta` a library's key set carries as a `ReferenceIndex`: the model, its parts, count,
-    and (one modality) the calibration of its own modality's queries."""
+    and (one modality) the calibration of its own modality's queries.
+
+    Usage:
+        ReferenceIndex(directory, key_meta(meta, "dna", len(dna_records)), embeddings, dna_records)
+    """
     own = meta.get("pairs", {}).get(f"{modality}->{modality}", {})
     keys = meta.get("keys", {}).get(modality, {})
     return {"model": meta["model"], "model_hash": meta["model_hash"], "modality": modality,

@@ -204,7 +204,11 @@ def _in_memory(directory: Path, meta: dict, records: list[dict], keys: dict) -> 
 
 def calibrate_library(library: ReferenceLibrary, precision: float | None = None) -> dict:
     """`meta` entries `pairs` and `is_du`: every query modality the library has embeddings of
-    (image, dna, their mean) against each key modality and all of them stacked."""
+    (image, dna, their mean) against each key modality and all of them stacked.
+
+    Usage:
+        meta |= calibrate_library(ReferenceLibrary.load("refs/"), precision=0.95)
+    """
     held = library.modalities
     queries = [m for m in ("image", "dna") if m in held] + (["image+dna"] if {"image", "dna"} <= set(held) else [])
     key_sets = [[m] for m in held] + ([held] if len(held) > 1 else [])

@@ -52,34 +52,61 @@ class FusedQKVLoRA(nn.Module):
 
     @property
     def in_features(self) -> int:
+        """The input width of the wrapped qkv Linear.
+
+        Usage:
+            FusedQKVLoRA(nn.Linear(768, 3 * 768), rank=4).in_features   # 768
+        """
         return self.base_layer.in_features
 
     @property
     def out_features(self) -> int:
+        """The output width of the wrapped qkv Linear (q, k and v rows together).
+
+        Usage:
+            FusedQKVLoRA(nn.Linear(768, 3 * 768), rank=4).out_features   # 2304
+        """
         return self.base_layer.out_features
 
     def reset_lora_parameters(self) -> None:
-        """A as nn.Linear's default (Kaiming uniform, a = sqrt 5), B zero: the delta starts at zero."""
+        """A as nn.Linear's default (Kaiming uniform, a = sqrt 5), B zero: the delta starts at zero.
+
+        Usage:
+            qkv.reset_lora_parameters()   # back to the base layer's output
+        """
         for a, b in ((self.lora_q_A, self.lora_q_B), (self.lora_v_A, self.lora_v_B)):
             if a.weight.device.type != "meta":
                 nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
                 nn.init.zeros_(b.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """q | k | v of the base layer on `x`, with the low-rank deltas added to q and v.
+
+        Usage:
+            qkv(torch.randn(2, 197, 768))   # [2, 197, 2304] for qkv = FusedQKVLoRA(nn.Linear(768, 2304), 4)
+        """
         q, k, v = self.base_layer(x).chunk(3, dim=-1)
         q = q + self.lora_q_B(self.lora_q_A(x))
         v = v + self.lora_v_B(self.lora_v_A(x))
         return torch.cat([q, k, v], dim=-1)
 
     def merged_weight(self) -> torch.Tensor:
-        """The plain qkv weight this layer computes (the deltas folded into the q and v rows)."""
+        """The plain qkv weight this layer computes (the deltas folded into the q and v rows).
+
+        Usage:
+            plain = nn.Linear(768, 3 * 768); plain.weight.data = qkv.merged_weight()
+        """
         q, k, v = self.base_layer.weight.chunk(3, dim=0)
         return torch.cat([q + self.lora_q_B.weight @ self.lora_q_A.weight, k,
                           v + self.lora_v_B.weight @ self.lora_v_A.weight], dim=0)
 
 
 def add_vit_lora(vit: nn.Module, rank: int) -> int:
-    """Wrap every timm attention `qkv` Linear of `vit` in a `FusedQKVLoRA`; returns how many."""
+    """Wrap every timm attention `qkv` Linear of `vit` in a `FusedQKVLoRA`; returns how many.
+
+    Usage:
+        add_vit_lora(model.encoder_modules("image")[0], rank=4)   # 12 for a ViT-B/16
+    """
     attentions = [module for module in vit.modules() if isinstance(getattr(module, "qkv", None), nn.Linear)]
     for module in attentions:
         module.qkv = FusedQKVLoRA(module.qkv, rank)
@@ -88,7 +115,11 @@ def add_vit_lora(vit: nn.Module, rank: int) -> int:
 
 def add_bert_lora(module: nn.Module, rank: int) -> int:
     """peft LoRA (alpha = rank, no dropout) on the `query` and `value` Linear layers inside
-    `module`; returns how many layers it adapted (0: nothing there to adapt, nothing changed)."""
+    `module`; returns how many layers it adapted (0: nothing there to adapt, nothing changed).
+
+    Usage:
+        add_bert_lora(model.encoder_modules("text")[0], rank=4)   # query and value of every layer
+    """
     targets = [name for name, child in module.named_modules()
                if name.split(".")[-1] in BERT_TARGETS and isinstance(child, nn.Linear)]
     if targets:

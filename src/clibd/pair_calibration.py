@@ -37,7 +37,11 @@ NO_KEY = -2.0  # the similarity given to removed keys
 
 
 def held_out_rank(records: Sequence[dict]) -> str | None:
-    """The deepest rank the records label (what calibration holds out)."""
+    """The deepest rank the records label (what calibration holds out).
+
+    Usage:
+        held_out_rank([{"genus": "Aedes", "species": ""}])   # "genus"
+    """
     return next((rank for rank in reversed(RANKS) if any(r.get(rank) for r in records)), None)
 
 
@@ -50,7 +54,11 @@ def _ids(labels: Sequence[str], vocabulary: dict[str, int]) -> torch.Tensor:
 def nearest_pair(queries: torch.Tensor, query_owner: torch.Tensor, query_taxa: torch.Tensor, keys: torch.Tensor,
                  key_owner: torch.Tensor, key_taxa: torch.Tensor, chunk_size: int = 512) -> tuple[torch.Tensor, ...]:
     """(similarity, key) of each query's nearest key with its own keys removed (same owner), and
-    with its own keys and every key of its taxon removed. Owners < 0 own nothing."""
+    with its own keys and every key of its taxon removed. Owners < 0 own nothing.
+
+    Usage:
+        loo_sim, loo_key, held_sim, held_key = nearest_pair(queries, owner, taxa, keys, key_owner, key_taxa)
+    """
     keys = keys.float()
     out: list[tuple[torch.Tensor, ...]] = []
     for start in range(0, queries.shape[0], chunk_size):

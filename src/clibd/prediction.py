@@ -21,7 +21,11 @@ COMMENT = "# "  # provenance lines of a predictions TSV
 @dataclass(frozen=True)
 class Hit:
     """A reference among a query's nearest: its id, cosine similarity and taxonomy (rank -> label;
-    read back from a TSV, the species only)."""
+    read back from a TSV, the species only).
+
+    Usage:
+        Hit("BIOUG001-22", 0.93, {"species": "Aedes vexans"}, modality="dna")
+    """
 
     id: str
     similarity: float
@@ -45,6 +49,9 @@ class Prediction:
     `identity`: the alignment identity of the reference that named the species
     (`clibd.species_check`; it may not be `hits[0]`, whose support and precision the other ranks
     keep), else the best among the nearest references; NaN where the index has no species check.
+
+    Usage:
+        prediction.answer["genus"], prediction.novel, prediction.hits[0].id
     """
 
     query_id: str
@@ -61,7 +68,11 @@ class Prediction:
 
     @property
     def deepest_rank(self) -> str | None:
-        """The deepest rank the answer gives (e.g. "genus"), None when it gives none."""
+        """The deepest rank the answer gives (e.g. "genus"), None when it gives none.
+
+        Usage:
+            prediction.deepest_rank   # "genus"
+        """
         filled = [rank for rank in RANKS if self.answer.get(rank)]
         return filled[-1] if filled else None
 

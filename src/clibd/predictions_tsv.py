@@ -32,7 +32,11 @@ if TYPE_CHECKING:  # identify imports this module
 
 
 def prediction_columns(top_k: int) -> list[str]:
-    """The TSV's columns for `top_k` hits."""
+    """The TSV's columns for `top_k` hits.
+
+    Usage:
+        prediction_columns(5)   # ["query_id", "order", ..., "hit5_similarity"]
+    """
     hits = [f"hit{i}_{field}" for i in range(1, top_k + 1) for field in ("id", "species", "similarity")]
     return ["query_id", *RANKS, "similarity", "novel", *(f"{rank}_support" for rank in RANKS),
             "novelty_similarity", *(f"{rank}_precision" for rank in RANKS), "identity", "error", "route", *hits]

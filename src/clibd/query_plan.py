@@ -45,11 +45,19 @@ class QueryPlan:
 
     @property
     def fields(self) -> list[str]:
-        """What a query needs embedded: "image", "dna", "text" (its ranks), or image and dna."""
+        """What a query needs embedded: "image", "dna", "text" (its ranks), or image and dna.
+
+        Usage:
+            QueryPlan("image+dna", ("dna",)).fields   # ["image", "dna"]
+        """
         return feature_parts(self.query)
 
     def describe(self) -> str:
-        """One line for the TSV's provenance: what was compared, and how."""
+        """One line for the TSV's provenance: what was compared, and how.
+
+        Usage:
+            plan.describe()   # "query image -> keys dna; strategy nearest"
+        """
         if self.strategy == "is-du":
             return f"query {self.query}; strategy is-du (image keys above {self.threshold:.4f}, else dna keys)"
         return f"query {self.query} -> keys {' '.join(self.keys)}; strategy nearest"
@@ -69,7 +77,11 @@ def resolve_plan(library: ReferenceLibrary, towers: Sequence[str], records: Sequ
     kind where the library holds it (image+dna: dna), else every image / dna key set stacked.
     A query or key kind the model has no tower for, keys the library does not hold, or a query and
     keys of different widths (`dims`: each tower's embedding width, default the library's key
-    widths) is a `ValueError` naming it."""
+    widths) is a `ValueError` naming it.
+
+    Usage:
+        plan = resolve_plan(library, model.config.modalities, records, keys=["dna"], query="image")
+    """
     strategy = strategy or "nearest"
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; use one of {STRATEGIES}")
@@ -106,7 +118,11 @@ def resolve_plan(library: ReferenceLibrary, towers: Sequence[str], records: Sequ
 
 def feature_width(kind: str, dims: Mapping[str, int]) -> int | None:
     """The width of a query / key kind (`dims`: per tower; None where a tower's width is unknown);
-    a `ValueError` for `image+dna` when the image and DNA widths differ (no mean exists)."""
+    a `ValueError` for `image+dna` when the image and DNA widths differ (no mean exists).
+
+    Usage:
+        feature_width("image+dna-concat", {"image": 512, "dna": 512})   # 1024
+    """
     parts = [dims.get(m) for m in feature_parts(kind)]
     if None in parts:
         return None
@@ -134,7 +150,11 @@ def check_widths(query: str, keys: Sequence[str], dims: Mapping[str, int]) -> No
 
 def query_problems(records: Sequence[dict], field: str) -> dict[int, str]:
     """Position -> why, for `records` that lack what a query needs for `field` (text: a rank);
-    the plain fields are checked by `clibd.index.unusable`."""
+    the plain fields are checked by `clibd.index.unusable`.
+
+    Usage:
+        query_problems(records, "text")   # {3: "no taxonomy (...)"} for a record with no rank
+    """
     if field != "text":
         return {}
     return {i: "no taxonomy (a text query reads its order, family, genus and species)"

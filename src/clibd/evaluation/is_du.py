@@ -46,7 +46,11 @@ GRID = {"nn": 1000, "linear": 1001}
 @dataclass
 class Side:
     """One side of the routing for a set of queries: top-k scores [Q, K] (the unseen side: None)
-    and per rank the top-k labels of each query."""
+    and per rank the top-k labels of each query.
+
+    Usage:
+        Side(scores, {rank: labels[rank] for rank in RANKS}); Side(None, unseen_labels)
+    """
 
     scores: torch.Tensor | None
     labels: dict[str, list[list[str]]]

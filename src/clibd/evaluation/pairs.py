@@ -27,7 +27,11 @@ FEATURE_NAMES = {"image": "image", "dna": "DNA", "text": "text", AVERAGED: "imag
 def feature_widths(modalities: Sequence[str], dims: Mapping[str, int] | None = None) -> dict[str, int]:
     """The width of every feature a model with `modalities` has: `dims` per tower (default all
     equal, the shared projection width), averaged = the image width, concatenated = the sum,
-    `all` = the shared width (only when all three towers are there and equally wide)."""
+    `all` = the shared width (only when all three towers are there and equally wide).
+
+    Usage:
+        feature_widths(["image", "dna"], {"image": 512, "dna": 512})   # {..., "image_dna_concat": 1024}
+    """
     dims = dict(dims or {m: 1 for m in modalities})
     widths = {m: dims[m] for m in MODALITIES if m in modalities}
     if "image" in widths and "dna" in widths:

@@ -34,7 +34,11 @@ class LinearClassifier:
     """A linear layer over image features, one output per seen species; `classes[i]` is output
     i's taxonomy ({rank: label}). With `encoder` (a fine-tuned image tower and the `processor`
     that feeds it) the features are that encoder's outputs for the records' images, else the
-    CLIBD image embeddings."""
+    CLIBD image embeddings.
+
+    Usage:
+        scores, labels = classifier.predict(classifier.features(dataset, embeddings), k=5)
+    """
 
     layer: torch.nn.Linear
     classes: list[dict[str, str]]
@@ -45,7 +49,11 @@ class LinearClassifier:
     @torch.no_grad()
     def features(self, dataset: datasets.Dataset, embeddings: torch.Tensor) -> torch.Tensor:
         """What the head reads for `dataset`'s records: `embeddings` (their CLIBD image
-        embeddings), or the fine-tuned encoder's outputs for their images."""
+        embeddings), or the fine-tuned encoder's outputs for their images.
+
+        Usage:
+            features = classifier.features(queries_dataset, query_embeddings)   # [Q, in_features]
+        """
         if self.encoder is None:
             return embeddings
         self.encoder.eval()
@@ -57,7 +65,11 @@ class LinearClassifier:
 
     @torch.no_grad()
     def predict(self, features: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, dict[str, list[list[str]]]]:
-        """Top-k softmax confidences [Q, k] and, per rank, the top-k classes' labels."""
+        """Top-k softmax confidences [Q, k] and, per rank, the top-k classes' labels.
+
+        Usage:
+            scores, labels_by_rank = classifier.predict(features, k=5); labels_by_rank["species"][0]
+        """
         layer = self.layer.cpu()
         probabilities = torch.softmax(layer(features.float().cpu()), dim=-1)
         values, indices = torch.topk(probabilities, min(k, len(self.classes)), dim=1)

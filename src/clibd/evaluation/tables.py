@@ -74,7 +74,11 @@ def paper_table(metrics: dict, metric: str = "macro_top1", modalities: Sequence[
 
 def is_du_table(metrics: dict) -> str:
     """Tables 3 and 10: image queries; NN with DNA keys (the image -> DNA pair) vs IS+DU with the
-    NN and the linear classifier; micro and macro top-1, seen / unseen / H.M., every rank."""
+    NN and the linear classifier; micro and macro top-1, seen / unseen / H.M., every rank.
+
+    Usage:
+        print(is_du_table(json.load(open("runs/demo/eval/metrics.json"))))
+    """
     is_du = metrics.get("image", {}).get("is_du", {})
     sources = {("NN", "DNA"): metrics.get("image", {}).get("dna"), ("NN", "IS+DU"): is_du.get("nn"),
                ("Linear", "IS+DU"): is_du.get("linear")}
@@ -112,7 +116,11 @@ def render_report(metrics: dict, modalities: Sequence[str] | None = None, aligne
                   title: str = "Retrieval accuracy", stage: str = "test", compat: bool = False) -> str:
     """The whole metrics.md for one stage's metrics: Tables 1 and 5, every pair at top-1/3/5,
     and with IS+DU Tables 3/10 and 9. `modalities`: the model's towers (default: those the
-    metrics mention)."""
+    metrics mention).
+
+    Usage:
+        Path("metrics.md").write_text(render_report(metrics, ["image", "dna", "text"], stage="test"))
+    """
     if modalities is None:
         modalities = [m for m in MODALITIES if m in metrics or any(m in by_key for by_key in metrics.values())]
     state = "aligned" if aligned else "unaligned (pretrained towers, no contrastive training)"

@@ -19,7 +19,11 @@ DEFAULT_K = (1, 3, 5)
 
 
 def harmonic_mean(a: float, b: float) -> float:
-    """2ab / (a + b); 0 when either is 0 (as the authors' `harmonic_mean`)."""
+    """2ab / (a + b); 0 when either is 0 (as the authors' `harmonic_mean`).
+
+    Usage:
+        harmonic_mean(0.8, 0.4)   # 0.533...
+    """
     return 0.0 if a + b == 0 or a * b == 0 else 2 * a * b / (a + b)
 
 
@@ -61,7 +65,11 @@ def topk_accuracy(true: Sequence[str], predicted: Sequence[Sequence[str]], k: in
 def rank_metrics(references: Mapping[str, Sequence[str]], predictions: Mapping[str, Sequence[Sequence[str]]],
                  k_list: Sequence[int] = DEFAULT_K, drop_empty: bool = True) -> dict[str, dict[str, float]]:
     """{rank: {"micro_top{k}": ..., "macro_top{k}": ...}} for every rank of `references`
-    ({rank: true labels}) and `predictions` ({rank: per query, labels best first})."""
+    ({rank: true labels}) and `predictions` ({rank: per query, labels best first}).
+
+    Usage:
+        rank_metrics({"species": ["A", "B"]}, {"species": [["A", "B"], ["A", "C"]]})   # {"species": {"micro_top1": 0.5, ...}}
+    """
     metrics: dict[str, dict[str, float]] = {}
     for rank, true in references.items():
         metrics[rank] = {}
@@ -72,6 +80,10 @@ def rank_metrics(references: Mapping[str, Sequence[str]], predictions: Mapping[s
 
 
 def with_harmonic_mean(seen: dict[str, dict[str, float]], unseen: dict[str, dict[str, float]]) -> dict:
-    """{"seen": seen, "unseen": unseen, "hm": their harmonic mean, metric by metric}."""
+    """{"seen": seen, "unseen": unseen, "hm": their harmonic mean, metric by metric}.
+
+    Usage:
+        with_harmonic_mean(rank_metrics(seen_true, seen_pred), rank_metrics(unseen_true, unseen_pred))["hm"]
+    """
     hm = {rank: {m: harmonic_mean(seen[rank][m], unseen[rank][m]) for m in seen[rank]} for rank in seen}
     return {"seen": seen, "unseen": unseen, "hm": hm}
