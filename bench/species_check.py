@@ -57,13 +57,13 @@ def settings_for_split(identifier: Identifier, queries: list[dict], novel: list[
     ids, barcodes = [q["id"] for q in queries], [q["dna"] for q in queries]
     out = {"embedding alone (no check)": rates(identifier.identify_embeddings(query_embeddings, ids, 5), novel, seen)}
     for cutoff in cutoffs:  # alignment alone: the embedding never names a species
-        index.__dict__["species_check"] = SpeciesCheck(math.inf, identity_cutoff=cutoff)
+        index.species_check = SpeciesCheck(math.inf, identity_cutoff=cutoff)
         out[f"alignment alone, cut-off {cutoff}"] = rates(identifier.identify_embeddings(query_embeddings, ids, 5,
                                                                                         barcodes=barcodes), novel, seen)
     for cutoff in cutoffs:
         for share in novel_named:
             check = calibrate_species_check(embeddings, novelty, records, identity_cutoff=cutoff, novel_named=share)
-            index.__dict__["species_check"] = check  # the cached property, replaced for this setting
+            index.species_check = check  # this setting's check instead of the stored one
             predictions = identifier.identify_embeddings(query_embeddings, ids, 5, barcodes=barcodes)
             out[f"cut-off {cutoff}, novel_named {share} (embedding threshold {check.embedding_threshold:.3f})"] = \
                 rates(predictions, novel, seen)

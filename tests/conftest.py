@@ -75,3 +75,11 @@ def records(data_dir):
     held = [name for i, name in enumerate(species) if i % 3]
     return {"one_each": [by_species[name][0] for name in held], "held": [by_species[name][1] for name in held],
             "absent": absent, "many_each": [row for name in held for row in by_species[name][:-1]]}
+
+
+@pytest.fixture(scope="session")
+def library_model_dir(tmp_path_factory, text_tokenizer):
+    """A tiny untrained image + DNA + text model (tests/library_fixtures.save_model)."""
+    from library_fixtures import save_model
+
+    return save_model(tmp_path_factory.mktemp("library_model"), text_tokenizer)

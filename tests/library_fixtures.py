@@ -11,9 +11,23 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageEnhance
 
+from clibd import CLIBDConfig, CLIBDModel, CLIBDProcessor
+from clibd.data import read_records
+
 PHOTO_ORDERS = ("Coleoptera", "Diptera", "Hymenoptera", "Lepidoptera")
+DNA = {"tokenizer_flavour": "barcodebert", "pooling": "mean"}
+
+
+def save_model(path, text_tokenizer, modalities=("image", "dna", "text")):
+    """A tiny untrained model of `modalities` (seeded: the same weights whichever test runs first)."""
+    torch.manual_seed(0)
+    config = CLIBDConfig.tiny(modalities=list(modalities), dna_config=DNA)
+    CLIBDModel(config).save_pretrained(path)
+    CLIBDProcessor.from_model_config(config, text_tokenizer).save_pretrained(path)
+    return path
 
 
 def _number(text: str, modulo: int) -> int:
@@ -41,8 +55,6 @@ def with_photos(records: list[dict], photo_dir: Path, out_dir: Path) -> list[dic
 
 def species_photo_records(data_dir: Path, out_dir: Path, limit: int) -> list[dict]:
     """Up to `limit` shared barcode records, up to 4 of each species with at least 3, with synthetic photos."""
-    from clibd.data import read_records
-
     by_species: dict[str, list[dict]] = {}
     for row in read_records(data_dir / "insect_bold_coi" / "insect_bold_coi_small.tsv"):
         by_species.setdefault(row["species"], []).append(row)

@@ -9,29 +9,14 @@ import shutil
 
 import pytest
 import torch
-from library_fixtures import species_photo_records
+from library_fixtures import save_model, species_photo_records
 
-from clibd import CLIBDConfig, CLIBDModel, CLIBDProcessor
+from clibd import CLIBDModel
 from clibd.cli import main as cli
 from clibd.identify import Identifier, read_predictions_tsv
 from clibd.index import ReferenceIndex, add_to_index, build_index
 from clibd.library import ReferenceLibrary
 from clibd.library_build import build_library, taxon_keys
-
-DNA = {"tokenizer_flavour": "barcodebert", "pooling": "mean"}
-
-
-def save_model(path, text_tokenizer, modalities=("image", "dna", "text")):
-    torch.manual_seed(0)
-    config = CLIBDConfig.tiny(modalities=list(modalities), dna_config=DNA)
-    CLIBDModel(config).save_pretrained(path)
-    CLIBDProcessor.from_model_config(config, text_tokenizer).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, text_tokenizer):
-    return save_model(tmp_path_factory.mktemp("model"), text_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +32,8 @@ def records(data_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def library(model_dir, records, tmp_path_factory):
-    return build_library(model_dir, records, ["image", "dna", "text"], tmp_path_factory.mktemp("lib") / "refs",
+def library(library_model_dir, records, tmp_path_factory):
+    return build_library(library_model_dir, records, ["image", "dna", "text"], tmp_path_factory.mktemp("lib") / "refs",
                          progress=False)
 
 
@@ -81,7 +66,7 @@ def test_taxon_keys_every_rank():
                                       "Diptera Culicidae Aedes not_classified", "Diptera Culicidae Aedes Aedes aegypti"]
 
 
-def test_photo_queries_against_each_key_set(library, records, model_dir):
+def test_photo_queries_against_each_key_set(library, records, library_model_dir):
     identifier = Identifier.load(library.directory)
     pictured = [r for r in records if r["image"]][:8]
     photos = [{"id": f"q{i}", "image": r["image"], "dna": r["dna"]} for i, r in enumerate(pictured)]
@@ -121,16 +106,16 @@ def test_is_du_routes_by_the_image_similarity(library, records):
         identifier.identify(photos, strategy="is-du", query="dna")
 
 
-def test_clear_errors_for_keys_and_towers(model_dir, records, tmp_path, text_tokenizer):
+def test_clear_errors_for_keys_and_towers(library_model_dir, records, tmp_path, text_tokenizer):
     # a library with text keys takes names-only records (a checklist): their taxa become text keys
     checklist = {"id": "checklist-1", "order": "Diptera", "family": "Culicidae", "genus": "Aedes", "species": "",
                  "dna": "", "image": ""}
-    dna_text = build_library(model_dir, [r for r in records if r["dna"]][:20] + [checklist], ["dna", "text"],
+    dna_text = build_library(library_model_dir, [r for r in records if r["dna"]][:20] + [checklist], ["dna", "text"],
                              tmp_path / "dt", progress=False)
     assert "Diptera Culicidae Aedes not_classified" in [t["id"] for t in dna_text.key_sets["text"].records]
     assert len(dna_text.key_sets["dna"].records) == 20
     with pytest.raises(ValueError, match="checklist-1: no image or dna"):
-        build_library(model_dir, records[:5] + [checklist], ["image", "dna"], tmp_path / "no_text", progress=False)
+        build_library(library_model_dir, records[:5] + [checklist], ["image", "dna"], tmp_path / "no_text", progress=False)
     with pytest.raises(ValueError, match="holds no image keys"):
         Identifier.load(dna_text.directory).identify(records[:2], keys=["image"], query="dna")
     no_image = save_model(tmp_path / "dna_text_model", text_tokenizer, ("dna", "text"))
@@ -142,8 +127,8 @@ def test_clear_errors_for_keys_and_towers(model_dir, records, tmp_path, text_tok
         Identifier.load(dna_only.directory).identify(records[:2], keys=["dna"], query="image")
 
 
-def test_add_grows_every_key_set_and_single_modality_folders_still_load(library, records, model_dir, tmp_path):
-    first = build_library(model_dir, records[:30], ["image", "dna", "text"], tmp_path / "grow", progress=False)
+def test_add_grows_every_key_set_and_single_modality_folders_still_load(library, records, library_model_dir, tmp_path):
+    first = build_library(library_model_dir, records[:30], ["image", "dna", "text"], tmp_path / "grow", progress=False)
     grown = add_to_index(first.directory, records[30:], progress=False)
     assert isinstance(grown, ReferenceLibrary)
     for modality in ("image", "dna", "text"):
@@ -161,7 +146,7 @@ def test_add_grows_every_key_set_and_single_modality_folders_still_load(library,
     assert species not in names and "Relabelled species" in names
     assert len(after.key_sets["text"].records) == after.key_sets["text"].embeddings.shape[0]
     # a folder the single-modality code writes opens as a library of one key set, with its own thresholds
-    single = build_index(model_dir, [r for r in records if r["dna"]], "dna", tmp_path / "single", progress=False)
+    single = build_index(library_model_dir, [r for r in records if r["dna"]], "dna", tmp_path / "single", progress=False)
     as_library = ReferenceLibrary.load(single.directory)
     assert as_library.modalities == ["dna"] and not as_library.is_library
     assert as_library.calibration("dna", ["dna"])[0] == single.thresholds
@@ -174,12 +159,12 @@ def test_add_grows_every_key_set_and_single_modality_folders_still_load(library,
     assert len(prediction.hits) == 2 and prediction.deepest_rank is None and prediction.route == "dna"
 
 
-def test_cli_builds_a_library_and_identifies_photos_with_routes(model_dir, records, tmp_path, capsys):
+def test_cli_builds_a_library_and_identifies_photos_with_routes(library_model_dir, records, tmp_path, capsys):
     table = tmp_path / "refs.tsv"
     table.write_text("id\torder\tfamily\tgenus\tspecies\tdna\timage\n" + "".join(
         "\t".join(r[c] for c in ("id", "order", "family", "genus", "species", "dna", "image")) + "\n"
         for r in records))
-    assert cli(["index", "build", "--model", str(model_dir), "--records", str(table), "--modality", "image", "dna",
+    assert cli(["index", "build", "--model", str(library_model_dir), "--records", str(table), "--modality", "image", "dna",
                 "text", "--out", str(tmp_path / "refs")]) == 0
     assert "IS+DU threshold" in capsys.readouterr().out
     photos = tmp_path / "photos"

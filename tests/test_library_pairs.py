@@ -12,7 +12,6 @@ import datasets
 import pytest
 import torch
 from library_fixtures import species_photo_records
-from test_library import save_model
 
 from clibd.cli import main as cli
 from clibd.constants import RANKS
@@ -30,10 +29,6 @@ KEYS = {**{name: [spelling] for name, spelling in QUERY.items()}, "all": ["image
 COLUMNS = ("id", *RANKS, "dna", "image")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, text_tokenizer):
-    return save_model(tmp_path_factory.mktemp("model"), text_tokenizer)
-
 
 @pytest.fixture(scope="module")
 def split(data_dir, tmp_path_factory):
@@ -44,8 +39,8 @@ def split(data_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def library(model_dir, split, tmp_path_factory):
-    return build_library(model_dir, split[0], ["image", "dna", "text"], tmp_path_factory.mktemp("lib") / "refs",
+def library(library_model_dir, split, tmp_path_factory):
+    return build_library(library_model_dir, split[0], ["image", "dna", "text"], tmp_path_factory.mktemp("lib") / "refs",
                          progress=False)
 
 
@@ -96,7 +91,7 @@ def test_new_pairs_answer_as_evaluate_retrieval_scores(library, split, query, ke
         assert {p.route for p in predictions} == {KEYS[key][0]}
 
 
-def test_every_evaluation_pair_can_be_asked_of_identify(library, split, model_dir):
+def test_every_evaluation_pair_can_be_asked_of_identify(library, split, library_model_dir):
     identifier = Identifier.load(library.directory)
     model = identifier.model
     pairs = evaluation_pairs(["image", "dna", "text"], {m: model.embedding_dim(m) for m in model.config.modalities})

@@ -55,8 +55,8 @@ def test_identity_names_a_bad_barcode():
 
 def test_first_candidate_clearing_the_cutoff_wins_and_stops_the_alignments(monkeypatch):
     calls = []
-    real = species_check.identity
-    monkeypatch.setattr(species_check, "identity", lambda *a: calls.append(a) or real(*a))
+    real = species_check._identity
+    monkeypatch.setattr(species_check, "_identity", lambda *a: calls.append(a) or real(*a))
     close, closer = mutate(BARCODE, range(0, 600, 50)), BARCODE  # 98 % and 100 %
     assert choose_candidate(BARCODE, [close, closer, closer], cutoff=0.97) == (0, pytest.approx(588 / 600))
     assert len(calls) == 1

@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -128,22 +129,29 @@ def precision_at(curve: list[tuple[float, float]], similarity: float) -> float:
     return above[-1] if above else (curve[0][1] if curve else float("nan"))
 
 
-def nearest_held_out(embeddings: torch.Tensor, taxa: list[str], queries: list[int],
-                     chunk_size: int = 512) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def nearest_held_out(embeddings: torch.Tensor, taxa: list[str], queries: list[int], chunk_size: int = 512,
+                     k: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For each query reference: (similarity, index) of its nearest other reference, and of its
-    nearest reference of another taxon (`taxa`: each reference's held-out label)."""
+    nearest reference of another taxon (`taxa`: each reference's held-out label); with `k` > 1,
+    the `k` nearest of each, [Q, k], -2.0 where fewer are left. In chunks of queries, made
+    float32 as they are used, so a library of millions needs [chunk, N] at a time.
+
+    Usage:
+        loo_sims, loo_rows, held_sims, held_rows = nearest_held_out(embeddings, species, sample)
+    """
     label_ids = {label: i for i, label in enumerate(sorted(set(taxa)))}
     key_taxa = torch.tensor([label_ids[label] for label in taxa])
     parts: list[tuple[torch.Tensor, ...]] = []
     for start in range(0, len(queries), chunk_size):
         rows = torch.tensor(queries[start : start + chunk_size])
-        sims = embeddings[rows] @ embeddings.T
+        sims = embeddings[rows].float() @ embeddings.T.float()
         sims[torch.arange(len(rows)), rows] = -2.0  # a record is not its own reference
-        loo = sims.max(dim=1)
+        loo = sims.topk(min(k, sims.shape[1]), dim=1)
         own_taxon = key_taxa[rows].unsqueeze(1) == key_taxa.unsqueeze(0)
-        held_out = sims.masked_fill(own_taxon, -2.0).max(dim=1)
+        held_out = sims.masked_fill_(own_taxon, -2.0).topk(min(k, sims.shape[1]), dim=1)
         parts.append((loo.values, loo.indices, held_out.values, held_out.indices))
-    return tuple(torch.cat(column) for column in zip(*parts, strict=True))
+    columns = tuple(torch.cat(column) for column in zip(*parts, strict=True))
+    return columns if k > 1 else tuple(column[:, 0] for column in columns)
 
 
 @dataclass
@@ -200,10 +208,17 @@ class Answers:
         return self.held_wrong + self.own_wrong
 
 
-def _answers(records: list[dict], rank: str, queries: list[int], shared: set[int],
-             matches: tuple[torch.Tensor, ...]) -> Answers:
+def answers_at(records: Sequence[dict], rank: str, queries: list[int], shared: set[int],
+               matches: tuple[torch.Tensor, ...], key_records: Sequence[dict] | None = None) -> Answers:
     """The right and wrong nearest-reference answers at `rank`: with only itself removed (queries
-    whose taxon has another reference) and with its taxon held out."""
+    whose taxon has another reference) and with its taxon held out. `matches`: as
+    `nearest_held_out` gives; `key_records`: the references' records where they are not
+    `records` (queries of one modality against keys of another).
+
+    Usage:
+        answers = answers_at(records, "genus", queries, shared, nearest_held_out(embeddings, taxa, queries))
+    """
+    key_records = records if key_records is None else key_records
     loo_sims, loo_idx, out_sims, out_idx = (m.tolist() for m in matches)
     answers = Answers()
     for n, query in enumerate(queries):
@@ -213,7 +228,7 @@ def _answers(records: list[dict], rank: str, queries: list[int], shared: set[int
         cases = [("held", out_sims[n], out_idx[n])] + ([("own", loo_sims[n], loo_idx[n])] if query in shared else [])
         for case, sim, j in cases:
             if sim > -2.0:  # -2: nothing left once the taxon was removed
-                kind = "right" if records[j].get(rank, "") == truth else "wrong"
+                kind = "right" if key_records[j].get(rank, "") == truth else "wrong"
                 getattr(answers, f"{case}_{kind}").append(sim)
     return answers
 
@@ -235,7 +250,7 @@ def calibrate(embeddings: torch.Tensor, records: list[dict], max_queries: int = 
     placing = nearest_held_out(embeddings, taxa, queries)
     apart = novelty_embeddings is not None and novelty_embeddings is not embeddings
     novelty = nearest_held_out(novelty_embeddings, taxa, queries) if apart else placing
-    answers = {rank: _answers(records, rank, queries, shared, novelty if rank == "species" else placing)
+    answers = {rank: answers_at(records, rank, queries, shared, novelty if rank == "species" else placing)
                for rank in RANKS}
     return calibration_from_answers(answers, held_out_rank, precision)
 

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import torch
 
 from .constants import RANKS
-from .novelty import Answers, Calibration, calibration_from_answers
+from .novelty import Calibration, answers_at, calibration_from_answers
 
 NO_KEY = -2.0  # the similarity given to removed keys
 
@@ -111,25 +111,8 @@ def calibrate_pair(queries: torch.Tensor, query_records: Sequence[dict], query_o
         return Calibration(dict.fromkeys(RANKS, float("nan")), dict.fromkeys(RANKS, "none"), {}, rank)
     index = torch.tensor(chosen)
     matches = nearest_pair(queries[index], query_owner_t[index], query_taxa[index], keys, key_owner_t, key_taxa)
-    answers = {level: _pair_answers(query_records, key_records, level, chosen, shared, matches) for level in RANKS}
+    answers = {level: answers_at(query_records, level, chosen, shared, matches, key_records) for level in RANKS}
     return calibration_from_answers(answers, rank, precision)
-
-
-def _pair_answers(query_records: Sequence[dict], key_records: Sequence[dict], rank: str, chosen: list[int],
-                  shared: set[int], matches: tuple[torch.Tensor, ...]) -> Answers:
-    """As `clibd.novelty._answers`, with queries and keys from different tables."""
-    loo_sims, loo_idx, out_sims, out_idx = (m.tolist() for m in matches)
-    answers = Answers()
-    for n, query in enumerate(chosen):
-        truth = query_records[query].get(rank, "")
-        if not truth:
-            continue
-        cases = [("held", out_sims[n], out_idx[n])] + ([("own", loo_sims[n], loo_idx[n])] if query in shared else [])
-        for case, sim, j in cases:
-            if sim > NO_KEY:
-                kind = "right" if key_records[j].get(rank, "") == truth else "wrong"
-                getattr(answers, f"{case}_{kind}").append(sim)
-    return answers
 
 
 def _route_accuracy(sims: torch.Tensor, seen_right: torch.Tensor, unseen_right: torch.Tensor,

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from .novelty import nearest_held_out
 from .processing.barcodes import normalise_barcode
 from .towers.parts import EmbeddingPart, select_parts
 
@@ -86,8 +87,12 @@ def identity(query: str, reference: str, query_name: str = "query", reference_na
     Usage:
         identity(barcode, reference_barcode)   # e.g. 0.9848 for 10 differences over 658 compared columns
     """
-    query = normalise_barcode(query, query_name).strip("N")
-    reference = normalise_barcode(reference, reference_name).strip("N")
+    return _identity(normalise_barcode(query, query_name).strip("N"),
+                     normalise_barcode(reference, reference_name).strip("N"))
+
+
+def _identity(query: str, reference: str) -> float:
+    """`identity` of barcodes already normalised and trimmed of end Ns."""
     if "N" in query or "N" in reference:
         matches, columns = _counts_with_unknowns(query, reference)
     else:
@@ -130,8 +135,9 @@ def choose_candidate(query: str, candidates: Sequence[str], cutoff: float = IDEN
     """
     best = 0.0
     names = candidate_names or [f"candidate {i + 1} of {query_name}" for i in range(len(candidates))]
+    query = normalise_barcode(query, query_name).strip("N")  # once, not per candidate
     for position, (candidate, name) in enumerate(zip(candidates, names, strict=True)):
-        value = identity(query, candidate, query_name, f"reference {name}")
+        value = _identity(query, normalise_barcode(candidate, f"reference {name}").strip("N"))
         if value >= cutoff:
             return position, value
         best = max(best, value)
@@ -189,26 +195,19 @@ def _sample(species: list[str], max_queries: int, seed: int) -> list[int]:
     return random.Random(seed).sample(eligible, min(max_queries, len(eligible)))
 
 
-def _nearest(embeddings: torch.Tensor, novelty: torch.Tensor, rows: list[int], labels: torch.Tensor,
-             whole_species: bool, k: int, chunk_size: int = 128) -> tuple[list[list[int]], list[float]]:
-    """For each of `rows`: the `k` nearest references by `embeddings` and the best `novelty`
-    similarity, leaving out the row itself (or, with `whole_species`, every reference of its
-    species: `labels`). In chunks of rows, so a library of millions needs [chunk, N] at a time."""
-    kept, best = [], []
-    for start in range(0, len(rows), chunk_size):
-        index = torch.tensor(rows[start : start + chunk_size])
-        if whole_species:
-            exclude = labels[index].unsqueeze(1) == labels.unsqueeze(0)
-        else:
-            exclude = torch.zeros(len(index), len(labels), dtype=torch.bool)
-            exclude[torch.arange(len(index)), index] = True
-        placing = (embeddings[index].float() @ embeddings.T.float()).masked_fill_(exclude, -2.0)
-        scoring = (novelty[index].float() @ novelty.T.float()).masked_fill_(exclude, -2.0)
-        top = placing.topk(min(k, placing.shape[1]), dim=1)
-        kept += [[j for j, s in zip(js, ss, strict=True) if s > -2.0]
-                 for js, ss in zip(top.indices.tolist(), top.values.tolist(), strict=True)]
-        best += scoring.max(dim=1).values.tolist()
-    return kept, best
+def _nearest(embeddings: torch.Tensor, novelty: torch.Tensor, species: list[str], rows: list[int],
+             k: int) -> tuple[tuple[list[list[int]], list[float]], tuple[list[list[int]], list[float]]]:
+    """For the specimens of held species (only themselves left out) and of held-out ones (their
+    species left out): each row's `k` nearest references by `embeddings` and its best `novelty`
+    similarity (`clibd.novelty.nearest_held_out`)."""
+    loo_sims, loo_rows, out_sims, out_rows = nearest_held_out(embeddings, species, rows, k=max(k, 2))
+    loo_best, _, out_best, _ = nearest_held_out(novelty, species, rows)
+
+    def kept(sims: torch.Tensor, near: torch.Tensor) -> list[list[int]]:
+        return [[j for j, s in zip(js[:k], ss[:k], strict=True) if s > -2.0]
+                for js, ss in zip(near.tolist(), sims.tolist(), strict=True)]
+
+    return (kept(loo_sims, loo_rows), loo_best.tolist()), (kept(out_sims, out_rows), out_best.tolist())
 
 
 def _settle(records: Sequence[dict], rows: list[int], neighbours: list[list[int]], cutoff: float
@@ -255,10 +254,8 @@ def calibrate_species_check(embeddings: torch.Tensor, novelty_embeddings: torch.
     rows = _sample(species, max_queries, seed)
     if not rows:
         return None
-    ids = {s: i for i, s in enumerate(sorted(set(species)))}
-    labels = torch.tensor([ids[s] for s in species])
-    known_near, known_sims = _nearest(embeddings, novelty_embeddings, rows, labels, False, candidates)
-    novel_near, novel_sims = _nearest(embeddings, novelty_embeddings, rows, labels, True, candidates)
+    (known_near, known_sims), (novel_near, novel_sims) = _nearest(embeddings, novelty_embeddings, species, rows,
+                                                                  candidates)
     known = _settle(records, rows, known_near, identity_cutoff)
     novel = _settle(records, rows, novel_near, identity_cutoff)
     threshold = naming_threshold([sim for (settled, _), sim in zip(novel, novel_sims, strict=True)
