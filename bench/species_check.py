@@ -2,6 +2,7 @@
 
     python bench/species_check.py                              # splits 42, 1, 2 of configs/bold_dna.yaml
     python bench/species_check.py --novel-named 0.005 0.01 --cutoffs 0.97
+    python bench/species_check.py --candidates 1 5 20 --novel-named 0.005
 
 For each species split: the validation stage of the novel-species split (references: seen keys +
 test-unseen keys; queries: validation-unseen species, which no reference holds, and the seen
@@ -17,6 +18,7 @@ named as a held one. Test species are never looked at.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import tempfile
 from pathlib import Path
@@ -47,7 +49,8 @@ def rates(predictions, novel: list[dict], seen: list[dict]) -> dict[str, float]:
 
 
 def settings_for_split(identifier: Identifier, queries: list[dict], novel: list[dict], seen: list[dict],
-                       cutoffs: list[float], novel_named: list[float]) -> dict[str, dict[str, float]]:
+                       cutoffs: list[float], candidates: list[int], novel_named: list[float]
+                       ) -> dict[str, dict[str, float]]:
     """Rates per setting; the index's embeddings and barcodes are reused, only the check changes."""
     index = identifier.index
     embeddings = index.embeddings.float()
@@ -55,18 +58,20 @@ def settings_for_split(identifier: Identifier, queries: list[dict], novel: list[
     records = index.records_with_barcodes()
     query_embeddings = identifier.embed(queries)
     ids, barcodes = [q["id"] for q in queries], [q["dna"] for q in queries]
+
+    def run(check: SpeciesCheck) -> dict[str, float]:
+        index.species_check = check  # this setting's check instead of the stored one
+        return rates(identifier.identify_embeddings(query_embeddings, ids, 5, barcodes=barcodes), novel, seen)
+
     out = {"embedding alone (no check)": rates(identifier.identify_embeddings(query_embeddings, ids, 5), novel, seen)}
-    for cutoff in cutoffs:  # alignment alone: the embedding never names a species
-        index.species_check = SpeciesCheck(math.inf, identity_cutoff=cutoff)
-        out[f"alignment alone, cut-off {cutoff}"] = rates(identifier.identify_embeddings(query_embeddings, ids, 5,
-                                                                                        barcodes=barcodes), novel, seen)
-    for cutoff in cutoffs:
-        for share in novel_named:
-            check = calibrate_species_check(embeddings, novelty, records, identity_cutoff=cutoff, novel_named=share)
-            index.species_check = check  # this setting's check instead of the stored one
-            predictions = identifier.identify_embeddings(query_embeddings, ids, 5, barcodes=barcodes)
-            out[f"cut-off {cutoff}, novel_named {share} (embedding threshold {check.embedding_threshold:.3f})"] = \
-                rates(predictions, novel, seen)
+    for cutoff, count in itertools.product(cutoffs, candidates):  # alignment alone: the embedding names none
+        out[f"alignment alone, cut-off {cutoff}, {count} candidates"] = run(
+            SpeciesCheck(math.inf, identity_cutoff=cutoff, candidates=count))
+    for cutoff, count, share in itertools.product(cutoffs, candidates, novel_named):
+        check = calibrate_species_check(embeddings, novelty, records, identity_cutoff=cutoff, candidates=count,
+                                        novel_named=share)
+        out[f"cut-off {cutoff}, {count} candidates, novel_named {share} (embedding threshold "
+            f"{check.embedding_threshold:.3f})"] = run(check)
     return out
 
 
@@ -75,6 +80,8 @@ def main() -> None:
     parser.add_argument("--config", default="configs/bold_dna.yaml")
     parser.add_argument("--splits", type=int, nargs="+", default=[42, 1, 2])
     parser.add_argument("--cutoffs", type=float, nargs="+", default=[0.97])
+    parser.add_argument("--candidates", type=int, nargs="+", default=[5],
+                        help="how many of the embedding's nearest references are aligned (default 5)")
     parser.add_argument("--novel-named", type=float, nargs="+", default=[0.0025, 0.005, 0.01, 0.02])
     args = parser.parse_args()
     per_split = []
@@ -88,7 +95,7 @@ def main() -> None:
             build_index(model_dir, references, "dna", Path(tmp) / f"split{seed}", progress=False)
             identifier = Identifier.load(Path(tmp) / f"split{seed}", model_dir=model_dir)
             per_split.append(settings_for_split(identifier, novel + seen, novel, seen, args.cutoffs,
-                                                args.novel_named))
+                                                args.candidates, args.novel_named))
             print(f"split {seed}: {len(references)} references, {len(novel)} novel, {len(seen)} seen queries")
     columns = list(next(iter(per_split[0].values())))
     print(f"\nvalidation species, mean over splits {' '.join(map(str, args.splits))} (%)\n")

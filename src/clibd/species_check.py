@@ -16,9 +16,9 @@ barcoding practice, BOLD's and most VSEARCH / BLAST pipelines'). So, for a barco
    the embedding, trained on their species, often can.
 
 How the defaults were chosen (on validation species; bench/README, "clibd vs alignment tools"):
-five candidates find the reference of highest identity as often as twenty; the embedding's own
-nearest reference, when it clears the cut-off, names the species more often than the reference
-of highest identity (ties between species sharing a haplotype); `novel_named` 0.005 leaves
+five candidates against twenty (`--candidates 5 20`); the first candidate in search order that
+clears the cut-off rather than the one of highest identity (species that share a haplotype: a
+prototype's choice, no figure kept); `novel_named` 0.005 leaves
 0.97 % of known-species queries without a species (python bench/species_check.py, mean of three
 splits; 0.01 the same, 0.02 0.92 %) and names a held species for 5.1 % of novel-species ones
 (0.01: 5.5 %, 0.02: 7.1 %; alignment alone: 1.23 % and 2.9 %; the embedding alone: 2.96 % and
