@@ -51,6 +51,7 @@ from .constants import RANKS
 from .index import ReferenceIndex, unusable
 from .library import ReferenceLibrary
 from .modeling_clibd import CLIBDModel
+from .novelty import MARGIN_DEPTH, rank_confidence
 from .prediction import COMMENT, Hit, Prediction, failed, predict
 from .predictions_tsv import identify_to_tsv, prediction_columns, read_predictions_tsv, write_predictions_tsv
 from .processing import CLIBDProcessor
@@ -140,10 +141,11 @@ class Identifier:
             return self._route_is_du(embeddings, query_ids, top_k, plan.threshold)
         keys = self.library.keys(plan.keys)
         check = keys.species_check if barcodes is not None and plan.keys == ("dna",) == (plan.query,) else None
-        similarities, rows = self._search(keys, embeddings, max(top_k, check.candidates) if check else top_k)
+        thresholds, curves = self.library.calibration(plan.query, plan.keys)
+        weights = self.library.margin_weights(plan.query, plan.keys)
+        similarities, rows = self._search(keys, embeddings, _depth(top_k, weights, check))
         own = plan.keys == (plan.query,) and keys.scores_novelty_apart  # novelty parts: one tower's own
         novelty = keys.novelty_similarity(embeddings, self.backend) if own else similarities[:, 0]
-        thresholds, curves = self.library.calibration(plan.query, plan.keys)
         if check:
             if len(barcodes) != len(query_ids):
                 raise ValueError(f"{len(barcodes)} barcodes for {len(query_ids)} queries")
@@ -152,7 +154,9 @@ class Identifier:
         for n, (query_id, ss, js, novelty_sim) in enumerate(zip(query_ids, similarities.tolist(), rows.tolist(),
                                                                  novelty.tolist(), strict=True)):
             hits = [self._hit(keys, plan.keys, j, s) for j, s in zip(js[:top_k], ss[:top_k], strict=True)]
-            prediction = replace(predict(query_id, hits, thresholds, novelty_sim, curves), route=hits[0].modality)
+            confidence = rank_confidence(ss, [keys.records[j] for j in js], weights)
+            prediction = replace(predict(query_id, hits, thresholds, novelty_sim, curves, confidence),
+                                 route=hits[0].modality)
             predictions.append(self._check_species(prediction, keys, barcodes[n], js, check) if check else prediction)
         return predictions
 
@@ -192,15 +196,17 @@ class Identifier:
         routes = {}
         for modality in ("image", "dna"):
             keys = self.library.keys([modality])
-            routes[modality] = (keys, *self._search(keys, embeddings, top_k),
+            weights = self.library.margin_weights("image", [modality])
+            routes[modality] = (keys, *self._search(keys, embeddings, _depth(top_k, weights)), weights,
                                 *self.library.calibration("image", [modality]))
         predictions = []
         for n, query_id in enumerate(query_ids):
             route = "image" if float(routes["image"][1][n, 0]) > threshold else "dna"
-            keys, similarities, rows, thresholds, curves = routes[route]
-            hits = [self._hit(keys, [route], j, s) for j, s in zip(rows[n].tolist(), similarities[n].tolist(),
-                                                                   strict=True)]
-            predictions.append(replace(predict(query_id, hits, thresholds, None, curves), route=route))
+            keys, similarities, rows, weights, thresholds, curves = routes[route]
+            ss, js = similarities[n].tolist(), rows[n].tolist()
+            hits = [self._hit(keys, [route], j, s) for j, s in zip(js[:top_k], ss[:top_k], strict=True)]
+            confidence = rank_confidence(ss, [keys.records[j] for j in js], weights)
+            predictions.append(replace(predict(query_id, hits, thresholds, None, curves, confidence), route=route))
         return predictions
 
     def _search(self, keys: ReferenceIndex, embeddings: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,7 +287,7 @@ class Identifier:
         plan = plan or self._first_plan()
         library = self.library
         pairs = [("image", ["image"]), ("image", ["dna"])] if plan.strategy == "is-du" else [(plan.query, plan.keys)]
-        thresholds = "; ".join(", ".join(f"{rank}={value:.4f}" for rank, value in library.calibration(*pair)[0].items())
+        thresholds = "; ".join(_thresholds_line(library.calibration(*pair)[0], library.margin_weights(*pair))
                                for pair in pairs)
         held = ", ".join(f"{len(library.key_sets[m].records)} {m}" for m in library.modalities)
         check = library.keys(plan.keys).species_check if plan.keys == ("dna",) == (plan.query,) else None
@@ -300,6 +306,20 @@ class Identifier:
         record = keys.records[row]
         return Hit(record["id"], similarity, {rank: record[rank] for rank in RANKS},
                    self.library.key_modality(modalities, row))
+
+
+def _thresholds_line(thresholds: dict[str, float], margin_weights: dict[str, float]) -> str:
+    """"order=0.6000, genus=0.8000 (similarity + 0.5 x margin), ...": what each threshold is compared with."""
+    return ", ".join(f"{rank}={value:.4f}" + (f" (similarity + {margin_weights[rank]:g} x margin)"
+                                              if margin_weights.get(rank) else "")
+                     for rank, value in thresholds.items())
+
+
+def _depth(top_k: int, margin_weights: dict[str, float], check: SpeciesCheck | None = None) -> int:
+    """How many nearest keys a query needs: its hits, the species check's candidates, and where a
+    margin counts (`clibd.novelty.rank_confidence`) the depth its margins look through."""
+    margins = MARGIN_DEPTH if any(margin_weights.values()) else 0
+    return max(top_k, check.candidates if check else 0, margins)
 
 
 def image_records(paths: list[str]) -> list[dict[str, str]]:

@@ -130,22 +130,35 @@ class ReferenceIndex:
     def modality(self) -> str:
         return self.meta["modality"]
 
-    @cached_property
+    @property
     def thresholds(self) -> dict[str, float]:
         """Per-rank thresholds (`clibd.novelty`). An index from a clibd that left a rank NaN where
         it had only right or only wrong answers (which then answered anything) is recalibrated
         here, in memory, with a warning; `recalibrate_index` stores the result."""
+        recalibrated = self._recalibrated
+        return recalibrated.thresholds if recalibrated else self.meta.get("thresholds", {})
+
+    @cached_property
+    def _recalibrated(self) -> Calibration | None:
         thresholds = self.meta.get("thresholds", {})
         if "calibration" in self.meta or not any(math.isnan(value) for value in thresholds.values()):
-            return thresholds
+            return None
         logger.warning("%s: built by an older clibd whose thresholds for %s could not be set; recalibrated in "
                        "memory (store it with `clibd index recalibrate %s`)", self.directory,
                        [rank for rank, value in thresholds.items() if math.isnan(value)], self.directory)
-        return _calibrate(self.embeddings, self.records, self.parts).thresholds
+        return _calibrate(self.embeddings, self.records, self.parts)
+
+    @property
+    def margin_weights(self) -> dict[str, float]:
+        """Per placing rank, the weight of the taxon margin in the confidence its threshold is
+        compared with (`clibd.novelty.rank_confidence`); {} (the similarity alone) for an index
+        built before margins were."""
+        recalibrated = self._recalibrated
+        return recalibrated.margin_weights if recalibrated else self.meta.get("margin_weights", {})
 
     @property
     def precision_curves(self) -> dict[str, list[tuple[float, float]]]:
-        """Per rank, the calibrated precision of answers by similarity (`clibd.novelty.precision_curve`)."""
+        """Per rank, the calibrated precision of answers by confidence (`clibd.novelty.precision_curve`)."""
         return self.meta.get("precision_curves", {})
 
     @cached_property
@@ -311,10 +324,10 @@ def embed_in_shards(model: CLIBDModel, processor: CLIBDProcessor, records: list[
 
 
 def _calibrate(embeddings: torch.Tensor, records: list[dict], parts: list[EmbeddingPart],
-               precision: float | None = None) -> Calibration:
+               precision: float | None = None, **options) -> Calibration:
     # fp16 as stored: `nearest_held_out` makes each chunk float32 as it uses it, no full copy
     return calibrate(embeddings, records, novelty_embeddings=select_parts(embeddings, parts, "scores_novelty"),
-                     precision=precision)
+                     precision=precision, **options)
 
 
 

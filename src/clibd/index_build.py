@@ -94,7 +94,7 @@ def _store_calibration(meta: dict, embeddings: torch.Tensor, records: list[dict]
     for line in calibration.warnings():
         logger.warning("%s: threshold for %s", directory, line)
     meta = {**meta, "thresholds": calibration.thresholds, "calibration": calibration.methods,
-            "precision_curves": calibration.curves}
+            "precision_curves": calibration.curves, "margin_weights": calibration.margin_weights}
     asked = meta.get("species_check", {})
     if meta["modality"] == "dna" and asked is not False:
         meta["species_check"] = calibrated_options(embeddings, records, parts, directory, asked or {})

@@ -287,6 +287,23 @@ class ReferenceLibrary:
         calibration = self._calibrations[name]
         return calibration.thresholds, calibration.curves
 
+    def margin_weights(self, query: str, keys: Sequence[str]) -> dict[str, float]:
+        """Per placing rank, the taxon margin's weight in the confidence of `query` against `keys`
+        (`clibd.novelty.rank_confidence`), where `calibration` finds that pair's thresholds; {}:
+        the similarity alone.
+
+        Usage:
+            weights = library.margin_weights("dna", ["dna"])   # {"order": 0.0, "family": 2.0, "genus": 0.5}
+        """
+        self.calibration(query, keys)  # a pair calibrated in memory is so now
+        name = pair_name(query, keys)
+        stored = self.meta.get("pairs", {}).get(name)
+        if stored is not None:
+            return stored.get("margin_weights", {})
+        if not self.is_library and query == keys_name(keys):
+            return self.key_sets[query].margin_weights
+        return self._calibrations[name].margin_weights
+
     def query_embeddings(self, query: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The library's own embeddings in a query kind, with each one's record position (combined
         kinds: for records with both, as `combined`; text: the taxon keys, position -1).
@@ -358,4 +375,4 @@ def key_meta(meta: dict, modality: str, count: int) -> dict:
             "build_id": meta.get("build_id"), "count": count, "dim": meta.get("dim"),
             "parts": keys.get("parts", [EmbeddingPart("embedding", meta.get("dim", 0)).to_dict()]),
             "calibration": own.get("calibration", {}), "thresholds": own.get("thresholds", {}),
-            "precision_curves": own.get("precision_curves", {})}
+            "precision_curves": own.get("precision_curves", {}), "margin_weights": own.get("margin_weights", {})}

@@ -224,6 +224,7 @@ def calibrate_library(library: ReferenceLibrary, precision: float | None = None)
                                library.directory, pair_name(query, keys), query)
             pairs[pair_name(query, keys)] = {"thresholds": calibration.thresholds, "calibration": calibration.methods,
                                              "precision_curves": calibration.curves,
+                                             "margin_weights": calibration.margin_weights,
                                              "counts": {r: list(c) for r, c in calibration.counts.items()}}
     extra = {"pairs": pairs}
     if {"image", "dna"} <= set(held):

@@ -12,6 +12,14 @@ family and order can be trusted for a specimen of an absent species. `identify` 
 from order down and stops at the first rank whose threshold the query's best similarity does not
 clear (in the spirit of BOLD's 97/95/90/85 % identity cut-offs, but learned per model and library).
 
+What a genus, family or order threshold is compared with is the answer's confidence at that rank
+(`rank_confidence`): the similarity plus a weight times its margin, how much nearer the nearest
+reference is than the nearest one of another taxon at that rank (`taxon_margin`). A query
+between two genera is less sure of its genus than one as near to a single genus. Each rank's
+weight is chosen at calibration among `MARGIN_WEIGHTS` (0: the similarity alone) as the one whose
+threshold does best on the calibration answers (balanced accuracy, or the most answers at the
+asked precision); chosen on validation species: bench/README.md.
+
 A rank with only one kind of answer still gets a threshold, never a silent "anything goes":
 - only wrong answers (a library with one reference per species: no specimen of a held species
   to learn from): the cut lets through at most 1 % of them (`ONE_SIDED_QUANTILE`);
@@ -37,7 +45,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +54,10 @@ from .constants import RANKS
 
 # Share of the one kind of answer a one-sided threshold gets wrong (see the module doc).
 ONE_SIDED_QUANTILE = 0.01
+# Weights of the taxon margin tried in a rank's confidence (module doc); 0 first: ties keep the similarity.
+MARGIN_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+# How many nearest references `taxon_margin` looks through for one of another taxon.
+MARGIN_DEPTH = 100
 METHODS = {
     "separates": "separates right from wrong answers",
     "precision": "the lowest similarity at which answers reach the asked precision",
@@ -58,18 +70,22 @@ METHODS = {
 
 def best_threshold(known: list[float], novel: list[float]) -> float:
     """The cut that best separates `known` (>= cut) from `novel` (< cut), by balanced accuracy."""
+    return _best_cut(known, novel)[0]
+
+
+def _best_cut(known: list[float], novel: list[float]) -> tuple[float, float]:
+    """(cut, balanced accuracy sum) of `best_threshold`; the lowest cut of the best score wins."""
     if not known or not novel:
-        return float("nan")
-    candidates = sorted(set(known) | set(novel))
-    known_t, novel_t = torch.tensor(known), torch.tensor(novel)
-    best, best_score = candidates[0], -1.0
-    for cut in candidates:
-        score = (known_t >= cut).float().mean() + (novel_t < cut).float().mean()
-        if score > best_score:
-            best, best_score = cut, float(score)
+        return float("nan"), float("nan")
+    known_t, novel_t = torch.tensor(sorted(known), dtype=torch.float64), torch.tensor(sorted(novel), dtype=torch.float64)
+    candidates = torch.unique(torch.cat([known_t, novel_t]))  # sorted ascending
+    known_above = 1 - torch.searchsorted(known_t, candidates).double() / len(known_t)  # share >= cut
+    novel_below = torch.searchsorted(novel_t, candidates).double() / len(novel_t)  # share < cut
+    scores = known_above + novel_below
+    at = int(torch.argmax(scores))  # the first of equal scores: the lowest cut
     # Put the cut midway to the next lower value so that it is not fitted to one sample.
-    lower = [c for c in candidates if c < best]
-    return float((best + lower[-1]) / 2) if lower else float(best)
+    cut = (candidates[at] + candidates[at - 1]) / 2 if at > 0 else candidates[at]
+    return float(cut), float(scores[at])
 
 
 def rank_threshold(right: list[float], wrong: list[float]) -> tuple[float, str]:
@@ -129,6 +145,39 @@ def precision_at(curve: list[tuple[float, float]], similarity: float) -> float:
     return above[-1] if above else (curve[0][1] if curve else float("nan"))
 
 
+def taxon_margin(similarities: Sequence[float], labels: Sequence[str]) -> float:
+    """How much nearer the nearest reference is than the nearest one whose label differs from its
+    own (`similarities`, nearest first, and each reference's `labels` at one rank); where all share
+    it, than the last one (a lower bound); 0 for one reference. A similarity of -2.0 (nothing left:
+    `nearest_held_out`) ends the list.
+
+    Usage:
+        taxon_margin([0.91, 0.90, 0.84], ["Aedes", "Aedes", "Culex"])   # 0.07
+    """
+    top = last = similarities[0]
+    for similarity, label in zip(similarities, labels, strict=True):
+        if similarity <= -2.0:
+            break
+        if label != labels[0]:
+            return top - similarity
+        last = similarity
+    return top - last
+
+
+def rank_confidence(similarities: Sequence[float], key_records: Sequence[dict], weights: Mapping[str, float]
+                    ) -> dict[str, float]:
+    """Per rank with a weight: the confidence its threshold is compared with, the nearest
+    similarity plus `weights[rank]` times its `taxon_margin` (`key_records`: the references in
+    the order of `similarities`, nearest first; the deeper, the truer the margin: `MARGIN_DEPTH`).
+
+    Usage:
+        rank_confidence(sims, [index.records[j] for j in rows], index.margin_weights)   # {"genus": 0.93, ...}
+    """
+    return {rank: similarities[0] + (weight * taxon_margin(similarities, [r.get(rank, "") for r in key_records])
+                                     if weight else 0.0)
+            for rank, weight in weights.items()}
+
+
 def nearest_held_out(embeddings: torch.Tensor, taxa: list[str], queries: list[int], chunk_size: int = 512,
                      k: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For each query reference: (similarity, index) of its nearest other reference, and of its
@@ -164,6 +213,7 @@ class Calibration:
     held_out_rank: str | None = None
     curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     precision: float | None = None
+    margin_weights: dict[str, float] = field(default_factory=dict)  # rank -> weight (`rank_confidence`)
 
     def warnings(self) -> list[str]:
         """One line per rank whose threshold is not learned from both right and wrong answers."""
@@ -191,32 +241,38 @@ def _query_sample(taxa: list[str], max_queries: int, seed: int) -> tuple[list[in
 
 @dataclass
 class Answers:
-    """Similarities of the right and wrong nearest-reference answers at one rank, with the
-    query's taxon held out (`held_*`: the novel-species case) and with only itself removed (`own_*`)."""
+    """The right and wrong nearest-reference answers at one rank, each (similarity, taxon margin),
+    with the query's taxon held out (`held_*`: the novel-species case) and with only itself
+    removed (`own_*`)."""
 
-    held_right: list[float] = field(default_factory=list)
-    held_wrong: list[float] = field(default_factory=list)
-    own_right: list[float] = field(default_factory=list)
-    own_wrong: list[float] = field(default_factory=list)
+    held_right: list[tuple[float, float]] = field(default_factory=list)
+    held_wrong: list[tuple[float, float]] = field(default_factory=list)
+    own_right: list[tuple[float, float]] = field(default_factory=list)
+    own_wrong: list[tuple[float, float]] = field(default_factory=list)
 
     @property
-    def right(self) -> list[float]:
+    def right(self) -> list[tuple[float, float]]:
         return self.held_right + self.own_right
 
     @property
-    def wrong(self) -> list[float]:
+    def wrong(self) -> list[tuple[float, float]]:
         return self.held_wrong + self.own_wrong
+
+
+def _scores(answers: list[tuple[float, float]], weight: float) -> list[float]:
+    return [similarity + weight * margin for similarity, margin in answers]
 
 
 def answers_at(records: Sequence[dict], rank: str, queries: list[int], shared: set[int],
                matches: tuple[torch.Tensor, ...], key_records: Sequence[dict] | None = None) -> Answers:
     """The right and wrong nearest-reference answers at `rank`: with only itself removed (queries
     whose taxon has another reference) and with its taxon held out. `matches`: as
-    `nearest_held_out` gives; `key_records`: the references' records where they are not
-    `records` (queries of one modality against keys of another).
+    `nearest_held_out` gives (with k > 1, the margins look through the k nearest; with one, they
+    are 0); `key_records`: the references' records where they are not `records` (queries of one
+    modality against keys of another).
 
     Usage:
-        answers = answers_at(records, "genus", queries, shared, nearest_held_out(embeddings, taxa, queries))
+        answers = answers_at(records, "genus", queries, shared, nearest_held_out(embeddings, taxa, queries, k=100))
     """
     key_records = records if key_records is None else key_records
     loo_sims, loo_idx, out_sims, out_idx = (m.tolist() for m in matches)
@@ -226,18 +282,22 @@ def answers_at(records: Sequence[dict], rank: str, queries: list[int], shared: s
         if not truth:
             continue
         cases = [("held", out_sims[n], out_idx[n])] + ([("own", loo_sims[n], loo_idx[n])] if query in shared else [])
-        for case, sim, j in cases:
-            if sim > -2.0:  # -2: nothing left once the taxon was removed
-                kind = "right" if key_records[j].get(rank, "") == truth else "wrong"
-                getattr(answers, f"{case}_{kind}").append(sim)
+        for case, sims, rows in cases:
+            sims, rows = (sims, rows) if isinstance(sims, list) else ([sims], [rows])
+            if sims[0] > -2.0:  # -2: nothing left once the taxon was removed
+                kind = "right" if key_records[rows[0]].get(rank, "") == truth else "wrong"
+                margin = taxon_margin(sims, [key_records[j].get(rank, "") for j in rows]) if rank != "species" else 0.0
+                getattr(answers, f"{case}_{kind}").append((sims[0], margin))
     return answers
 
 
 def calibrate(embeddings: torch.Tensor, records: list[dict], max_queries: int = 2000, seed: int = 0,
-              novelty_embeddings: torch.Tensor | None = None, precision: float | None = None) -> Calibration:
+              novelty_embeddings: torch.Tensor | None = None, precision: float | None = None,
+              margin_weights: Sequence[float] = MARGIN_WEIGHTS) -> Calibration:
     """Per-rank thresholds of a library (see the module doc). The species threshold is on the
     cosine of `novelty_embeddings` (unit vectors, one per record; `embeddings` when None).
-    `precision`: thresholds set for that precision instead of balanced accuracy (`precision_threshold`).
+    `precision`: thresholds set for that precision instead of balanced accuracy (`precision_threshold`);
+    `margin_weights`: those tried (`choose_margin_weight`; (0.0,): the similarity alone).
 
     Usage:
         calibration = calibrate(embeddings, records); calibration.thresholds["genus"]
@@ -247,34 +307,64 @@ def calibrate(embeddings: torch.Tensor, records: list[dict], max_queries: int = 
     queries, shared = _query_sample(taxa, max_queries, seed)
     if len(records) < 2 or not queries:
         return Calibration(dict.fromkeys(RANKS, float("nan")), dict.fromkeys(RANKS, "none"), {}, held_out_rank)
-    placing = nearest_held_out(embeddings, taxa, queries)
+    placing = nearest_held_out(embeddings, taxa, queries, k=MARGIN_DEPTH)  # deep: the margins look through them
     apart = novelty_embeddings is not None and novelty_embeddings is not embeddings
     novelty = nearest_held_out(novelty_embeddings, taxa, queries) if apart else placing
     answers = {rank: answers_at(records, rank, queries, shared, novelty if rank == "species" else placing)
                for rank in RANKS}
-    return calibration_from_answers(answers, held_out_rank, precision)
+    return calibration_from_answers(answers, held_out_rank, precision, margin_weights)
 
 
 def calibration_from_answers(answers: dict[str, Answers], held_out_rank: str | None,
-                             precision: float | None = None) -> Calibration:
-    """Per-rank thresholds (balanced, or for `precision`), methods, counts and precision curves
-    from each rank's right and wrong calibration answers.
+                             precision: float | None = None,
+                             margin_weights: Sequence[float] = MARGIN_WEIGHTS) -> Calibration:
+    """Per-rank thresholds (balanced, or for `precision`), methods, counts, precision curves and
+    margin weights (`choose_margin_weight`) from each rank's right and wrong calibration answers.
 
     Usage:
         calibration = calibration_from_answers({rank: answers_at(rank) for rank in RANKS}, "species")
     """
-    thresholds, methods, counts, curves = {}, {}, {}, {}
+    thresholds, methods, counts, curves, weights = {}, {}, {}, {}, {}
     for rank, found in answers.items():
         # the answers a threshold at this rank decides: for species, novel (held out) against known
         # queries; above it, the placement of species the library does not hold
         right, wrong = (found.right, found.wrong) if rank == "species" else (found.held_right, found.held_wrong)
-        if precision is None:
-            thresholds[rank], methods[rank] = rank_threshold(found.right, found.wrong)
-        else:
-            thresholds[rank], methods[rank] = precision_threshold(right, wrong, precision)
+        weight = 0.0 if rank == "species" else choose_margin_weight(found, precision, margin_weights)
+        thresholds[rank], methods[rank] = _rank_cut(found, rank, precision, weight)
         counts[rank] = (len(found.right), len(found.wrong))
-        curves[rank] = precision_curve(right, wrong)
-    return Calibration(thresholds, methods, counts, held_out_rank, curves, precision)
+        curves[rank] = precision_curve(_scores(right, weight), _scores(wrong, weight))
+        weights[rank] = weight
+    return Calibration(thresholds, methods, counts, held_out_rank, curves, precision, weights)
+
+
+def _rank_cut(found: Answers, rank: str, precision: float | None, weight: float) -> tuple[float, str]:
+    """(threshold, method) of one rank on the confidences at `weight`."""
+    if precision is None:
+        return rank_threshold(_scores(found.right, weight), _scores(found.wrong, weight))
+    right, wrong = (found.right, found.wrong) if rank == "species" else (found.held_right, found.held_wrong)
+    return precision_threshold(_scores(right, weight), _scores(wrong, weight), precision)
+
+
+def choose_margin_weight(found: Answers, precision: float | None = None,
+                         weights: Sequence[float] = MARGIN_WEIGHTS) -> float:
+    """The weight among `weights` whose threshold does best on a placing rank's answers:
+    the highest balanced accuracy, or with `precision` the most held-out answers given at it; 0
+    (the similarity alone) where there is nothing to choose by or on a tie.
+
+    Usage:
+        weight = choose_margin_weight(answers_at(records, "genus", queries, shared, matches), precision=0.98)
+    """
+    best_weight, best_value = 0.0, -math.inf
+    for weight in weights:
+        if precision is None:
+            value = _best_cut(_scores(found.right, weight), _scores(found.wrong, weight))[1]
+        else:
+            right, wrong = _scores(found.held_right, weight), _scores(found.held_wrong, weight)
+            cut, method = precision_threshold(right, wrong, precision)
+            value = sum(score >= cut for score in right + wrong) if method == "precision" else math.nan
+        if value > best_value:  # NaN (nothing to choose by) never is
+            best_weight, best_value = weight, value
+    return best_weight
 
 
 def calibrate_thresholds(embeddings: torch.Tensor, records: list[dict], max_queries: int = 2000,

@@ -79,11 +79,13 @@ class Prediction:
 
 def predict(query_id: str, hits: Sequence[Hit], thresholds: Mapping[str, float],
             novelty_similarity: float | None = None,
-            curves: Mapping[str, list[tuple[float, float]]] | None = None) -> Prediction:
+            curves: Mapping[str, list[tuple[float, float]]] | None = None,
+            confidence: Mapping[str, float] | None = None) -> Prediction:
     """The decision for one query from its hits (nearest first), the index's per-rank thresholds
     and its novelty similarity (the best similarity when None). The answer is filled from order
     down and stops at the first rank whose threshold is not cleared (species: by the novelty
-    similarity). A rank whose threshold could not be calibrated (NaN) stops it too: no answer
+    similarity; a rank in `confidence`, by that: `clibd.novelty.rank_confidence`; else by the
+    best similarity). A rank whose threshold could not be calibrated (NaN) stops it too: no answer
     is better than an unchecked one; an absent threshold (an index built with
     `calibrate=False`) does not stop it.
 
@@ -92,18 +94,18 @@ def predict(query_id: str, hits: Sequence[Hit], thresholds: Mapping[str, float],
     """
     best = hits[0]
     novelty = best.similarity if novelty_similarity is None else novelty_similarity
+    scores = {**{rank: best.similarity for rank in RANKS}, **(confidence or {}), "species": novelty}
     answer, support, confident = {}, {}, True
     for rank in RANKS:
         threshold = thresholds.get(rank, -math.inf)
-        score = novelty if rank == "species" else best.similarity
+        score = scores[rank]
         confident = confident and score >= threshold  # False for a NaN threshold
         label = best.taxonomy.get(rank, "")
         answer[rank] = label if confident else ""
         support[rank] = sum(hit.taxonomy.get(rank, "") == label for hit in hits) / len(hits)
     novel = not novelty >= thresholds.get("species", -math.inf)
     curves = curves or {}
-    precision = {rank: precision_at(curves.get(rank, []), novelty if rank == "species" else best.similarity)
-                 for rank in RANKS if answer[rank]}
+    precision = {rank: precision_at(curves.get(rank, []), scores[rank]) for rank in RANKS if answer[rank]}
     precision = {rank: value for rank, value in precision.items() if not math.isnan(value)}
     return Prediction(query_id, answer, best.similarity, novelty, novel, support, list(hits), precision=precision)
 

@@ -1,0 +1,93 @@
+"""Choose how a rank's answer is judged, on validation species (issue 17, item 3).
+
+    python bench/rank_confidence.py                       # splits 42, 1, 2 of configs/bold_dna.yaml
+    python bench/rank_confidence.py --precision 0.98 0.95 --splits 42
+
+For each species split: the validation stage of the novel-species split (references: seen keys +
+test-unseen keys; queries: the validation-unseen species, which no reference holds), the index
+built once, then calibrated again in memory per setting and the queries identified: thresholds
+that best separate right from wrong answers (the default) or set for a stated precision, each
+compared with the similarity alone (`margin_weights=(0.0,)`) or with the confidence
+`clibd.novelty.rank_confidence` (similarity + a weight chosen at calibration times the taxon
+margin). Prints, per setting and rank, the mean over the splits of: coverage (answered, of all
+novel queries, and of those whose taxon at that rank the references hold), precision of the
+answers and strict accuracy (right answers, of the queries whose taxon the references hold), and
+the weights each split's calibration chose. Test species are never looked at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from species_check import split_model
+
+from clibd.data import load_splits
+from clibd.evaluation.novel_species import reference_taxa, stage_datasets
+from clibd.evaluation.tool_comparison import PLACED, answer_rates, prediction_answer
+from clibd.identify import Identifier
+from clibd.index import _calibrate, build_index
+from clibd.novelty import MARGIN_WEIGHTS
+
+
+def scores(identifier: Identifier, embeddings, novel: list[dict], key_taxa: dict) -> dict[str, dict[str, float]]:
+    predictions = identifier.identify_embeddings(embeddings, [q["id"] for q in novel])
+    answers = [prediction_answer(p) for p in predictions]
+    strict, precision, coverage = answer_rates(novel, answers, key_taxa)
+    held = {rank: sum(q[rank] in key_taxa[rank] for q in novel) for rank in PLACED}
+    answered = {rank: sum(bool(a.answer[rank]) for a in answers) for rank in PLACED}
+    return {rank: {"coverage": coverage[rank], "coverage of held taxa": answered[rank] / held[rank],
+                   "precision": precision[rank], "strict": strict[rank]} for rank in PLACED}
+
+
+def settings_for_split(identifier: Identifier, novel: list[dict], key_taxa: dict, precisions: list[float | None]
+                       ) -> dict[str, tuple[dict, dict]]:
+    index = identifier.index
+    embeddings = identifier.embed(novel)
+    out = {}
+    for precision in precisions:
+        for name, weights in (("similarity alone", (0.0,)), ("similarity + margin", MARGIN_WEIGHTS)):
+            calibration = _calibrate(index.embeddings, index.records, index.parts, precision, margin_weights=weights)
+            index.meta.update(thresholds=calibration.thresholds, precision_curves=calibration.curves,
+                              margin_weights=calibration.margin_weights)  # this setting's, in memory
+            label = f"{'balanced' if precision is None else f'precision {precision}'}, {name}"
+            out[label] = (scores(identifier, embeddings, novel, key_taxa), calibration.margin_weights)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/bold_dna.yaml")
+    parser.add_argument("--splits", type=int, nargs="+", default=[42, 1, 2])
+    parser.add_argument("--precision", type=float, nargs="*", default=[0.98, 0.95],
+                        help="stated precisions to calibrate for, besides the balanced default")
+    args = parser.parse_args()
+    per_split = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.splits:
+            config, model_dir = split_model(args.config, seed)
+            if not model_dir.exists():
+                raise SystemExit(f"{model_dir} not found: train it first (python bench/vs_alignment.py does)")
+            _, references, novel, _ = (list(part) for part in stage_datasets(load_splits(config.data), "val",
+                                                                            config.data.train_splits))
+            build_index(model_dir, references, "dna", Path(tmp) / f"split{seed}", progress=False,
+                        species_check=False)
+            identifier = Identifier.load(Path(tmp) / f"split{seed}", model_dir=model_dir)
+            per_split.append(settings_for_split(identifier, novel, reference_taxa(references),
+                                                [None, *args.precision]))
+            print(f"split {seed}: {len(references)} references, {len(novel)} novel queries")
+    print(f"\nvalidation-unseen species, mean over splits {' '.join(map(str, args.splits))} (%); "
+          "o / f / g = order / family / genus\n")
+    columns = list(per_split[0][next(iter(per_split[0]))][0]["genus"])
+    print("| setting | " + " | ".join(f"{c} o / f / g" for c in columns) + " | weights chosen o / f / g, per split |")
+    print("|---|" + "---|" * (len(columns) + 1))
+    for setting in per_split[0]:
+        cells = [" / ".join(f"{100 * sum(s[setting][0][rank][c] for s in per_split) / len(per_split):.1f}"
+                            for rank in PLACED) for c in columns]
+        weights = "; ".join(" / ".join(f"{s[setting][1][rank]:g}" for rank in PLACED) for s in per_split)
+        print(f"| {setting} | " + " | ".join(cells) + f" | {weights} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""A rank's confidence: the similarity plus a calibrated weight times the taxon margin (how much
+nearer the nearest reference is than the nearest one of another taxon at that rank)."""
+
+import math
+
+import pytest
+
+from clibd.constants import RANKS
+from clibd.identify import Hit, Identifier
+from clibd.index import ReferenceIndex, build_index
+from clibd.novelty import (
+    MARGIN_DEPTH,
+    MARGIN_WEIGHTS,
+    Answers,
+    calibration_from_answers,
+    choose_margin_weight,
+    precision_at,
+    rank_confidence,
+    taxon_margin,
+)
+from clibd.prediction import predict
+
+
+def test_taxon_margin_reads_the_first_other_taxon():
+    assert taxon_margin([0.91, 0.90, 0.84, 0.80], ["A", "A", "B", "C"]) == pytest.approx(0.07)
+    assert taxon_margin([0.91, 0.90, 0.84], ["A", "A", "A"]) == pytest.approx(0.07)  # all one taxon: a lower bound
+    assert taxon_margin([0.91], ["A"]) == 0.0
+    assert taxon_margin([0.91, 0.85, -2.0, -2.0], ["A", "A", "B", "B"]) == pytest.approx(0.06)  # -2: none left
+    records = [{"genus": "A", "family": "F"}, {"genus": "B", "family": "F"}, {"genus": "B", "family": "G"}]
+    confidence = rank_confidence([0.9, 0.8, 0.7], records, {"genus": 2.0, "family": 1.0, "order": 0.0})
+    assert confidence == pytest.approx({"genus": 0.9 + 2 * 0.1, "family": 0.9 + 0.2, "order": 0.9})
+
+
+def _answers(right, wrong):
+    """Held-out answers at a placing rank: (similarity, margin) each."""
+    return Answers(held_right=list(right), held_wrong=list(wrong))
+
+
+# right answers: a little less similar than the wrong ones, but clear of any other taxon;
+# wrong answers: as near one taxon as another (the query sits between them)
+RIGHT = [(0.80 + 0.005 * i, 0.10) for i in range(20)]
+WRONG = [(0.85 + 0.005 * i, 0.005) for i in range(10)]
+
+
+def test_margin_weight_chosen_where_it_separates_right_from_wrong():
+    found = _answers(RIGHT, WRONG)
+    assert choose_margin_weight(found) > 0  # balanced accuracy
+    weight = choose_margin_weight(found, precision=0.99)
+    assert weight > 0
+    calibration = calibration_from_answers({"genus": found, "species": found}, "species", precision=0.99)
+    assert calibration.margin_weights == {"genus": weight, "species": 0.0}  # species: the novelty similarity
+    threshold = calibration.thresholds["genus"]
+    assert all(s + weight * m >= threshold for s, m in RIGHT) and all(s + weight * m < threshold for s, m in WRONG)
+    # the curve is on the confidence: every answer at or above the threshold was right
+    assert precision_at(calibration.curves["genus"], threshold) == 1.0
+    assert calibration.curves["genus"][-1][1] == round(20 / 30, 4)  # all 30 answers
+    # margins that say nothing (all equal) keep the similarity alone
+    flat = _answers([(s, 0.05) for s, _ in RIGHT], [(s, 0.05) for s, _ in WRONG])
+    assert choose_margin_weight(flat) == 0.0 and choose_margin_weight(flat, precision=0.9) == 0.0
+    assert choose_margin_weight(_answers(RIGHT, [])) == 0.0  # nothing to choose by
+    assert MARGIN_WEIGHTS[0] == 0.0
+
+
+def test_predict_compares_thresholds_with_the_confidence():
+    hits = [Hit("k1", 0.80, {"order": "O", "family": "F", "genus": "G", "species": "G s"}),
+            Hit("k2", 0.60, {"order": "O", "family": "F", "genus": "H", "species": "H s"})]
+    thresholds = {"order": 0.5, "family": 0.7, "genus": 0.85, "species": 0.95}
+    curves = {"genus": [(1.0, 1.0), (0.9, 0.97), (0.5, 0.6)]}
+    assert predict("q", hits, thresholds, curves=curves).answer["genus"] == ""  # 0.80 < 0.85
+    prediction = predict("q", hits, thresholds, curves=curves, confidence={"genus": 0.80 + 0.5 * 0.20})
+    assert prediction.answer["genus"] == "G" and prediction.answer["species"] == ""
+    assert prediction.precision["genus"] == 0.97  # read at the confidence (0.90), not the similarity
+
+
+def test_index_stores_margin_weights_and_identify_uses_them(dna_model, records, tmp_path):
+    index = build_index(dna_model, records["many_each"], "dna", tmp_path / "refs", progress=False)
+    assert set(index.margin_weights) == set(RANKS) and index.margin_weights["species"] == 0.0
+    assert all(weight in MARGIN_WEIGHTS for weight in index.margin_weights.values())
+    identifier = Identifier.load(tmp_path / "refs")
+    queries = records["absent"]
+    embeddings = identifier.embed(queries)
+    similarities, rows = identifier.index.search(embeddings, MARGIN_DEPTH)
+
+    def expected(weights):
+        """Each query's deepest answered rank, recomputed from the deep search and the thresholds."""
+        out = []
+        for ss, js in zip(similarities.tolist(), rows.tolist(), strict=True):
+            confidence = rank_confidence(ss, [identifier.index.records[j] for j in js], weights)
+            deepest = None
+            for rank in RANKS[:-1]:
+                if not confidence.get(rank, ss[0]) >= identifier.index.thresholds[rank]:
+                    break
+                deepest = rank
+            out.append(deepest)
+        return out
+
+    # a heavy margin weight (set by hand) changes which ranks are answered, as recomputed
+    heavy = {"order": 4.0, "family": 4.0, "genus": 4.0, "species": 0.0}
+    identifier.index.meta["margin_weights"] = heavy
+    with_margin = [p.deepest_rank if p.deepest_rank != "species" else "genus" for p in identifier.identify(queries)]
+    assert with_margin == expected(heavy)
+    # an index from before margins (no weights stored) answers by the similarity alone
+    del identifier.index.meta["margin_weights"]
+    without = [p.deepest_rank if p.deepest_rank != "species" else "genus" for p in identifier.identify(queries)]
+    assert without == expected({})
+    assert with_margin != without
+    assert ReferenceIndex.load(tmp_path / "refs").margin_weights == index.margin_weights  # stored in index.json
+    assert not math.isnan(index.thresholds["genus"])
