@@ -6,13 +6,16 @@ import json
 import math
 import random
 import shutil
+import threading
+import time
 
 import pytest
 
 from clibd import species_check
+from clibd.data import read_records
 from clibd.identify import Identifier, read_predictions_tsv, write_predictions_tsv
 from clibd.index import ReferenceIndex, add_to_index, build_index, recalibrate_index
-from clibd.species_check import SpeciesCheck, choose_candidate, identity, naming_threshold
+from clibd.species_check import SpeciesCheck, choose_candidate, choose_candidates, identity, naming_threshold
 
 random.seed(0)
 BARCODE = "".join(random.choice("ACGT") for _ in range(600))
@@ -62,6 +65,98 @@ def test_first_candidate_clearing_the_cutoff_wins_and_stops_the_alignments(monke
     assert len(calls) == 1
     far = mutate(BARCODE, range(0, 600, 10))  # 90 %
     assert choose_candidate(BARCODE, [far, close], cutoff=0.99) == (-1, pytest.approx(588 / 600))
+
+
+@pytest.fixture(scope="module")
+def real_batch(data_dir):
+    """30 real BOLD queries, each with 5 candidates: random references with one of its own species
+    at a varying position (or none), so some settle at the first candidate, some later, some never."""
+    rows = [r for r in read_records(data_dir / "insect_bold_coi" / "insect_bold_coi_small.tsv") if r["dna"]]
+    rng = random.Random(1)
+    queries, candidates, names = [], [], []
+    for i, query in enumerate(rng.sample(rows, 30)):
+        same = [r for r in rows if r["species"] == query["species"] and r["id"] != query["id"]]
+        near = rng.sample([r for r in rows if r["species"] != query["species"]], 5)
+        if same and i % 6:
+            near[i % 5] = same[0]
+        queries.append(query)
+        candidates.append([r["dna"] for r in near])
+        names.append([r["id"] for r in near])
+    return [q["dna"] for q in queries], candidates, [q["id"] for q in queries], names
+
+
+def test_batch_equals_the_sequential_choice_on_real_barcodes(real_batch, monkeypatch):
+    queries, candidates, query_ids, names = real_batch
+    sequential = [choose_candidate(q, c, 0.97, n, cn) for q, c, n, cn in zip(*real_batch, strict=True)]
+    assert {position for position, _ in sequential} >= {-1, 0, 1}  # the batch covers every outcome
+    monkeypatch.setattr(species_check, "CHUNK", 4)  # several chunks, so the pool shares them out
+    assert choose_candidates(queries, candidates, 0.97, query_ids, names, threads=2) == sequential
+    assert choose_candidates(queries, candidates, 0.97, query_ids, names, threads=1) == sequential
+
+
+def test_batch_keeps_input_order_when_later_chunks_finish_first(monkeypatch):
+    real, workers = species_check.choose_candidate, set()
+
+    def slow_first(query, candidates, cutoff, query_name, candidate_names):
+        workers.add(threading.get_ident())
+        if query_name == "q0":
+            time.sleep(0.2)  # the first chunk finishes last
+        return real(query, candidates, cutoff, query_name, candidate_names)
+
+    monkeypatch.setattr(species_check, "choose_candidate", slow_first)
+    monkeypatch.setattr(species_check, "CHUNK", 2)
+    far = mutate(BARCODE, range(0, 600, 10))
+    batch = [BARCODE, far] * 4
+    outcomes = choose_candidates(batch, [[far, BARCODE]] * 8, 0.97, [f"q{i}" for i in range(8)], threads=2)
+    assert outcomes == [(1, 1.0), (0, 1.0)] * 4
+    assert len(workers) == 2 and threading.get_ident() not in workers  # both threads of the pool aligned
+
+
+def test_a_bad_barcode_fails_only_its_query_and_is_named():
+    good = [BARCODE, mutate(BARCODE, range(0, 600, 50))]
+    outcomes = choose_candidates([BARCODE, "ACGT-XYZ", BARCODE, BARCODE], [good, good, [BARCODE, "NOT A BARCODE"], good],
+                                 1.01, ["q0", "q1", "q2", "q3"], [["r1", "r2"], ["r1", "r2"], ["r1", "r9"], ["r1", "r2"]],
+                                 threads=2)
+    assert outcomes[0] == outcomes[3] == (-1, 1.0)
+    assert isinstance(outcomes[1], ValueError) and "q1" in str(outcomes[1])
+    assert isinstance(outcomes[2], ValueError) and "reference r9" in str(outcomes[2])
+    with pytest.raises(ValueError, match="3 candidate lists for 2 queries"):
+        choose_candidates([BARCODE, BARCODE], [good] * 3)
+
+
+def test_one_thread_aligns_here_without_a_pool(monkeypatch):
+    def no_pool(*args, **kwargs):
+        raise AssertionError("threads=1 must not start a pool")
+
+    monkeypatch.setattr(species_check, "ThreadPoolExecutor", no_pool)
+    monkeypatch.setattr(species_check, "CHUNK", 1)
+    close = mutate(BARCODE, range(0, 600, 50))
+    expected = [choose_candidate(BARCODE, [close]), choose_candidate(close, [BARCODE[:300]])]
+    assert choose_candidates([BARCODE, close], [[close], [BARCODE[:300]]], threads=1) == expected
+    # the default is the threads torch may use
+    monkeypatch.setattr(species_check.torch, "get_num_threads", lambda: 1)
+    assert choose_candidates([BARCODE, close], [[close], [BARCODE[:300]]]) == expected
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        choose_candidates([BARCODE], [[close]], threads=0)
+
+
+def test_threads_starting_together_make_one_matrix(monkeypatch):
+    import parasail
+
+    made, real = [], parasail.matrix_create
+
+    def slow_create(*args):
+        made.append(args)
+        time.sleep(0.05)  # long enough for every thread to find no matrix yet without the lock
+        return real(*args)
+
+    monkeypatch.setattr(species_check, "_MATRIX", None)
+    monkeypatch.setattr(parasail, "matrix_create", slow_create)
+    seen = []
+    threads = [threading.Thread(target=lambda: seen.append(species_check._matrix())) for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert len(made) == 1 and len({id(m) for m in seen}) == 1
 
 
 def test_naming_threshold_names_at_most_the_asked_share():

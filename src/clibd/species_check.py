@@ -36,8 +36,10 @@ from __future__ import annotations
 import logging
 import math
 import random
+import threading
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -59,20 +61,28 @@ _ALPHABET = "ACGTN"
 # identity over fewer compared columns is not a species call (a reference that is mostly N);
 # no coverage rule: BOLD holds barcodes of shifted stretches of COI whose overlap is a fair call
 MIN_COLUMNS = 100  # mini-barcodes (~130 bp) still called; a few dozen known bases are not
+# queries per task of `choose_candidates`' pool: a known species costs one alignment (~0.4 ms),
+# so one query per task would spend about as long in the executor as in parasail
+CHUNK = 16
 _MATRIX = None
+_MATRIX_LOCK = threading.Lock()
 logger = logging.getLogger(__name__)
 
 
 def _matrix():
+    """The scoring matrix, made once and only read afterwards (parasail's alignments never write
+    it, so threads share it); the lock keeps threads that start together from each making one."""
     global _MATRIX
     if _MATRIX is None:
-        import parasail  # a C library: imported on first use, not at `import clibd`
+        with _MATRIX_LOCK:
+            if _MATRIX is None:
+                import parasail  # a C library: imported on first use, not at `import clibd`
 
-        matrix = parasail.matrix_create(_ALPHABET, _MATCH, _MISMATCH)
-        for i in range(len(_ALPHABET)):
-            matrix.set_value(i, 4, 0)
-            matrix.set_value(4, i, 0)
-        _MATRIX = matrix
+                matrix = parasail.matrix_create(_ALPHABET, _MATCH, _MISMATCH)
+                for i in range(len(_ALPHABET)):
+                    matrix.set_value(i, 4, 0)
+                    matrix.set_value(4, i, 0)
+                _MATRIX = matrix  # published only once complete
     return _MATRIX
 
 
@@ -144,6 +154,53 @@ def choose_candidate(query: str, candidates: Sequence[str], cutoff: float = IDEN
     return -1, best
 
 
+def choose_candidates(queries: Sequence[str], candidates: Sequence[Sequence[str]], cutoff: float = IDENTITY_CUTOFF,
+                      query_names: Sequence[str] | None = None,
+                      candidate_names: Sequence[Sequence[str]] | None = None,
+                      threads: int | None = None) -> list[tuple[int, float] | ValueError]:
+    """`choose_candidate` for many queries (`candidates[i]`: the i-th query's references, search
+    order), on a pool of `threads` threads, in chunks of `CHUNK` queries: parasail's C releases
+    the GIL, so the alignments use every core. In input order, each the (position, identity)
+    `choose_candidate` gives, or, for a query with a bad barcode (its own or a candidate's), the
+    `ValueError` naming it, returned rather than raised so the caller can fail that query alone.
+    `query_names`, `candidate_names`: as `choose_candidate`'s, per query. `threads`: default the
+    threads torch may use (`torch.get_num_threads()`, which `OMP_NUM_THREADS` and
+    `torch.set_num_threads` set); 1 runs here, without a pool.
+
+    Usage:
+        outcomes = choose_candidates(barcodes, [[r["dna"] for r in hits] for hits in hit_records], 0.97,
+                                     query_ids, [[r["id"] for r in hits] for hits in hit_records])
+        for outcome in outcomes:
+            if isinstance(outcome, ValueError): ...   # raise it, or fail this query
+            position, best = outcome
+    """
+    if len(candidates) != len(queries):
+        raise ValueError(f"{len(candidates)} candidate lists for {len(queries)} queries")
+    names = list(query_names) if query_names is not None else [f"query #{i}" for i in range(len(queries))]
+    references = list(candidate_names) if candidate_names is not None else [None] * len(queries)
+    if not len(names) == len(references) == len(queries):
+        raise ValueError(f"{len(names)} query names and {len(references)} candidate name lists "
+                         f"for {len(queries)} queries")
+    threads = torch.get_num_threads() if threads is None else threads
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+
+    def chunk(start: int) -> list[tuple[int, float] | ValueError]:
+        out: list[tuple[int, float] | ValueError] = []
+        for i in range(start, min(start + CHUNK, len(queries))):
+            try:
+                out.append(choose_candidate(queries[i], candidates[i], cutoff, names[i], references[i]))
+            except ValueError as error:  # a bad barcode fails its query, not the batch
+                out.append(error)
+        return out
+
+    starts = range(0, len(queries), CHUNK)
+    if threads == 1 or len(starts) < 2:  # nothing to share out: no pool to start
+        return [outcome for start in starts for outcome in chunk(start)]
+    with ThreadPoolExecutor(min(threads, len(starts)), thread_name_prefix="clibd-align") as pool:
+        return [outcome for part in pool.map(chunk, starts) for outcome in part]
+
+
 @dataclass
 class SpeciesCheck:
     """The species rule of a DNA index (module doc) and what its calibration measured.
@@ -212,12 +269,17 @@ def _nearest(embeddings: torch.Tensor, novelty: torch.Tensor, species: list[str]
 
 def _settle(records: Sequence[dict], rows: list[int], neighbours: list[list[int]], cutoff: float
             ) -> list[tuple[bool, bool]]:
-    """(settled by alignment, the species it named is right) for each calibration specimen."""
+    """(settled by alignment, the species it named is right) for each calibration specimen; the
+    first bad barcode (in `rows` order) is raised: a library to calibrate on must be sound."""
+    outcomes = choose_candidates([records[row]["dna"] for row in rows],
+                                 [[records[j]["dna"] for j in near] for near in neighbours], cutoff,
+                                 [records[row].get("id", f"record #{row}") for row in rows],
+                                 [[records[j].get("id", f"record #{j}") for j in near] for near in neighbours])
     out = []
-    for row, near in zip(rows, neighbours, strict=True):
-        position, _ = choose_candidate(records[row]["dna"], [records[j]["dna"] for j in near], cutoff,
-                                       records[row].get("id", f"record #{row}"),
-                                       [records[j].get("id", f"record #{j}") for j in near])
+    for row, near, outcome in zip(rows, neighbours, outcomes, strict=True):
+        if isinstance(outcome, ValueError):
+            raise outcome
+        position, _ = outcome
         named = records[near[position]]["species"] if position >= 0 else ""
         out.append((position >= 0, named == records[row]["species"]))
     return out
