@@ -57,7 +57,7 @@ from .predictions_tsv import identify_to_tsv, prediction_columns, read_predictio
 from .processing import CLIBDProcessor
 from .query_plan import QueryPlan, embed_queries, query_problems, resolve_plan
 from .retrieval import SEARCH_BACKENDS
-from .species_check import SpeciesCheck, choose_candidate
+from .species_check import SpeciesCheck, choose_candidates
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 ON_BAD_INPUT = ("error", "skip")
@@ -151,14 +151,13 @@ class Identifier:
                 raise ValueError(f"{len(barcodes)} barcodes for {len(query_ids)} queries")
             thresholds, curves = self._checked_thresholds(thresholds, curves, check)
         predictions = []
-        for n, (query_id, ss, js, novelty_sim) in enumerate(zip(query_ids, similarities.tolist(), rows.tolist(),
-                                                                 novelty.tolist(), strict=True)):
+        for query_id, ss, js, novelty_sim in zip(query_ids, similarities.tolist(), rows.tolist(), novelty.tolist(),
+                                                 strict=True):
             hits = [self._hit(keys, plan.keys, j, s) for j, s in zip(js[:top_k], ss[:top_k], strict=True)]
             confidence = rank_confidence(ss, [keys.records[j] for j in js], weights)
-            prediction = replace(predict(query_id, hits, thresholds, novelty_sim, curves, confidence),
-                                 route=hits[0].modality)
-            predictions.append(self._check_species(prediction, keys, barcodes[n], js, check) if check else prediction)
-        return predictions
+            predictions.append(replace(predict(query_id, hits, thresholds, novelty_sim, curves, confidence),
+                                       route=hits[0].modality))
+        return self._check_species(predictions, keys, barcodes, rows, check) if check else predictions
 
     def _checked_thresholds(self, thresholds: dict, curves: dict, check: SpeciesCheck) -> tuple[dict, dict]:
         """The thresholds and curves of the queries alignment leaves to the embedding: the check's
@@ -169,19 +168,28 @@ class Identifier:
             species = max(species, thresholds.get("species", -math.inf))
         return {**thresholds, "species": species}, {r: c for r, c in curves.items() if r != "species"}
 
-    def _check_species(self, prediction: Prediction, keys: ReferenceIndex, barcode: str, rows: list[int],
-                       check: SpeciesCheck) -> Prediction:
-        """`prediction` with its species settled by alignment where a candidate clears the cut-off
-        (`identity`: that reference's; else the best among the candidates). A reference barcode
-        that cannot be aligned follows `on_bad_input` (a `failed` row under "skip")."""
-        candidates = rows[: check.candidates]
-        try:
-            position, best = choose_candidate(barcode, [keys.barcodes[j] for j in candidates], check.identity_cutoff,
-                                              prediction.query_id, [keys.records[j]["id"] for j in candidates])
-        except ValueError as error:
+    def _check_species(self, predictions: list[Prediction], keys: ReferenceIndex, barcodes: Sequence[str],
+                       rows: torch.Tensor, check: SpeciesCheck) -> list[Prediction]:
+        """`predictions` with their species settled by alignment where a candidate clears the cut-off
+        (`identity`: that reference's; else the best among the candidates), the batch's alignments
+        on every core the model may use (`choose_candidates`). A barcode that cannot be aligned
+        follows `on_bad_input`: "error" raises the first such query's error (in order), "skip"
+        gives that query alone a `failed` row."""
+        candidates = rows[:, : check.candidates].tolist()
+        outcomes = choose_candidates(barcodes, [[keys.barcodes[j] for j in near] for near in candidates],
+                                     check.identity_cutoff, [p.query_id for p in predictions],
+                                     [[keys.records[j]["id"] for j in near] for near in candidates])
+        return [self._settled(prediction, keys, near, outcome, check)
+                for prediction, near, outcome in zip(predictions, candidates, outcomes, strict=True)]
+
+    def _settled(self, prediction: Prediction, keys: ReferenceIndex, candidates: list[int],
+                 outcome: tuple[int, float] | ValueError, check: SpeciesCheck) -> Prediction:
+        """One query's `prediction` after its alignments (`outcome`, as `choose_candidates` gives)."""
+        if isinstance(outcome, ValueError):
             if self.on_bad_input == "error":
-                raise
-            return failed(prediction.query_id, f"species check: {error}")
+                raise outcome
+            return failed(prediction.query_id, f"species check: {outcome}")
+        position, best = outcome
         if position < 0:
             return replace(prediction, identity=best)
         record = keys.records[candidates[position]]
