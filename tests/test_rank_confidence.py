@@ -26,8 +26,8 @@ def test_taxon_margin_reads_the_first_other_taxon():
     assert taxon_margin([0.91, 0.90, 0.84], ["A", "A", "A"]) == pytest.approx(0.07)  # all one taxon: a lower bound
     assert taxon_margin([0.91], ["A"]) == 0.0
     assert taxon_margin([0.91, 0.85, -2.0, -2.0], ["A", "A", "B", "B"]) == pytest.approx(0.06)  # -2: none left
-    records = [{"genus": "A", "family": "F"}, {"genus": "B", "family": "F"}, {"genus": "B", "family": "G"}]
-    confidence = rank_confidence([0.9, 0.8, 0.7], records, {"genus": 2.0, "family": 1.0, "order": 0.0})
+    labels = {"genus": ["A", "B", "B"], "family": ["F", "F", "G"]}  # no order labels: its weight is 0
+    confidence = rank_confidence([0.9, 0.8, 0.7], labels, {"genus": 2.0, "family": 1.0, "order": 0.0})
     assert confidence == pytest.approx({"genus": 0.9 + 2 * 0.1, "family": 0.9 + 0.2, "order": 0.9})
 
 
@@ -85,7 +85,8 @@ def test_index_stores_margin_weights_and_identify_uses_them(dna_model, records, 
         """Each query's deepest answered rank, recomputed from the deep search and the thresholds."""
         out = []
         for ss, js in zip(similarities.tolist(), rows.tolist(), strict=True):
-            confidence = rank_confidence(ss, [identifier.index.records[j] for j in js], weights)
+            records = [identifier.index.records[j] for j in js]
+            confidence = rank_confidence(ss, {rank: [r[rank] for r in records] for rank in RANKS}, weights)
             deepest = None
             for rank in RANKS[:-1]:
                 if not confidence.get(rank, ss[0]) >= identifier.index.thresholds[rank]:

@@ -150,11 +150,11 @@ class Identifier:
             if len(barcodes) != len(query_ids):
                 raise ValueError(f"{len(barcodes)} barcodes for {len(query_ids)} queries")
             thresholds, curves = self._checked_thresholds(thresholds, curves, check)
-        predictions = []
+        predictions, labels = [], _margin_labels(keys, weights)
         for query_id, ss, js, novelty_sim in zip(query_ids, similarities.tolist(), rows.tolist(), novelty.tolist(),
                                                  strict=True):
             hits = [self._hit(keys, plan.keys, j, s) for j, s in zip(js[:top_k], ss[:top_k], strict=True)]
-            confidence = rank_confidence(ss, [keys.records[j] for j in js], weights)
+            confidence = rank_confidence(ss, {rank: [column[j] for j in js] for rank, column in labels.items()}, weights)
             predictions.append(replace(predict(query_id, hits, thresholds, novelty_sim, curves, confidence),
                                        route=hits[0].modality))
         return self._check_species(predictions, keys, barcodes, rows, check) if check else predictions
@@ -206,14 +206,15 @@ class Identifier:
             keys = self.library.keys([modality])
             weights = self.library.margin_weights("image", [modality])
             routes[modality] = (keys, *self._search(keys, embeddings, _depth(top_k, weights)), weights,
-                                *self.library.calibration("image", [modality]))
+                                _margin_labels(keys, weights), *self.library.calibration("image", [modality]))
         predictions = []
         for n, query_id in enumerate(query_ids):
             route = "image" if float(routes["image"][1][n, 0]) > threshold else "dna"
-            keys, similarities, rows, weights, thresholds, curves = routes[route]
+            keys, similarities, rows, weights, labels, thresholds, curves = routes[route]
             ss, js = similarities[n].tolist(), rows[n].tolist()
             hits = [self._hit(keys, [route], j, s) for j, s in zip(js[:top_k], ss[:top_k], strict=True)]
-            confidence = rank_confidence(ss, [keys.records[j] for j in js], weights)
+            confidence = rank_confidence(ss, {rank: [column[j] for j in js] for rank, column in labels.items()},
+                                         weights)
             predictions.append(replace(predict(query_id, hits, thresholds, None, curves, confidence), route=route))
         return predictions
 
@@ -321,6 +322,11 @@ def _thresholds_line(thresholds: dict[str, float], margin_weights: dict[str, flo
     return ", ".join(f"{rank}={value:.4f}" + (f" (similarity + {margin_weights[rank]:g} x margin)"
                                               if margin_weights.get(rank) else "")
                      for rank, value in thresholds.items())
+
+
+def _margin_labels(keys: ReferenceIndex, margin_weights: dict[str, float]) -> dict[str, list[str]]:
+    """The keys' labels at each rank whose margin counts (`clibd.novelty.rank_confidence`)."""
+    return {rank: keys.rank_labels(rank) for rank, weight in margin_weights.items() if weight}
 
 
 def _depth(top_k: int, margin_weights: dict[str, float], check: SpeciesCheck | None = None) -> int:

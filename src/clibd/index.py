@@ -101,6 +101,7 @@ class ReferenceIndex:
     # folder, `clibd.index_store`); the novelty part of the keys
     _faiss: dict = field(default_factory=dict, repr=False, compare=False)
     _keys: dict = field(default_factory=dict, repr=False, compare=False)
+    _labels: dict = field(default_factory=dict, repr=False, compare=False)
     # what its searched keys are called in the folder: "embeddings" for a single-modality index;
     # a multi-modal library's key sets (`clibd.library`) are named by their modality
     key_name: str = "embeddings"
@@ -226,6 +227,15 @@ class ReferenceIndex:
         queries = select_parts(queries, self.parts, "scores_novelty")
         name = "novelty" if self.key_name == "embeddings" else f"novelty-{self.key_name}"
         return self._search(queries, name, self._novelty_keys, 1, backend)[0][:, 0]
+
+    def rank_labels(self, rank: str) -> list[str]:
+        """Every reference's label at `rank`, in key order ("" where none), read once: what a
+        query's margins look up for its hits (`clibd.novelty.rank_confidence`), instead of a
+        record dict per hit."""
+        if rank not in self._labels:
+            table = isinstance(self.records, RecordTable) and rank in self.records.column_names
+            self._labels[rank] = self.records.column(rank) if table else [r.get(rank, "") for r in self.records]
+        return self._labels[rank]
 
     def _novelty_keys(self) -> torch.Tensor:
         if "novelty" not in self._keys:

@@ -103,6 +103,10 @@ class RecordTable(Sequence):
         """One column, for every record."""
         return self._columns[name].to_pylist()
 
+    @property
+    def column_names(self) -> list[str]:
+        return list(self._columns)
+
     def __len__(self) -> int:
         return self._table.num_rows
 

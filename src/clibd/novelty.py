@@ -164,17 +164,17 @@ def taxon_margin(similarities: Sequence[float], labels: Sequence[str]) -> float:
     return top - last
 
 
-def rank_confidence(similarities: Sequence[float], key_records: Sequence[dict], weights: Mapping[str, float]
-                    ) -> dict[str, float]:
+def rank_confidence(similarities: Sequence[float], labels: Mapping[str, Sequence[str]],
+                    weights: Mapping[str, float]) -> dict[str, float]:
     """Per rank with a weight: the confidence its threshold is compared with, the nearest
-    similarity plus `weights[rank]` times its `taxon_margin` (`key_records`: the references in
-    the order of `similarities`, nearest first; the deeper, the truer the margin: `MARGIN_DEPTH`).
+    similarity plus `weights[rank]` times its `taxon_margin` (`labels[rank]`: the references'
+    labels at that rank in the order of `similarities`, nearest first, needed where the weight is
+    not 0; the deeper, the truer the margin: `MARGIN_DEPTH`).
 
     Usage:
-        rank_confidence(sims, [index.records[j] for j in rows], index.margin_weights)   # {"genus": 0.93, ...}
+        rank_confidence(sims, {"genus": [index.rank_labels("genus")[j] for j in rows]}, {"genus": 0.5})
     """
-    return {rank: similarities[0] + (weight * taxon_margin(similarities, [r.get(rank, "") for r in key_records])
-                                     if weight else 0.0)
+    return {rank: similarities[0] + (weight * taxon_margin(similarities, labels[rank]) if weight else 0.0)
             for rank, weight in weights.items()}
 
 
