@@ -60,8 +60,8 @@ MARGIN_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 MARGIN_DEPTH = 100
 METHODS = {
     "separates": "separates right from wrong answers",
-    "precision": "the lowest similarity at which answers reach the asked precision",
-    "precision unreachable": "no similarity gives the asked precision: set above every answer",
+    "precision": "the lowest confidence at which answers reach the asked precision",
+    "precision unreachable": "no confidence gives the asked precision: set above every answer",
     "above wrong": "only wrong answers to learn from: set above 99 % of them",
     "below right": "only right answers to learn from: set below 99 % of them",
     "none": "nothing to learn from: no answer is given at this rank or below",

@@ -43,7 +43,7 @@ class Prediction:
     top-k hits agreeing with the nearest one at that rank; `hits`: nearest first; `error`: why
     the query could not be identified (`on_bad_input="skip"`: then no answer, no hits, NaN
     similarities), "" otherwise; `precision`: rank -> how often the index's calibration answers
-    at this similarity were right at that rank, for the ranks answered (where the index has a curve);
+    at this confidence (`clibd.novelty.rank_confidence`) were right at that rank, for the ranks answered (where the index has a curve);
     `route`: the key modality the answer came from (is-du: "image" for a species judged seen,
     "dna" for unseen; stacked keys: the nearest key's), "" where not known (older TSVs, error rows);
     `identity`: the alignment identity of the reference that named the species
