@@ -3,12 +3,14 @@
     python bench/species_check.py                              # splits 42, 1, 2 of configs/bold_dna.yaml
     python bench/species_check.py --novel-named 0.005 0.01 --cutoffs 0.97
     python bench/species_check.py --candidates 1 5 20 --novel-named 0.005
+    python bench/species_check.py --novel-named 0.005 0.01 --margin-weights 0 1 2 4
 
 For each species split: the validation stage of the novel-species split (references: seen keys +
 test-unseen keys; queries: validation-unseen species, which no reference holds, and the seen
 validation records), the index built once, then identify run again for each setting of
-`clibd.species_check` (identity cut-off, and the share of held-out calibration specimens the
-embedding may name: `novel_named`), once without the check (the embedding alone) and once with
+`clibd.species_check` (identity cut-off, the share of held-out calibration specimens the
+embedding may name: `novel_named`, and the weight of the species margin in the embedding's
+confidence: `margin_weight`), once without the check (the embedding alone) and once with
 alignment alone (a species only from a reference at least the cut-off identical: the rule of
 VSEARCH / BLAST users, over the embedding's nearest candidates). Prints, per setting, the mean
 over the splits of: known species named right / named at all / flagged novel, and novel species
@@ -49,8 +51,8 @@ def rates(predictions, novel: list[dict], seen: list[dict]) -> dict[str, float]:
 
 
 def settings_for_split(identifier: Identifier, queries: list[dict], novel: list[dict], seen: list[dict],
-                       cutoffs: list[float], candidates: list[int], novel_named: list[float]
-                       ) -> dict[str, dict[str, float]]:
+                       cutoffs: list[float], candidates: list[int], novel_named: list[float],
+                       margin_weights: list[float]) -> dict[str, dict[str, float]]:
     """Rates per setting; the index's embeddings and barcodes are reused, only the check changes."""
     index = identifier.index
     embeddings = index.embeddings.float()
@@ -67,11 +69,11 @@ def settings_for_split(identifier: Identifier, queries: list[dict], novel: list[
     for cutoff, count in itertools.product(cutoffs, candidates):  # alignment alone: the embedding names none
         out[f"alignment alone, cut-off {cutoff}, {count} candidates"] = run(
             SpeciesCheck(math.inf, identity_cutoff=cutoff, candidates=count))
-    for cutoff, count, share in itertools.product(cutoffs, candidates, novel_named):
+    for cutoff, count, share, weight in itertools.product(cutoffs, candidates, novel_named, margin_weights):
         check = calibrate_species_check(embeddings, novelty, records, identity_cutoff=cutoff, candidates=count,
-                                        novel_named=share)
-        out[f"cut-off {cutoff}, {count} candidates, novel_named {share} (embedding threshold "
-            f"{check.embedding_threshold:.3f})"] = run(check)
+                                        novel_named=share, margin_weight=weight)
+        out[f"cut-off {cutoff}, {count} candidates, novel_named {share}, margin weight {weight:g} (embedding "
+            f"threshold {check.embedding_threshold:.3f})"] = run(check)
     return out
 
 
@@ -83,6 +85,8 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, nargs="+", default=[5],
                         help="how many of the embedding's nearest references are aligned (default 5)")
     parser.add_argument("--novel-named", type=float, nargs="+", default=[0.0025, 0.005, 0.01, 0.02])
+    parser.add_argument("--margin-weights", type=float, nargs="+", default=[0.0, 2.0],
+                        help="weights of the species margin in the embedding's confidence (default 0 2)")
     args = parser.parse_args()
     per_split = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,7 +99,7 @@ def main() -> None:
             build_index(model_dir, references, "dna", Path(tmp) / f"split{seed}", progress=False)
             identifier = Identifier.load(Path(tmp) / f"split{seed}", model_dir=model_dir)
             per_split.append(settings_for_split(identifier, novel + seen, novel, seen, args.cutoffs,
-                                                args.candidates, args.novel_named))
+                                                args.candidates, args.novel_named, args.margin_weights))
             print(f"split {seed}: {len(references)} references, {len(novel)} novel, {len(seen)} seen queries")
     columns = list(next(iter(per_split[0].values())))
     print(f"\nvalidation species, mean over splits {' '.join(map(str, args.splits))} (%)\n")

@@ -2,6 +2,7 @@
 rule, the calibrated embedding threshold, and identify with and without it on the shared BOLD
 barcodes (a small untrained k-mer-profile tower: its fixed k-mer sketch already places barcodes)."""
 
+import dataclasses
 import json
 import math
 import random
@@ -281,7 +282,45 @@ def test_a_reference_barcode_that_cannot_be_aligned_is_named(libraries, dna_mode
 def test_a_stated_precision_still_bounds_the_embeddings_species(dna_model, records, tmp_path):
     index = build_index(dna_model, records["many_each"], "dna", tmp_path / "refs", progress=False, precision=0.99)
     identifier = Identifier.load(index.directory, model_dir=dna_model)
-    thresholds, curves = identifier._checked_thresholds(index.thresholds, index.precision_curves,
-                                                        index.species_check)
-    assert thresholds["species"] == max(index.thresholds["species"], index.species_check.embedding_threshold)
+    check = index.species_check
+    floor, thresholds, curves = identifier._checked_thresholds(index.thresholds, index.precision_curves, check)
+    assert floor == index.thresholds["species"] and thresholds["species"] == check.embedding_threshold
     assert "species" not in curves  # the stored curve was not learnt on the queries alignment leaves
+    # the embedding names a species only where the novelty similarity clears the floor too, whatever
+    # the check's confidence says (here: a check that would name every query alignment leaves)
+    identifier.index.species_check = dataclasses.replace(check, embedding_threshold=-2.0)  # below any cosine
+    queries = records["held"] + records["absent"]
+    loose = identifier._checked_thresholds
+    identifier._checked_thresholds = lambda *args: (-math.inf, *loose(*args)[1:])  # no floor
+    unbounded = [p for p in identifier.identify(queries) if not p.novel and not p.identity >= 0.97]
+    floor = sorted(p.novelty_similarity for p in unbounded)[len(unbounded) // 2]
+    identifier._checked_thresholds = lambda *args: (floor, *loose(*args)[1:])
+    by_embedding = [p for p in identifier.identify(queries) if not p.novel and not p.identity >= 0.97]
+    assert by_embedding and all(p.novelty_similarity >= floor for p in by_embedding)
+    assert len(unbounded) > len(by_embedding)  # the floor did hold some back
+
+
+def test_the_embeddings_species_is_judged_with_the_species_margin(libraries, dna_model, records):
+    checked, _ = libraries
+    check = checked.species_check
+    assert check.margin_weight == species_check.SPECIES_MARGIN_WEIGHT  # calibrated with it, stored
+    old = {k: v for k, v in check.to_dict().items() if k != "margin_weight"}
+    assert SpeciesCheck.from_dict(old).margin_weight == 0.0  # an index from before: the novelty similarity alone
+    assert check.confidence(0.8, [0.9, 0.85, 0.7], ["A b", "A b", "A c"]) == pytest.approx(0.8 + check.margin_weight * 0.2)
+    assert dataclasses.replace(check, margin_weight=0.0).confidence(0.8, [0.9, 0.7], ["A b", "A c"]) == 0.8
+
+    identifier = Identifier.load(checked.directory, model_dir=dna_model)
+    queries = records["held"] + records["absent"]
+    embeddings = identifier.embed(queries)
+    ids, barcodes = [q["id"] for q in queries], [q["dna"] for q in queries]
+    unsettled = [p for p in identifier.identify_embeddings(embeddings, ids, barcodes=barcodes)
+                 if not p.identity >= check.identity_cutoff]
+    # a threshold between the queries' novelty similarities: with a heavy species margin more clear it
+    cut = sorted(p.novelty_similarity for p in unsettled)[len(unsettled) // 2]
+    named = {}
+    for weight in (0.0, 4.0):
+        identifier.index.species_check = dataclasses.replace(check, embedding_threshold=cut, margin_weight=weight)
+        predictions = identifier.identify_embeddings(embeddings, ids, barcodes=barcodes)
+        named[weight] = {p.query_id for p in predictions if not p.novel and not p.identity >= check.identity_cutoff}
+    assert named[0.0] == {p.query_id for p in unsettled if p.novelty_similarity >= cut}
+    assert named[0.0] < named[4.0]  # the margin only adds to the novelty similarity

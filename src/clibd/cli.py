@@ -257,7 +257,7 @@ def _add_index_commands(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--novel-named", type=float,
                        help="DNA: the share of calibration specimens of species held out of the library that the "
                             "embedding may name as a held species where alignment does not settle it (default "
-                            "0.005; lower: fewer novel species named, more known ones flagged novel)")
+                            "0.02; lower: fewer novel species named, more known ones flagged novel)")
     build.add_argument("--no-species-check", action="store_true",
                        help="DNA: decide the species from the embedding alone (no alignment of the nearest references)")
     build.set_defaults(run=_index_build)

@@ -146,27 +146,32 @@ class Identifier:
         similarities, rows = self._search(keys, embeddings, _depth(top_k, weights, check))
         own = plan.keys == (plan.query,) and keys.scores_novelty_apart  # novelty parts: one tower's own
         novelty = keys.novelty_similarity(embeddings, self.backend) if own else similarities[:, 0]
+        floor = -math.inf
         if check:
             if len(barcodes) != len(query_ids):
                 raise ValueError(f"{len(barcodes)} barcodes for {len(query_ids)} queries")
-            thresholds, curves = self._checked_thresholds(thresholds, curves, check)
+            floor, thresholds, curves = self._checked_thresholds(thresholds, curves, check)
         predictions, labels = [], _margin_labels(keys, weights)
+        species = keys.rank_labels("species") if check and check.margin_weight else None
         for query_id, ss, js, novelty_sim in zip(query_ids, similarities.tolist(), rows.tolist(), novelty.tolist(),
                                                  strict=True):
             hits = [self._hit(keys, plan.keys, j, s) for j, s in zip(js[:top_k], ss[:top_k], strict=True)]
             confidence = rank_confidence(ss, {rank: [column[j] for j in js] for rank, column in labels.items()}, weights)
+            if check:  # the embedding's species: by the check's confidence, never below a stated precision's floor
+                confidence["species"] = (check.confidence(novelty_sim, ss, [species[j] for j in js] if species else [])
+                                         if novelty_sim >= floor else -math.inf)
             predictions.append(replace(predict(query_id, hits, thresholds, novelty_sim, curves, confidence),
                                        route=hits[0].modality))
         return self._check_species(predictions, keys, barcodes, rows, check) if check else predictions
 
-    def _checked_thresholds(self, thresholds: dict, curves: dict, check: SpeciesCheck) -> tuple[dict, dict]:
-        """The thresholds and curves of the queries alignment leaves to the embedding: the check's
-        species threshold, or the index's where it was set for a stated precision and is higher;
-        no species precision curve (the stored one was learnt on every query, not on these)."""
-        species = check.embedding_threshold
-        if self.library.meta.get("precision") is not None:
-            species = max(species, thresholds.get("species", -math.inf))
-        return {**thresholds, "species": species}, {r: c for r, c in curves.items() if r != "species"}
+    def _checked_thresholds(self, thresholds: dict, curves: dict, check: SpeciesCheck) -> tuple[float, dict, dict]:
+        """(floor, thresholds, curves) of the queries alignment leaves to the embedding: the check's
+        species threshold (on `SpeciesCheck.confidence`), and where the index was built for a stated
+        precision, its species threshold as a floor the novelty similarity must also clear; no
+        species precision curve (the stored one was learnt on every query, not on these)."""
+        floor = thresholds.get("species", -math.inf) if self.library.meta.get("precision") is not None else -math.inf
+        return floor, {**thresholds, "species": check.embedding_threshold}, {r: c for r, c in curves.items()
+                                                                             if r != "species"}
 
     def _check_species(self, predictions: list[Prediction], keys: ReferenceIndex, barcodes: Sequence[str],
                        rows: torch.Tensor, check: SpeciesCheck) -> list[Prediction]:
@@ -302,7 +307,8 @@ class Identifier:
         check = library.keys(plan.keys).species_check if plan.keys == ("dna",) == (plan.query,) else None
         if check:
             thresholds += (f"; species check: identity >= {check.identity_cutoff} among {check.candidates} "
-                           f"candidates, else species={check.embedding_threshold:.4f}")
+                           f"candidates, else species={check.embedding_threshold:.4f}"
+                           + (f" (novelty + {check.margin_weight:g} x species margin)" if check.margin_weight else ""))
         return (f"{COMMENT}clibd {__version__} identify; model {self.model_dir} "
                 f"(sha256 {library.meta['model_hash'][:16]}); index {library.directory.resolve()} "
                 f"({held} references); {plan.describe()}; thresholds {thresholds}\n")
@@ -332,7 +338,7 @@ def _margin_labels(keys: ReferenceIndex, margin_weights: dict[str, float]) -> di
 def _depth(top_k: int, margin_weights: dict[str, float], check: SpeciesCheck | None = None) -> int:
     """How many nearest keys a query needs: its hits, the species check's candidates, and where a
     margin counts (`clibd.novelty.rank_confidence`) the depth its margins look through."""
-    margins = MARGIN_DEPTH if any(margin_weights.values()) else 0
+    margins = MARGIN_DEPTH if any(margin_weights.values()) or (check and check.margin_weight) else 0
     return max(top_k, check.candidates if check else 0, margins)
 
 

@@ -83,9 +83,9 @@ def predict(query_id: str, hits: Sequence[Hit], thresholds: Mapping[str, float],
             confidence: Mapping[str, float] | None = None) -> Prediction:
     """The decision for one query from its hits (nearest first), the index's per-rank thresholds
     and its novelty similarity (the best similarity when None). The answer is filled from order
-    down and stops at the first rank whose threshold is not cleared (species: by the novelty
-    similarity; a rank in `confidence`, by that: `clibd.novelty.rank_confidence`; else by the
-    best similarity). A rank whose threshold could not be calibrated (NaN) stops it too: no answer
+    down and stops at the first rank whose threshold is not cleared, each by its `confidence`
+    where given (`clibd.novelty.rank_confidence`; for species, `SpeciesCheck.confidence`), else
+    by the novelty similarity for species and the best similarity above it. A rank whose threshold could not be calibrated (NaN) stops it too: no answer
     is better than an unchecked one; an absent threshold (an index built with
     `calibrate=False`) does not stop it.
 
@@ -94,7 +94,7 @@ def predict(query_id: str, hits: Sequence[Hit], thresholds: Mapping[str, float],
     """
     best = hits[0]
     novelty = best.similarity if novelty_similarity is None else novelty_similarity
-    scores = {**{rank: best.similarity for rank in RANKS}, **(confidence or {}), "species": novelty}
+    scores = {**{rank: best.similarity for rank in RANKS}, "species": novelty, **(confidence or {})}
     answer, support, confident = {}, {}, True
     for rank in RANKS:
         threshold = thresholds.get(rank, -math.inf)
@@ -103,7 +103,7 @@ def predict(query_id: str, hits: Sequence[Hit], thresholds: Mapping[str, float],
         label = best.taxonomy.get(rank, "")
         answer[rank] = label if confident else ""
         support[rank] = sum(hit.taxonomy.get(rank, "") == label for hit in hits) / len(hits)
-    novel = not novelty >= thresholds.get("species", -math.inf)
+    novel = not scores["species"] >= thresholds.get("species", -math.inf)
     curves = curves or {}
     precision = {rank: precision_at(curves.get(rank, []), scores[rank]) for rank in RANKS if answer[rank]}
     precision = {rank: value for rank, value in precision.items() if not math.isnan(value)}

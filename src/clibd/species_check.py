@@ -13,17 +13,21 @@ barcoding practice, BOLD's and most VSEARCH / BLAST pipelines'). So, for a barco
    names a species for at most `novel_named` of the calibration specimens of species held out of
    the library (`calibrate_species_check`). The specimens of held species that reach this step
    are the divergent ones (a conspecific reference 89 % identical): alignment cannot name them,
-   the embedding, trained on their species, often can.
+   the embedding, trained on their species, often can. What the threshold is compared with is
+   the novelty similarity plus `margin_weight` times the species margin (how much nearer the
+   nearest reference is than the nearest of another species: `clibd.novelty.taxon_margin`): a
+   divergent specimen of a held species still sits clear of other species, a specimen of an
+   absent one tends to sit between its relatives.
 
 How the defaults were chosen (on validation species; bench/README, "clibd vs alignment tools"):
 five candidates against twenty (`--candidates 5 20`); the first candidate in search order that
 clears the cut-off rather than the one of highest identity (species that share a haplotype: a
-prototype's choice, no figure kept); `novel_named` 0.005 leaves
-0.97 % of known-species queries without a species (python bench/species_check.py, mean of three
-splits; 0.01 the same, 0.02 0.92 %) and names a held species for 5.1 % of novel-species ones
-(0.01: 5.5 %, 0.02: 7.1 %; alignment alone: 1.23 % and 2.9 %; the embedding alone: 2.96 % and
-1.7 %). Naming fewer novel species costs flagging more known ones: choose with
-`clibd index build --novel-named`.
+prototype's choice, no figure kept); `margin_weight` 1 with `novel_named` 0.02 (python
+bench/species_check.py --novel-named 0.0025 0.005 0.01 0.02 --margin-weights 0 1 2 4, mean of
+three splits) leaves 0.95 % of known-species queries without a species and names a held species
+for 4.15 % of novel-species ones, where the novelty similarity alone left 0.97 % and named 5.05 %
+at its best setting (0.005); alignment alone: 1.23 % and 2.93 %. Naming fewer novel species costs
+flagging more known ones: choose with `clibd index build --novel-named`.
 
 Usage:
     identity(query_barcode, reference_barcode)                         # e.g. 0.9848
@@ -45,13 +49,14 @@ from pathlib import Path
 
 import torch
 
-from .novelty import nearest_held_out
+from .novelty import MARGIN_DEPTH, nearest_held_out, taxon_margin
 from .processing.barcodes import normalise_barcode
 from .towers.parts import EmbeddingPart, select_parts
 
 IDENTITY_CUTOFF = 0.97
 CANDIDATES = 5
-NOVEL_NAMED = 0.005
+NOVEL_NAMED = 0.02
+SPECIES_MARGIN_WEIGHT = 1.0  # chosen with NOVEL_NAMED on validation species (module doc)
 CALIBRATION_QUERIES = 1000
 # Scores of VSEARCH's defaults (match 2, mismatch -4, gap open 20, extend 2); N and the other
 # ambiguity codes score 0 and are not compared (VSEARCH counts N as a match: a reference padded
@@ -205,9 +210,10 @@ def choose_candidates(queries: Sequence[str], candidates: Sequence[Sequence[str]
 class SpeciesCheck:
     """The species rule of a DNA index (module doc) and what its calibration measured.
 
-    `embedding_threshold`: the species threshold (on the novelty similarity) for queries that no
-    candidate settles, set so that it names a species for at most `novel_named` of the
-    calibration specimens of held-out species that alignment left unsettled; `precision`: how
+    `embedding_threshold`: the species threshold (on the novelty similarity plus `margin_weight`
+    times the species margin: `confidence`) for queries that no candidate settles, set so that it
+    names a species for at most `novel_named` of the calibration specimens of held-out species
+    that alignment left unsettled (0 weight: an index from before the margin); `precision`: how
     often a species named by alignment was right on the calibration specimens; `known_named`:
     share of the calibration specimens of held species the rule names a species for;
     `novel_aligned`: share of those of held-out species that alignment (wrongly) named, a sign
@@ -229,6 +235,19 @@ class SpeciesCheck:
     novel_aligned: float = float("nan")
     specimens: int = 0
     settled: tuple[int, int] = (0, 0)
+    margin_weight: float = 0.0
+
+    def confidence(self, novelty_similarity: float, similarities: Sequence[float], species: Sequence[str]) -> float:
+        """What `embedding_threshold` is compared with for one query: its novelty similarity plus
+        `margin_weight` times the species margin of its nearest references (`similarities` and
+        their `species`, nearest first; the deeper, the truer: `clibd.novelty.MARGIN_DEPTH`).
+
+        Usage:
+            check.confidence(0.86, [0.91, 0.90, 0.84], ["A b", "A b", "A c"])   # 0.86 + 2 * 0.07
+        """
+        if not self.margin_weight:
+            return novelty_similarity
+        return novelty_similarity + self.margin_weight * taxon_margin(similarities, species)
 
     def to_dict(self) -> dict:
         """As index.json stores it: inf and NaN as null."""
@@ -253,18 +272,22 @@ def _sample(species: list[str], max_queries: int, seed: int) -> list[int]:
 
 
 def _nearest(embeddings: torch.Tensor, novelty: torch.Tensor, species: list[str], rows: list[int],
-             k: int) -> tuple[tuple[list[list[int]], list[float]], tuple[list[list[int]], list[float]]]:
+             k: int) -> tuple[tuple[list[list[int]], list[float], list[float]], ...]:
     """For the specimens of held species (only themselves left out) and of held-out ones (their
-    species left out): each row's `k` nearest references by `embeddings` and its best `novelty`
-    similarity (`clibd.novelty.nearest_held_out`)."""
-    loo_sims, loo_rows, out_sims, out_rows = nearest_held_out(embeddings, species, rows, k=max(k, 2))
+    species left out): each row's `k` nearest references by `embeddings`, its best `novelty`
+    similarity and its species margin among its `MARGIN_DEPTH` nearest (`clibd.novelty.nearest_held_out`)."""
+    loo_sims, loo_rows, out_sims, out_rows = nearest_held_out(embeddings, species, rows, k=max(k, 2, MARGIN_DEPTH))
     loo_best, _, out_best, _ = nearest_held_out(novelty, species, rows)
 
     def kept(sims: torch.Tensor, near: torch.Tensor) -> list[list[int]]:
         return [[j for j, s in zip(js[:k], ss[:k], strict=True) if s > -2.0]
                 for js, ss in zip(near.tolist(), sims.tolist(), strict=True)]
 
-    return (kept(loo_sims, loo_rows), loo_best.tolist()), (kept(out_sims, out_rows), out_best.tolist())
+    def margins(sims: torch.Tensor, near: torch.Tensor) -> list[float]:
+        return [taxon_margin(ss, [species[j] for j in js]) for js, ss in zip(near.tolist(), sims.tolist(), strict=True)]
+
+    return ((kept(loo_sims, loo_rows), loo_best.tolist(), margins(loo_sims, loo_rows)),
+            (kept(out_sims, out_rows), out_best.tolist(), margins(out_sims, out_rows)))
 
 
 def _settle(records: Sequence[dict], rows: list[int], neighbours: list[list[int]], cutoff: float
@@ -303,7 +326,7 @@ def naming_threshold(unsettled_novel: list[float], novel_named: float) -> float:
 def calibrate_species_check(embeddings: torch.Tensor, novelty_embeddings: torch.Tensor, records: Sequence[dict],
                             identity_cutoff: float = IDENTITY_CUTOFF, candidates: int = CANDIDATES,
                             novel_named: float = NOVEL_NAMED, max_queries: int = CALIBRATION_QUERIES,
-                            seed: int = 0) -> SpeciesCheck | None:
+                            seed: int = 0, margin_weight: float = SPECIES_MARGIN_WEIGHT) -> SpeciesCheck | None:
     """Calibrate the species rule on a labelled DNA library (unit-vector embeddings, one per
     record): specimens of species with two or more references are matched once with only
     themselves left out (a held species) and once with their whole species left out (a novel
@@ -316,18 +339,20 @@ def calibrate_species_check(embeddings: torch.Tensor, novelty_embeddings: torch.
     rows = _sample(species, max_queries, seed)
     if not rows:
         return None
-    (known_near, known_sims), (novel_near, novel_sims) = _nearest(embeddings, novelty_embeddings, species, rows,
-                                                                  candidates)
+    (known_near, known_sims, known_margins), (novel_near, novel_sims, novel_margins) = _nearest(
+        embeddings, novelty_embeddings, species, rows, candidates)
     known = _settle(records, rows, known_near, identity_cutoff)
     novel = _settle(records, rows, novel_near, identity_cutoff)
-    threshold = naming_threshold([sim for (settled, _), sim in zip(novel, novel_sims, strict=True)
+    known_scores = [sim + margin_weight * margin for sim, margin in zip(known_sims, known_margins, strict=True)]
+    novel_scores = [sim + margin_weight * margin for sim, margin in zip(novel_sims, novel_margins, strict=True)]
+    threshold = naming_threshold([score for (settled, _), score in zip(novel, novel_scores, strict=True)
                                   if not settled], novel_named)
     named = [right for settled, right in known + novel if settled]
-    known_named = sum(settled or sim >= threshold for (settled, _), sim in zip(known, known_sims, strict=True))
+    known_named = sum(settled or score >= threshold for (settled, _), score in zip(known, known_scores, strict=True))
     settled = (sum(s for s, _ in known), sum(s for s, _ in novel))
     return SpeciesCheck(threshold, identity_cutoff, candidates, novel_named,
                         sum(named) / len(named) if named else float("nan"), known_named / len(rows),
-                        settled[1] / len(rows), len(rows), settled)
+                        settled[1] / len(rows), len(rows), settled, margin_weight)
 
 
 def species_check_options(species_check: bool | dict) -> dict | bool:
@@ -339,12 +364,15 @@ def species_check_options(species_check: bool | dict) -> dict | bool:
     if species_check is False:
         return False
     options = {} if species_check is True else dict(species_check)
-    unknown = set(options) - {"identity_cutoff", "candidates", "novel_named"}
+    unknown = set(options) - {"identity_cutoff", "candidates", "novel_named", "margin_weight"}
     if unknown:
-        raise ValueError(f"unknown species check options {sorted(unknown)}: use identity_cutoff, candidates, novel_named")
+        raise ValueError(f"unknown species check options {sorted(unknown)}: use identity_cutoff, candidates, "
+                         "novel_named, margin_weight")
     for name in ("identity_cutoff", "novel_named"):
         if name in options and not 0 < options[name] < 1:
             raise ValueError(f"species check {name} must be between 0 and 1, got {options[name]}")
+    if options.get("margin_weight", 0) < 0:
+        raise ValueError(f"species check margin_weight must be 0 or more, got {options['margin_weight']}")
     return options
 
 
@@ -357,7 +385,7 @@ def calibrated_options(embeddings: torch.Tensor, records: list[dict], parts: lis
     Usage:
         meta["species_check"] = calibrated_options(embeddings, records, parts, Path("refs"), {})
     """
-    options = {k: asked[k] for k in ("identity_cutoff", "candidates", "novel_named") if k in asked}
+    options = {k: asked[k] for k in ("identity_cutoff", "candidates", "novel_named", "margin_weight") if k in asked}
     if not all(r.get("dna") for r in records):
         logger.warning("%s: no species check: the index does not keep every reference's barcode", directory)
         return options
