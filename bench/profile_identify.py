@@ -19,12 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from species_check import split_model
-
-from clibd.data import load_splits
-from clibd.evaluation.novel_species import stage_datasets
-from clibd.identify import Identifier
-from clibd.index import build_index
+from species_check import stage_identifier
 
 
 def main() -> None:
@@ -33,13 +28,9 @@ def main() -> None:
     parser.add_argument("--split", type=int, default=42)
     parser.add_argument("--top", type=int, default=20, help="how many functions of the profile to print")
     args = parser.parse_args()
-    config, model_dir = split_model(args.config, args.split)
-    _, references, novel, seen = (list(part) for part in stage_datasets(load_splits(config.data), "test",
-                                                                       config.data.train_splits))
-    queries = novel + seen
     with tempfile.TemporaryDirectory() as tmp:
-        build_index(model_dir, references, "dna", Path(tmp) / "refs", progress=False)
-        identifier = Identifier.load(Path(tmp) / "refs", model_dir=model_dir)
+        identifier, references, novel, seen = stage_identifier(args.config, args.split, "test", Path(tmp) / "refs")
+        queries = novel + seen
         start = time.perf_counter()
         embeddings = identifier.embed(queries)
         print(f"{len(queries)} queries, {len(references)} references; embed {time.perf_counter() - start:.2f} s")

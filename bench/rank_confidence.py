@@ -17,18 +17,16 @@ the weights each split's calibration chose. Test species are never looked at.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
-from species_check import split_model
+from species_check import split_parser, stage_identifier
 
-from clibd.data import load_splits
-from clibd.evaluation.novel_species import reference_taxa, stage_datasets
+from clibd.evaluation.novel_species import reference_taxa
 from clibd.evaluation.tool_comparison import PLACED, answer_rates, prediction_answer
 from clibd.identify import Identifier
-from clibd.index import _calibrate, build_index
-from clibd.novelty import MARGIN_WEIGHTS
+from clibd.novelty import MARGIN_WEIGHTS, calibrate
+from clibd.towers.parts import select_parts
 
 
 def scores(identifier: Identifier, embeddings, novel: list[dict], key_taxa: dict) -> dict[str, dict[str, float]]:
@@ -48,7 +46,8 @@ def settings_for_split(identifier: Identifier, novel: list[dict], key_taxa: dict
     out = {}
     for precision in precisions:
         for name, weights in (("similarity alone", (0.0,)), ("similarity + margin", MARGIN_WEIGHTS)):
-            calibration = _calibrate(index.embeddings, index.records, index.parts, precision, margin_weights=weights)
+            calibration = calibrate(index.embeddings, index.records, precision=precision, margin_weights=weights,
+                                    novelty_embeddings=select_parts(index.embeddings, index.parts, "scores_novelty"))
             index.meta.update(thresholds=calibration.thresholds, precision_curves=calibration.curves,
                               margin_weights=calibration.margin_weights)  # this setting's, in memory
             label = f"{'balanced' if precision is None else f'precision {precision}'}, {name}"
@@ -57,23 +56,15 @@ def settings_for_split(identifier: Identifier, novel: list[dict], key_taxa: dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/bold_dna.yaml")
-    parser.add_argument("--splits", type=int, nargs="+", default=[42, 1, 2])
+    parser = split_parser(__doc__)
     parser.add_argument("--precision", type=float, nargs="*", default=[0.98, 0.95],
                         help="stated precisions to calibrate for, besides the balanced default")
     args = parser.parse_args()
     per_split = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.splits:
-            config, model_dir = split_model(args.config, seed)
-            if not model_dir.exists():
-                raise SystemExit(f"{model_dir} not found: train it first (python bench/vs_alignment.py does)")
-            _, references, novel, _ = (list(part) for part in stage_datasets(load_splits(config.data), "val",
-                                                                            config.data.train_splits))
-            build_index(model_dir, references, "dna", Path(tmp) / f"split{seed}", progress=False,
-                        species_check=False)
-            identifier = Identifier.load(Path(tmp) / f"split{seed}", model_dir=model_dir)
+            identifier, references, novel, _ = stage_identifier(args.config, seed, "val", Path(tmp) / f"split{seed}",
+                                                                species_check=False)
             per_split.append(settings_for_split(identifier, novel, reference_taxa(references),
                                                 [None, *args.precision]))
             print(f"split {seed}: {len(references)} references, {len(novel)} novel queries")

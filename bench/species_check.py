@@ -42,6 +42,19 @@ def split_model(config_path: str, seed: int) -> tuple[ExperimentConfig, Path]:
     return config, Path(config.train.output_dir) / "best"
 
 
+def stage_identifier(config_path: str, seed: int, stage: str, folder: Path, **build_options
+                     ) -> tuple[Identifier, list[dict], list[dict], list[dict]]:
+    """(identifier, references, novel queries, seen queries) of one split's `stage` ("val" or
+    "test"): its model (trained already) and an index of the stage's references built in `folder`."""
+    config, model_dir = split_model(config_path, seed)
+    if not model_dir.exists():
+        raise SystemExit(f"{model_dir} not found: train it first (python bench/vs_alignment.py does)")
+    _, references, novel, seen = (list(part) for part in stage_datasets(load_splits(config.data), stage,
+                                                                       config.data.train_splits))
+    build_index(model_dir, references, "dna", folder, progress=False, **build_options)
+    return Identifier.load(folder, model_dir=model_dir), references, novel, seen
+
+
 def rates(predictions, novel: list[dict], seen: list[dict]) -> dict[str, float]:
     novel_p, seen_p = predictions[: len(novel)], predictions[len(novel) :]
     return {"known right": sum(p.answer["species"] == q["species"] for p, q in zip(seen_p, seen, strict=True)) / len(seen),
@@ -77,27 +90,27 @@ def settings_for_split(identifier: Identifier, queries: list[dict], novel: list[
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def split_parser(description: str) -> argparse.ArgumentParser:
+    """The options every validation bench over the species splits takes: --config, --splits."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/bold_dna.yaml")
     parser.add_argument("--splits", type=int, nargs="+", default=[42, 1, 2])
+    return parser
+
+
+def main() -> None:
+    parser = split_parser(__doc__)
     parser.add_argument("--cutoffs", type=float, nargs="+", default=[0.97])
     parser.add_argument("--candidates", type=int, nargs="+", default=[5],
                         help="how many of the embedding's nearest references are aligned (default 5)")
     parser.add_argument("--novel-named", type=float, nargs="+", default=[0.0025, 0.005, 0.01, 0.02])
-    parser.add_argument("--margin-weights", type=float, nargs="+", default=[0.0, 2.0],
-                        help="weights of the species margin in the embedding's confidence (default 0 2)")
+    parser.add_argument("--margin-weights", type=float, nargs="+", default=[0.0, 1.0],
+                        help="weights of the species margin in the embedding's confidence (default 0 1)")
     args = parser.parse_args()
     per_split = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.splits:
-            config, model_dir = split_model(args.config, seed)
-            if not model_dir.exists():
-                raise SystemExit(f"{model_dir} not found: train it first (python bench/vs_alignment.py does)")
-            _, references, novel, seen = (list(part) for part in stage_datasets(load_splits(config.data), "val",
-                                                                               config.data.train_splits))
-            build_index(model_dir, references, "dna", Path(tmp) / f"split{seed}", progress=False)
-            identifier = Identifier.load(Path(tmp) / f"split{seed}", model_dir=model_dir)
+            identifier, references, novel, seen = stage_identifier(args.config, seed, "val", Path(tmp) / f"split{seed}")
             per_split.append(settings_for_split(identifier, novel + seen, novel, seen, args.cutoffs,
                                                 args.candidates, args.novel_named, args.margin_weights))
             print(f"split {seed}: {len(references)} references, {len(novel)} novel, {len(seen)} seen queries")

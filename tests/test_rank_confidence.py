@@ -28,7 +28,7 @@ def test_taxon_margin_reads_the_first_other_taxon():
     assert taxon_margin([0.91, 0.85, -2.0, -2.0], ["A", "A", "B", "B"]) == pytest.approx(0.06)  # -2: none left
     labels = {"genus": ["A", "B", "B"], "family": ["F", "F", "G"]}  # no order labels: its weight is 0
     confidence = rank_confidence([0.9, 0.8, 0.7], labels, {"genus": 2.0, "family": 1.0, "order": 0.0})
-    assert confidence == pytest.approx({"genus": 0.9 + 2 * 0.1, "family": 0.9 + 0.2, "order": 0.9})
+    assert confidence == pytest.approx({"genus": 0.9 + 2 * 0.1, "family": 0.9 + 0.2})  # weight 0: left as it was
 
 
 def _answers(right, wrong):
@@ -107,3 +107,18 @@ def test_index_stores_margin_weights_and_identify_uses_them(dna_model, records, 
     assert with_margin != without
     assert ReferenceIndex.load(tmp_path / "refs").margin_weights == index.margin_weights  # stored in index.json
     assert not math.isnan(index.thresholds["genus"])
+
+
+def test_margins_leave_the_species_rank_on_the_novelty_similarity(dna_model, records, tmp_path):
+    """An index without a species check: however the ranks above are weighed, `novel` is the
+    novelty similarity against the species threshold (weight 0 leaves a rank as it was)."""
+    index = build_index(dna_model, records["many_each"], "dna", tmp_path / "refs", progress=False,
+                        species_check=False)
+    identifier = Identifier.load(tmp_path / "refs")
+    identifier.index.meta["margin_weights"] = {"order": 4.0, "family": 4.0, "genus": 4.0, "species": 0.0}
+    predictions = identifier.identify(records["held"] + records["absent"])
+    threshold = index.thresholds["species"]
+    assert all(p.novel == (p.novelty_similarity < threshold) for p in predictions)
+    assert {p.novel for p in predictions} == {True, False}
+    assert rank_confidence([0.9, 0.8], {"genus": ["A", "B"]}, {"genus": 1.0, "species": 0.0}) == pytest.approx(
+        {"genus": 1.0})  # no entry for a weight of 0

@@ -256,13 +256,16 @@ def test_index_build_options_reach_the_stored_check(dna_model, records, tmp_path
         f.writelines("\t".join(r[c] for c in ("id", "order", "family", "genus", "species", "dna")) + "\n"
                      for r in records["many_each"])
     common = ["index", "build", "--model", str(dna_model), "--records", str(tmp_path / "refs.tsv")]
-    assert cli([*common, "--out", str(tmp_path / "a"), "--identity-cutoff", "0.98", "--novel-named", "0.05"]) == 0
+    assert cli([*common, "--out", str(tmp_path / "a"), "--identity-cutoff", "0.98", "--novel-named", "0.05",
+                "--species-margin-weight", "0"]) == 0
     check = ReferenceIndex.load(tmp_path / "a").species_check
-    assert (check.identity_cutoff, check.novel_named) == (0.98, 0.05)
+    assert (check.identity_cutoff, check.novel_named, check.margin_weight) == (0.98, 0.05, 0.0)
     assert cli([*common, "--out", str(tmp_path / "b"), "--no-species-check"]) == 0
     assert ReferenceIndex.load(tmp_path / "b").species_check is None
     with pytest.raises(ValueError, match="novel_named must be between 0 and 1"):
         build_index(dna_model, records["many_each"], "dna", tmp_path / "c", species_check={"novel_named": 2})
+    with pytest.raises(ValueError, match="margin_weight must be 0 or more"):
+        build_index(dna_model, records["many_each"], "dna", tmp_path / "c", species_check={"margin_weight": -1})
 
 
 def test_a_reference_barcode_that_cannot_be_aligned_is_named(libraries, dna_model, records, tmp_path):

@@ -72,8 +72,9 @@ def _index_build(args: argparse.Namespace) -> int:
     from .index import build_index
 
     records = _read_with_errors([args.records])
-    check = False if args.no_species_check else {k: v for k, v in (("identity_cutoff", args.identity_cutoff),
-                                                                  ("novel_named", args.novel_named)) if v is not None}
+    asked = (("identity_cutoff", args.identity_cutoff), ("novel_named", args.novel_named),
+             ("margin_weight", args.species_margin_weight))
+    check = False if args.no_species_check else {k: v for k, v in asked if v is not None}
     # one key modality: the single-modality index folder it always was; several: a library
     index = build_index(args.model, records, args.modality, args.out, batch_size=args.batch_size,
                         on_bad_input=args.on_bad_input, precision=args.precision, species_check=check)
@@ -258,6 +259,9 @@ def _add_index_commands(commands: argparse._SubParsersAction) -> None:
                        help="DNA: the share of calibration specimens of species held out of the library that the "
                             "embedding may name as a held species where alignment does not settle it (default "
                             "0.02; lower: fewer novel species named, more known ones flagged novel)")
+    build.add_argument("--species-margin-weight", type=float,
+                       help="DNA: the weight of the species margin in the embedding's species confidence where "
+                            "alignment does not settle it (default 1; 0: the novelty similarity alone)")
     build.add_argument("--no-species-check", action="store_true",
                        help="DNA: decide the species from the embedding alone (no alignment of the nearest references)")
     build.set_defaults(run=_index_build)

@@ -152,13 +152,15 @@ class Identifier:
                 raise ValueError(f"{len(barcodes)} barcodes for {len(query_ids)} queries")
             floor, thresholds, curves = self._checked_thresholds(thresholds, curves, check)
         predictions, labels = [], _margin_labels(keys, weights)
-        species = keys.rank_labels("species") if check and check.margin_weight else None
+        species = keys.labels("species") if check and check.margin_weight else None
         for query_id, ss, js, novelty_sim in zip(query_ids, similarities.tolist(), rows.tolist(), novelty.tolist(),
                                                  strict=True):
             hits = [self._hit(keys, plan.keys, j, s) for j, s in zip(js[:top_k], ss[:top_k], strict=True)]
-            confidence = rank_confidence(ss, {rank: [column[j] for j in js] for rank, column in labels.items()}, weights)
+            confidence = _confidence(ss, js, labels, weights)
             if check:  # the embedding's species: by the check's confidence, never below a stated precision's floor
-                confidence["species"] = (check.confidence(novelty_sim, ss, [species[j] for j in js] if species else [])
+                near = js[:MARGIN_DEPTH]  # as deep as calibration looked
+                confidence["species"] = (check.confidence(novelty_sim, ss[:MARGIN_DEPTH],
+                                                          [species[j] for j in near] if species else [])
                                          if novelty_sim >= floor else -math.inf)
             predictions.append(replace(predict(query_id, hits, thresholds, novelty_sim, curves, confidence),
                                        route=hits[0].modality))
@@ -218,8 +220,7 @@ class Identifier:
             keys, similarities, rows, weights, labels, thresholds, curves = routes[route]
             ss, js = similarities[n].tolist(), rows[n].tolist()
             hits = [self._hit(keys, [route], j, s) for j, s in zip(js[:top_k], ss[:top_k], strict=True)]
-            confidence = rank_confidence(ss, {rank: [column[j] for j in js] for rank, column in labels.items()},
-                                         weights)
+            confidence = _confidence(ss, js, labels, weights)
             predictions.append(replace(predict(query_id, hits, thresholds, None, curves, confidence), route=route))
         return predictions
 
@@ -332,7 +333,14 @@ def _thresholds_line(thresholds: dict[str, float], margin_weights: dict[str, flo
 
 def _margin_labels(keys: ReferenceIndex, margin_weights: dict[str, float]) -> dict[str, list[str]]:
     """The keys' labels at each rank whose margin counts (`clibd.novelty.rank_confidence`)."""
-    return {rank: keys.rank_labels(rank) for rank, weight in margin_weights.items() if weight}
+    return {rank: keys.labels(rank) for rank, weight in margin_weights.items() if weight}
+
+
+def _confidence(similarities: list[float], rows: list[int], labels: dict[str, list[str]],
+                margin_weights: dict[str, float]) -> dict[str, float]:
+    """One query's `rank_confidence` from its nearest keys' rows and the keys' `_margin_labels`."""
+    return rank_confidence(similarities, {rank: [column[j] for j in rows[:MARGIN_DEPTH]]
+                                          for rank, column in labels.items()}, margin_weights)
 
 
 def _depth(top_k: int, margin_weights: dict[str, float], check: SpeciesCheck | None = None) -> int:

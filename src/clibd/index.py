@@ -160,7 +160,8 @@ class ReferenceIndex:
     @property
     def precision_curves(self) -> dict[str, list[tuple[float, float]]]:
         """Per rank, the calibrated precision of answers by confidence (`clibd.novelty.precision_curve`)."""
-        return self.meta.get("precision_curves", {})
+        recalibrated = self._recalibrated
+        return recalibrated.curves if recalibrated else self.meta.get("precision_curves", {})
 
     @cached_property
     def parts(self) -> list[EmbeddingPart]:
@@ -205,9 +206,17 @@ class ReferenceIndex:
         return [{**record, "dna": dna} for record, dna in zip(self.records, barcodes, strict=True)]
 
     def labels(self, rank: str) -> list[str]:
-        if isinstance(self.records, RecordTable):
-            return self.records.column(rank)
-        return [r[rank] for r in self.records]
+        """Every reference's label at `rank` (any column: "id", "genus", ...), in key order, ""
+        where it has none; read once per index (the margins of identify look labels up per hit).
+
+        Usage:
+            index.labels("genus")[17]
+        """
+        if rank not in self._labels:
+            table = isinstance(self.records, RecordTable) and rank in self.records.column_names
+            column = self.records.column(rank) if table else [r.get(rank, "") for r in self.records]
+            self._labels[rank] = [label or "" for label in column]
+        return self._labels[rank]
 
     def load_model(self, model_dir: str | os.PathLike | None = None) -> tuple[CLIBDModel, CLIBDProcessor]:
         """The model and processor that built this index: from `model_dir` (e.g. an index pulled
@@ -227,15 +236,6 @@ class ReferenceIndex:
         queries = select_parts(queries, self.parts, "scores_novelty")
         name = "novelty" if self.key_name == "embeddings" else f"novelty-{self.key_name}"
         return self._search(queries, name, self._novelty_keys, 1, backend)[0][:, 0]
-
-    def rank_labels(self, rank: str) -> list[str]:
-        """Every reference's label at `rank`, in key order ("" where none), read once: what a
-        query's margins look up for its hits (`clibd.novelty.rank_confidence`), instead of a
-        record dict per hit."""
-        if rank not in self._labels:
-            table = isinstance(self.records, RecordTable) and rank in self.records.column_names
-            self._labels[rank] = self.records.column(rank) if table else [r.get(rank, "") for r in self.records]
-        return self._labels[rank]
 
     def _novelty_keys(self) -> torch.Tensor:
         if "novelty" not in self._keys:

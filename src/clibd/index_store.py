@@ -105,6 +105,7 @@ class RecordTable(Sequence):
 
     @property
     def column_names(self) -> list[str]:
+        """The table's columns (id, the ranks, source, ...)."""
         return list(self._columns)
 
     def __len__(self) -> int:

@@ -171,11 +171,15 @@ def rank_confidence(similarities: Sequence[float], labels: Mapping[str, Sequence
     labels at that rank in the order of `similarities`, nearest first, needed where the weight is
     not 0; the deeper, the truer the margin: `MARGIN_DEPTH`).
 
+    Ranks of weight 0 are left out: their threshold is compared with what it always was (the
+    similarity; for species, the novelty similarity). The margin looks through the `MARGIN_DEPTH`
+    nearest at most, as calibration did.
+
     Usage:
-        rank_confidence(sims, {"genus": [index.rank_labels("genus")[j] for j in rows]}, {"genus": 0.5})
+        rank_confidence(sims, {"genus": [index.labels("genus")[j] for j in rows]}, {"genus": 0.5})
     """
-    return {rank: similarities[0] + (weight * taxon_margin(similarities, labels[rank]) if weight else 0.0)
-            for rank, weight in weights.items()}
+    return {rank: similarities[0] + weight * taxon_margin(similarities[:MARGIN_DEPTH], labels[rank][:MARGIN_DEPTH])
+            for rank, weight in weights.items() if weight}
 
 
 def nearest_held_out(embeddings: torch.Tensor, taxa: list[str], queries: list[int], chunk_size: int = 512,
@@ -275,6 +279,7 @@ def answers_at(records: Sequence[dict], rank: str, queries: list[int], shared: s
         answers = answers_at(records, "genus", queries, shared, nearest_held_out(embeddings, taxa, queries, k=100))
     """
     key_records = records if key_records is None else key_records
+    key_labels = [r.get(rank, "") or "" for r in key_records]  # once, not a record per neighbour
     loo_sims, loo_idx, out_sims, out_idx = (m.tolist() for m in matches)
     answers = Answers()
     for n, query in enumerate(queries):
@@ -285,8 +290,8 @@ def answers_at(records: Sequence[dict], rank: str, queries: list[int], shared: s
         for case, sims, rows in cases:
             sims, rows = (sims, rows) if isinstance(sims, list) else ([sims], [rows])
             if sims[0] > -2.0:  # -2: nothing left once the taxon was removed
-                kind = "right" if key_records[rows[0]].get(rank, "") == truth else "wrong"
-                margin = taxon_margin(sims, [key_records[j].get(rank, "") for j in rows]) if rank != "species" else 0.0
+                kind = "right" if key_labels[rows[0]] == truth else "wrong"
+                margin = taxon_margin(sims, [key_labels[j] for j in rows]) if rank != "species" else 0.0
                 getattr(answers, f"{case}_{kind}").append((sims[0], margin))
     return answers
 

@@ -27,7 +27,7 @@ bench/species_check.py --novel-named 0.0025 0.005 0.01 0.02 --margin-weights 0 1
 three splits) leaves 0.95 % of known-species queries without a species and names a held species
 for 4.15 % of novel-species ones, where the novelty similarity alone left 0.97 % and named 5.05 %
 at its best setting (0.005); alignment alone: 1.23 % and 2.93 %. Naming fewer novel species costs
-flagging more known ones: choose with `clibd index build --novel-named`.
+flagging more known ones: choose with `clibd index build --novel-named` and `--species-margin-weight`.
 
 Usage:
     identity(query_barcode, reference_barcode)                         # e.g. 0.9848
@@ -243,7 +243,7 @@ class SpeciesCheck:
         their `species`, nearest first; the deeper, the truer: `clibd.novelty.MARGIN_DEPTH`).
 
         Usage:
-            check.confidence(0.86, [0.91, 0.90, 0.84], ["A b", "A b", "A c"])   # 0.86 + 2 * 0.07
+            check.confidence(0.86, [0.91, 0.90, 0.84], ["A b", "A b", "A c"])   # 0.86 + margin_weight * 0.07
         """
         if not self.margin_weight:
             return novelty_similarity
@@ -277,6 +277,8 @@ def _nearest(embeddings: torch.Tensor, novelty: torch.Tensor, species: list[str]
     species left out): each row's `k` nearest references by `embeddings`, its best `novelty`
     similarity and its species margin among its `MARGIN_DEPTH` nearest (`clibd.novelty.nearest_held_out`)."""
     loo_sims, loo_rows, out_sims, out_rows = nearest_held_out(embeddings, species, rows, k=max(k, 2, MARGIN_DEPTH))
+    loo_deep, out_deep = (loo_sims[:, :MARGIN_DEPTH], loo_rows[:, :MARGIN_DEPTH]), (out_sims[:, :MARGIN_DEPTH],
+                                                                                    out_rows[:, :MARGIN_DEPTH])
     loo_best, _, out_best, _ = nearest_held_out(novelty, species, rows)
 
     def kept(sims: torch.Tensor, near: torch.Tensor) -> list[list[int]]:
@@ -286,8 +288,8 @@ def _nearest(embeddings: torch.Tensor, novelty: torch.Tensor, species: list[str]
     def margins(sims: torch.Tensor, near: torch.Tensor) -> list[float]:
         return [taxon_margin(ss, [species[j] for j in js]) for js, ss in zip(near.tolist(), sims.tolist(), strict=True)]
 
-    return ((kept(loo_sims, loo_rows), loo_best.tolist(), margins(loo_sims, loo_rows)),
-            (kept(out_sims, out_rows), out_best.tolist(), margins(out_sims, out_rows)))
+    return ((kept(loo_sims, loo_rows), loo_best.tolist(), margins(*loo_deep)),
+            (kept(out_sims, out_rows), out_best.tolist(), margins(*out_deep)))
 
 
 def _settle(records: Sequence[dict], rows: list[int], neighbours: list[list[int]], cutoff: float
