@@ -122,3 +122,27 @@ def test_margins_leave_the_species_rank_on_the_novelty_similarity(dna_model, rec
     assert {p.novel for p in predictions} == {True, False}
     assert rank_confidence([0.9, 0.8], {"genus": ["A", "B"]}, {"genus": 1.0, "species": 0.0}) == pytest.approx(
         {"genus": 1.0})  # no entry for a weight of 0
+
+
+def test_identify_margins_are_the_ones_calibration_learnt_from(dna_model, records, tmp_path):
+    """A reference matched with its species held out (calibration's novel-species case) has the same
+    nearest similarity and genus margin as identify finds for it against the library without that species."""
+    from clibd.novelty import answers_at, nearest_held_out
+
+    full = build_index(dna_model, records["many_each"], "dna", tmp_path / "full", progress=False, species_check=False)
+    species = full.labels("species")
+    row = next(i for i, name in enumerate(species) if species.count(name) >= 2)
+    matches = nearest_held_out(full.embeddings, species, [row], k=MARGIN_DEPTH)
+    calibrated = answers_at(list(full.records), "genus", [row], set(), matches)
+    (similarity, margin), = calibrated.held_right + calibrated.held_wrong
+    others = [r for r in records["many_each"] if r["species"] != species[row]]
+    build_index(dna_model, others, "dna", tmp_path / "without", progress=False, species_check=False)
+    identifier = Identifier.load(tmp_path / "without")
+    identifier.index.meta["margin_weights"] = {"genus": 1.0}
+    query = next(r for r in records["many_each"] if r["id"] == full.records[row]["id"])  # with its barcode
+    sims, rows = identifier.index.search(identifier.embed([query]), MARGIN_DEPTH)
+    genus = identifier.index.labels("genus")
+    found = rank_confidence(sims[0].tolist(), {"genus": [genus[j] for j in rows[0].tolist()]}, {"genus": 1.0})
+    assert sims[0, 0].item() == pytest.approx(similarity, abs=2e-3)
+    assert found["genus"] - sims[0, 0].item() == pytest.approx(margin, abs=2e-3)
+    assert margin > 0
