@@ -13,6 +13,7 @@ from library_fixtures import save_model, species_photo_records
 
 from clibd import CLIBDModel
 from clibd.cli import main as cli
+from clibd.constants import RANKS
 from clibd.identify import Identifier, read_predictions_tsv
 from clibd.index import ReferenceIndex, add_to_index, build_index
 from clibd.library import ReferenceLibrary
@@ -150,6 +151,11 @@ def test_add_grows_every_key_set_and_single_modality_folders_still_load(library,
     as_library = ReferenceLibrary.load(single.directory)
     assert as_library.modalities == ["dna"] and not as_library.is_library
     assert as_library.calibration("dna", ["dna"])[0] == single.thresholds
+    assert as_library.margin_weights("dna", ["dna"]) == single.margin_weights and set(single.margin_weights) == set(RANKS)
+    # a library stores each pair's margin weights; a cross-modal pair has none to weigh (nearest key only)
+    assert library.margin_weights("dna", ["dna"]) == library.meta["pairs"]["dna->dna"]["margin_weights"]
+    assert set(library.margin_weights("dna", ["dna"])) == set(RANKS)
+    assert not any(library.margin_weights("image", ["dna"]).values())
     [prediction] = Identifier.load(single.directory).identify([{"id": "q", "dna": records[0]["dna"]}], top_k=1)
     assert prediction.route == "dna" and math.isfinite(prediction.similarity)
     # photos against a DNA-only index: nothing to calibrate that pair on, so hits but no answer

@@ -1,6 +1,7 @@
 """A rank's confidence: the similarity plus a calibrated weight times the taxon margin (how much
 nearer the nearest reference is than the nearest one of another taxon at that rank)."""
 
+import json
 import math
 
 import pytest
@@ -146,3 +147,18 @@ def test_identify_margins_are_the_ones_calibration_learnt_from(dna_model, record
     assert sims[0, 0].item() == pytest.approx(similarity, abs=2e-3)
     assert found["genus"] - sims[0, 0].item() == pytest.approx(margin, abs=2e-3)
     assert margin > 0
+
+
+def test_recalibrate_and_add_store_margin_weights(dna_model, records, tmp_path):
+    from clibd.index import add_to_index, recalibrate_index
+
+    index = build_index(dna_model, records["many_each"][:-10], "dna", tmp_path / "refs", progress=False,
+                        species_check=False)
+    meta = json.loads((tmp_path / "refs" / "index.json").read_text())
+    del meta["margin_weights"]  # as an index from before margins
+    (tmp_path / "refs" / "index.json").write_text(json.dumps(meta))
+    assert ReferenceIndex.load(tmp_path / "refs").margin_weights == {}
+    assert recalibrate_index(tmp_path / "refs").margin_weights == index.margin_weights
+    assert set(json.loads((tmp_path / "refs" / "index.json").read_text())["margin_weights"]) == set(RANKS)
+    grown = add_to_index(tmp_path / "refs", records["many_each"][-10:], progress=False)
+    assert set(grown.margin_weights) == set(RANKS)
