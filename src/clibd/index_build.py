@@ -131,7 +131,7 @@ def build_index(model_dir: str | os.PathLike, records: list[dict], modality: str
     None: thresholds that best separate right from wrong answers. Kept for `add_to_index`.
     `species_check`: a DNA index keeps its barcodes and decides the species by alignment where
     alignment can (`clibd.species_check`); a dict sets its options (`identity_cutoff`,
-    `candidates`, `novel_named`), kept by `add_to_index` and `recalibrate_index`; False: the
+    `candidates`, `novel_named`, `margin_weight`), kept by `add_to_index` and `recalibrate_index`; False: the
     embedding alone decides, as before.
     Several modalities (e.g. ["image", "dna", "text"]): a multi-modal library
     (`clibd.library_build.build_library`, which this returns).
