@@ -105,6 +105,25 @@ def test_is_du_routes_by_the_image_similarity(library, records):
     assert {p.route for p in down} == {"dna"} and all(h.modality == "dna" for p in down for h in p.hits)
     with pytest.raises(ValueError, match="is-du answers photo queries"):
         identifier.identify(photos, strategy="is-du", query="dna")
+    # the image route judges its ranks by the image->image pair's confidence: with thresholds (set by
+    # hand) just above every photo's similarity, the similarity alone answers no family, a heavy
+    # margin weight answers some, on the same hits
+    up = identifier.identify(photos, strategy="is-du", is_du_threshold=-1.5)
+    pair = identifier.library.meta["pairs"]["image->image"]
+    saved = dict(pair)
+    above = max(p.similarity for p in up) + 1e-3
+    try:
+        pair["thresholds"] = {"order": -1.0, "family": above, "genus": above, "species": math.inf}
+        pair["margin_weights"] = {}
+        plain = identifier.identify(photos, strategy="is-du", is_du_threshold=-1.5)
+        pair["margin_weights"] = {"order": 0.0, "family": 4.0, "genus": 4.0, "species": 0.0}
+        heavy = identifier.identify(photos, strategy="is-du", is_du_threshold=-1.5)
+    finally:
+        pair.clear()
+        pair.update(saved)
+    assert [p.hits for p in heavy] == [p.hits for p in plain] == [p.hits for p in up]
+    assert all(p.answer["order"] and not p.answer["family"] for p in plain)
+    assert any(p.answer["family"] for p in heavy)
 
 
 def test_clear_errors_for_keys_and_towers(library_model_dir, records, tmp_path, text_tokenizer):
