@@ -34,7 +34,7 @@ from .checked_embedding import NOT_FINITE, check_finite_weights, embed_checked, 
 from .constants import RANKS
 from .index_store import RecordTable, map_embeddings, persisted_ivf
 from .modeling_clibd import CLIBDModel
-from .novelty import Calibration, calibrate
+from .novelty import Calibration, calibrate, labels_of
 from .processing import CLIBDProcessor
 from .retrieval import active_processes, embedding_processes, faiss_search, search
 from .species_check import SpeciesCheck
@@ -213,9 +213,7 @@ class ReferenceIndex:
             index.labels("genus")[17]
         """
         if rank not in self._labels:
-            table = isinstance(self.records, RecordTable) and rank in self.records.column_names
-            column = self.records.column(rank) if table else [r.get(rank, "") for r in self.records]
-            self._labels[rank] = [label or "" for label in column]
+            self._labels[rank] = labels_of(self.records, rank)
         return self._labels[rank]
 
     def load_model(self, model_dir: str | os.PathLike | None = None) -> tuple[CLIBDModel, CLIBDProcessor]:

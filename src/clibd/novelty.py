@@ -262,9 +262,32 @@ class Answers:
     def wrong(self) -> list[tuple[float, float]]:
         return self.held_wrong + self.own_wrong
 
+    def decided(self, rank: str) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+        """(right, wrong) answers a threshold at `rank` decides: for species, known against novel
+        (held-out) queries; above it, the placement of species the library does not hold."""
+        return (self.right, self.wrong) if rank == "species" else (self.held_right, self.held_wrong)
 
-def _scores(answers: list[tuple[float, float]], weight: float) -> list[float]:
+
+def confidences(answers: Sequence[tuple[float, float]], weight: float) -> list[float]:
+    """Each (similarity, margin) answer's confidence at `weight`: the similarity plus `weight`
+    times the margin (`rank_confidence` for one query).
+
+    Usage:
+        confidences([(0.9, 0.05), (0.8, 0.0)], 2.0)   # [1.0, 0.8]
+    """
     return [similarity + weight * margin for similarity, margin in answers]
+
+
+def labels_of(records: Sequence[dict], rank: str) -> list[str]:
+    """Every record's label at `rank` ("" where none): a records table's column where the records
+    are one (`clibd.index_store.RecordTable`, no dict per record), else read from each dict.
+
+    Usage:
+        labels_of(index.records, "genus")[17]
+    """
+    if rank in getattr(records, "column_names", ()):
+        return [label or "" for label in records.column(rank)]
+    return [record.get(rank, "") or "" for record in records]
 
 
 def answers_at(records: Sequence[dict], rank: str, queries: list[int], shared: set[int],
@@ -279,7 +302,7 @@ def answers_at(records: Sequence[dict], rank: str, queries: list[int], shared: s
         answers = answers_at(records, "genus", queries, shared, nearest_held_out(embeddings, taxa, queries, k=100))
     """
     key_records = records if key_records is None else key_records
-    key_labels = [r.get(rank, "") or "" for r in key_records]  # once, not a record per neighbour
+    key_labels = labels_of(key_records, rank)  # once, not a record per neighbour
     loo_sims, loo_idx, out_sims, out_idx = (m.tolist() for m in matches)
     answers = Answers()
     for n, query in enumerate(queries):
@@ -331,13 +354,11 @@ def calibration_from_answers(answers: dict[str, Answers], held_out_rank: str | N
     """
     thresholds, methods, counts, curves, weights = {}, {}, {}, {}, {}
     for rank, found in answers.items():
-        # the answers a threshold at this rank decides: for species, novel (held out) against known
-        # queries; above it, the placement of species the library does not hold
-        right, wrong = (found.right, found.wrong) if rank == "species" else (found.held_right, found.held_wrong)
+        right, wrong = found.decided(rank)
         weight = 0.0 if rank == "species" else choose_margin_weight(found, precision, margin_weights)
         thresholds[rank], methods[rank] = _rank_cut(found, rank, precision, weight)
         counts[rank] = (len(found.right), len(found.wrong))
-        curves[rank] = precision_curve(_scores(right, weight), _scores(wrong, weight))
+        curves[rank] = precision_curve(confidences(right, weight), confidences(wrong, weight))
         weights[rank] = weight
     return Calibration(thresholds, methods, counts, held_out_rank, curves, precision, weights)
 
@@ -345,9 +366,9 @@ def calibration_from_answers(answers: dict[str, Answers], held_out_rank: str | N
 def _rank_cut(found: Answers, rank: str, precision: float | None, weight: float) -> tuple[float, str]:
     """(threshold, method) of one rank on the confidences at `weight`."""
     if precision is None:
-        return rank_threshold(_scores(found.right, weight), _scores(found.wrong, weight))
-    right, wrong = (found.right, found.wrong) if rank == "species" else (found.held_right, found.held_wrong)
-    return precision_threshold(_scores(right, weight), _scores(wrong, weight), precision)
+        return rank_threshold(confidences(found.right, weight), confidences(found.wrong, weight))
+    right, wrong = found.decided(rank)
+    return precision_threshold(confidences(right, weight), confidences(wrong, weight), precision)
 
 
 def choose_margin_weight(found: Answers, precision: float | None = None,
@@ -362,9 +383,9 @@ def choose_margin_weight(found: Answers, precision: float | None = None,
     best_weight, best_value = 0.0, -math.inf
     for weight in weights:
         if precision is None:
-            value = _best_cut(_scores(found.right, weight), _scores(found.wrong, weight))[1]
+            value = _best_cut(confidences(found.right, weight), confidences(found.wrong, weight))[1]
         else:
-            right, wrong = _scores(found.held_right, weight), _scores(found.held_wrong, weight)
+            right, wrong = confidences(found.held_right, weight), confidences(found.held_wrong, weight)
             cut, method = precision_threshold(right, wrong, precision)
             value = sum(score >= cut for score in right + wrong) if method == "precision" else math.nan
         if value > best_value:  # NaN (nothing to choose by) never is

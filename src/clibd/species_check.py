@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from .novelty import MARGIN_DEPTH, nearest_held_out, taxon_margin
+from .novelty import MARGIN_DEPTH, confidences, nearest_held_out, taxon_margin
 from .processing.barcodes import normalise_barcode
 from .towers.parts import EmbeddingPart, select_parts
 
@@ -247,7 +247,7 @@ class SpeciesCheck:
         """
         if not self.margin_weight:
             return novelty_similarity
-        return novelty_similarity + self.margin_weight * taxon_margin(similarities, species)
+        return confidences([(novelty_similarity, taxon_margin(similarities, species))], self.margin_weight)[0]
 
     def to_dict(self) -> dict:
         """As index.json stores it: inf and NaN as null."""
@@ -345,8 +345,8 @@ def calibrate_species_check(embeddings: torch.Tensor, novelty_embeddings: torch.
         embeddings, novelty_embeddings, species, rows, candidates)
     known = _settle(records, rows, known_near, identity_cutoff)
     novel = _settle(records, rows, novel_near, identity_cutoff)
-    known_scores = [sim + margin_weight * margin for sim, margin in zip(known_sims, known_margins, strict=True)]
-    novel_scores = [sim + margin_weight * margin for sim, margin in zip(novel_sims, novel_margins, strict=True)]
+    known_scores = confidences(list(zip(known_sims, known_margins, strict=True)), margin_weight)
+    novel_scores = confidences(list(zip(novel_sims, novel_margins, strict=True)), margin_weight)
     threshold = naming_threshold([score for (settled, _), score in zip(novel, novel_scores, strict=True)
                                   if not settled], novel_named)
     named = [right for settled, right in known + novel if settled]
