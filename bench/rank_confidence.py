@@ -17,10 +17,7 @@ the weights each split's calibration chose. Test species are never looked at.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
-from species_check import split_parser, stage_identifier
+from species_check import over_val_splits, split_parser
 
 from clibd.evaluation.novel_species import reference_taxa
 from clibd.evaluation.tool_comparison import PLACED, answer_rates, prediction_answer
@@ -60,14 +57,8 @@ def main() -> None:
     parser.add_argument("--precision", type=float, nargs="*", default=[0.98, 0.95],
                         help="stated precisions to calibrate for, besides the balanced default")
     args = parser.parse_args()
-    per_split = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.splits:
-            identifier, references, novel, _ = stage_identifier(args.config, seed, "val", Path(tmp) / f"split{seed}",
-                                                                species_check=False)
-            per_split.append(settings_for_split(identifier, novel, reference_taxa(references),
-                                                [None, *args.precision]))
-            print(f"split {seed}: {len(references)} references, {len(novel)} novel queries")
+    per_split = over_val_splits(args, lambda identifier, references, novel, _: settings_for_split(
+        identifier, novel, reference_taxa(references), [None, *args.precision]), species_check=False)
     print(f"\nvalidation-unseen species, mean over splits {' '.join(map(str, args.splits))} (%); "
           "o / f / g = order / family / genus\n")
     columns = list(per_split[0][next(iter(per_split[0]))][0]["genus"])

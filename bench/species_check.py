@@ -23,6 +23,7 @@ import argparse
 import itertools
 import math
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from clibd.data import load_splits
@@ -53,6 +54,19 @@ def stage_identifier(config_path: str, seed: int, stage: str, folder: Path, **bu
                                                                        config.data.train_splits))
     build_index(model_dir, references, "dna", folder, progress=False, **build_options)
     return Identifier.load(folder, model_dir=model_dir), references, novel, seen
+
+
+def over_val_splits(args: argparse.Namespace, run: Callable[..., dict], **build_options) -> list[dict]:
+    """`run(identifier, references, novel, seen)` on the validation stage of each of `args.splits`
+    (an index built per split in a temporary folder, `build_options` as `build_index` takes them)."""
+    per_split = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.splits:
+            identifier, references, novel, seen = stage_identifier(args.config, seed, "val", Path(tmp) / f"split{seed}",
+                                                                   **build_options)
+            per_split.append(run(identifier, references, novel, seen))
+            print(f"split {seed}: {len(references)} references, {len(novel)} novel, {len(seen)} seen queries")
+    return per_split
 
 
 def rates(predictions, novel: list[dict], seen: list[dict]) -> dict[str, float]:
@@ -107,13 +121,8 @@ def main() -> None:
     parser.add_argument("--margin-weights", type=float, nargs="+", default=[0.0, 1.0],
                         help="weights of the species margin in the embedding's confidence (default 0 1)")
     args = parser.parse_args()
-    per_split = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.splits:
-            identifier, references, novel, seen = stage_identifier(args.config, seed, "val", Path(tmp) / f"split{seed}")
-            per_split.append(settings_for_split(identifier, novel + seen, novel, seen, args.cutoffs,
-                                                args.candidates, args.novel_named, args.margin_weights))
-            print(f"split {seed}: {len(references)} references, {len(novel)} novel, {len(seen)} seen queries")
+    per_split = over_val_splits(args, lambda identifier, _, novel, seen: settings_for_split(
+        identifier, novel + seen, novel, seen, args.cutoffs, args.candidates, args.novel_named, args.margin_weights))
     columns = list(next(iter(per_split[0].values())))
     print(f"\nvalidation species, mean over splits {' '.join(map(str, args.splits))} (%)\n")
     print("| setting | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns))
