@@ -141,8 +141,7 @@ class Identifier:
             return self._route_is_du(embeddings, query_ids, top_k, plan.threshold)
         keys = self.library.keys(plan.keys)
         check = keys.species_check if barcodes is not None and plan.keys == ("dna",) == (plan.query,) else None
-        thresholds, curves = self.library.calibration(plan.query, plan.keys)
-        weights = self.library.margin_weights(plan.query, plan.keys)
+        thresholds, curves, weights = self.library.pair_rule(plan.query, plan.keys)
         similarities, rows = self._search(keys, embeddings, _depth(top_k, weights, check))
         own = plan.keys == (plan.query,) and keys.scores_novelty_apart  # novelty parts: one tower's own
         novelty = keys.novelty_similarity(embeddings, self.backend) if own else similarities[:, 0]
@@ -211,9 +210,9 @@ class Identifier:
         routes = {}
         for modality in ("image", "dna"):
             keys = self.library.keys([modality])
-            weights = self.library.margin_weights("image", [modality])
+            thresholds, curves, weights = self.library.pair_rule("image", [modality])
             routes[modality] = (keys, *self._search(keys, embeddings, _depth(top_k, weights)), weights,
-                                _margin_labels(keys, weights), *self.library.calibration("image", [modality]))
+                                _margin_labels(keys, weights), thresholds, curves)
         predictions = []
         for n, query_id in enumerate(query_ids):
             route = "image" if float(routes["image"][1][n, 0]) > threshold else "dna"
@@ -302,8 +301,8 @@ class Identifier:
         plan = plan or self._first_plan()
         library = self.library
         pairs = [("image", ["image"]), ("image", ["dna"])] if plan.strategy == "is-du" else [(plan.query, plan.keys)]
-        thresholds = "; ".join(_thresholds_line(library.calibration(*pair)[0], library.margin_weights(*pair))
-                               for pair in pairs)
+        thresholds = "; ".join(_thresholds_line(pair_thresholds, weights)
+                               for pair_thresholds, _, weights in (library.pair_rule(*pair) for pair in pairs))
         held = ", ".join(f"{len(library.key_sets[m].records)} {m}" for m in library.modalities)
         check = library.keys(plan.keys).species_check if plan.keys == ("dna",) == (plan.query,) else None
         if check:

@@ -332,10 +332,10 @@ def embed_in_shards(model: CLIBDModel, processor: CLIBDProcessor, records: list[
 
 
 def _calibrate(embeddings: torch.Tensor, records: list[dict], parts: list[EmbeddingPart],
-               precision: float | None = None, **options) -> Calibration:
+               precision: float | None = None) -> Calibration:
     # fp16 as stored: `nearest_held_out` makes each chunk float32 as it uses it, no full copy
     return calibrate(embeddings, records, novelty_embeddings=select_parts(embeddings, parts, "scores_novelty"),
-                     precision=precision, **options)
+                     precision=precision)
 
 
 

@@ -263,20 +263,38 @@ class ReferenceLibrary:
         raise IndexError(row)
 
     def calibration(self, query: str, keys: Sequence[str]) -> tuple[dict[str, float], dict[str, list]]:
-        """(thresholds, precision curves) for `query` embeddings against `keys`: as stored in the
-        folder, else calibrated now on the library (in memory, with a log line: `clibd index
-        recalibrate` stores the pairs `clibd.library_build.calibrate_library` lists).
+        """(thresholds, precision curves) for `query` embeddings against `keys` (`pair_rule`).
 
         Usage:
             thresholds, curves = library.calibration("image", ["dna"])
         """
+        thresholds, curves, _ = self.pair_rule(query, keys)
+        return thresholds, curves
+
+    def margin_weights(self, query: str, keys: Sequence[str]) -> dict[str, float]:
+        """Per placing rank, the taxon margin's weight in the confidence of `query` against `keys`
+        (`clibd.novelty.rank_confidence`; `pair_rule`); {}: the similarity alone.
+
+        Usage:
+            weights = library.margin_weights("dna", ["dna"])   # {"order": 0.0, "family": 2.0, "genus": 0.5}
+        """
+        return self.pair_rule(query, keys)[2]
+
+    def pair_rule(self, query: str, keys: Sequence[str]) -> tuple[dict[str, float], dict[str, list], dict[str, float]]:
+        """(thresholds, precision curves, margin weights) for `query` embeddings against `keys`: as
+        stored in the folder, else calibrated now on the library (in memory, with a log line:
+        `clibd index recalibrate` stores the pairs `clibd.library_build.calibrate_library` lists).
+
+        Usage:
+            thresholds, curves, weights = library.pair_rule("dna", ["dna"])
+        """
         name = pair_name(query, keys)
         stored = self.meta.get("pairs", {}).get(name)
         if stored is not None:
-            return stored["thresholds"], stored.get("precision_curves", {})
+            return stored["thresholds"], stored.get("precision_curves", {}), stored.get("margin_weights", {})
         if not self.is_library and query == keys_name(keys):  # a single-modality index's own thresholds
             index = self.key_sets[query]
-            return index.thresholds, index.precision_curves
+            return index.thresholds, index.precision_curves, index.margin_weights
         if name not in self._calibrations:
             logger.info("%s: no stored calibration for %s: calibrating it now", self.directory, name)
             self._calibrations[name] = calibration = self.calibrate(query, keys, self.meta.get("precision"))
@@ -285,24 +303,7 @@ class ReferenceLibrary:
                                "keys to match): no rank is answered, the nearest keys are still listed",
                                self.directory, name, query)
         calibration = self._calibrations[name]
-        return calibration.thresholds, calibration.curves
-
-    def margin_weights(self, query: str, keys: Sequence[str]) -> dict[str, float]:
-        """Per placing rank, the taxon margin's weight in the confidence of `query` against `keys`
-        (`clibd.novelty.rank_confidence`), where `calibration` finds that pair's thresholds; {}:
-        the similarity alone.
-
-        Usage:
-            weights = library.margin_weights("dna", ["dna"])   # {"order": 0.0, "family": 2.0, "genus": 0.5}
-        """
-        self.calibration(query, keys)  # a pair calibrated in memory is so now
-        name = pair_name(query, keys)
-        stored = self.meta.get("pairs", {}).get(name)
-        if stored is not None:
-            return stored.get("margin_weights", {})
-        if not self.is_library and query == keys_name(keys):
-            return self.key_sets[query].margin_weights
-        return self._calibrations[name].margin_weights
+        return calibration.thresholds, calibration.curves, calibration.margin_weights
 
     def query_embeddings(self, query: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The library's own embeddings in a query kind, with each one's record position (combined
