@@ -161,17 +161,23 @@ def kmer_profiles(sequences: Sequence[str], k: int = 6, ids: Sequence[str] | Non
     Usage:
         profiles = kmer_profiles(["ACGTAC...", ...], k=6)
     """
-    names = barcode_names(len(sequences), ids)
     import torch
 
+    names = barcode_names(len(sequences), ids)
+    # every barcode's codes end to end, each followed by an N so that no k-mer spans two of them
+    pieces = [np.append(base_codes(sequence, name), -1) for sequence, name in zip(sequences, names, strict=True)]
+    codes = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+    rows = np.repeat(np.arange(len(pieces)), [len(piece) for piece in pieces])  # the barcode of each position
+    starts = len(codes) - k + 1
+    if starts <= 0:
+        return torch.zeros(len(sequences), 4**k)
+    kmers = np.zeros(starts, dtype=np.int64)
+    unknown = np.zeros(starts, dtype=bool)
+    for offset in range(k):  # base-4 number of each window, and whether it holds an N
+        window = codes[offset : offset + starts]
+        kmers = kmers * 4 + np.maximum(window, 0)
+        unknown |= window < 0
+    cells = torch.from_numpy(rows[:starts][~unknown] * 4**k + kmers[~unknown])
     out = torch.zeros(len(sequences), 4**k)
-    weights = 4 ** np.arange(k - 1, -1, -1)
-    for row, (sequence, name) in enumerate(zip(sequences, names, strict=True)):
-        codes = base_codes(sequence, name)
-        if len(codes) < k:
-            continue
-        windows = np.lib.stride_tricks.sliding_window_view(codes, k)
-        valid = (windows >= 0).all(axis=1)
-        counts = np.bincount(windows[valid] @ weights, minlength=4**k)
-        out[row] = torch.from_numpy(counts.astype(np.float32))
+    out.view(-1).index_add_(0, cells, torch.ones(len(cells)))
     return torch.nn.functional.normalize(out, dim=-1)
