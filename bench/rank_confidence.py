@@ -9,7 +9,8 @@ built once, then calibrated again in memory per setting and the queries identifi
 that best separate right from wrong answers (the default) or set for a stated precision, each
 compared with the similarity alone (`margin_weights=(0.0,)`) or with the confidence
 `clibd.novelty.rank_confidence` (similarity + a weight chosen at calibration times the taxon
-margin). Prints, per setting and rank, the mean over the splits of: coverage (answered, of all
+margin), holding out any of the library's species at calibration or only those the model did not
+train on (`clibd.novelty.calibration_sample`; here the test-unseen species). Prints, per setting and rank, the mean over the splits of: coverage (answered, of all
 novel queries, and of those whose taxon at that rank the references hold), precision of the
 answers and strict accuracy (right answers, of the queries whose taxon the references hold), and
 the weights each split's calibration chose. Test species are never looked at.
@@ -40,11 +41,15 @@ def settings_for_split(identifier: Identifier, novel: list[dict], key_taxa: dict
                        ) -> dict[str, tuple[dict, dict]]:
     index = identifier.index
     embeddings = identifier.embed(novel)
+    new_only = index.meta.get("trained_species")
     out = {}
     for precision in precisions:
-        for name, weights in (("similarity alone", (0.0,)), ("similarity + margin", MARGIN_WEIGHTS)):
+        for name, weights, trained in (("similarity alone, all species held out", (0.0,), None),
+                                       ("similarity + margin, all species held out", MARGIN_WEIGHTS, None),
+                                       ("similarity + margin, new species held out", MARGIN_WEIGHTS, new_only)):
             calibration = calibrate(index.embeddings, index.records, precision=precision, margin_weights=weights,
-                                    novelty_embeddings=select_parts(index.embeddings, index.parts, "scores_novelty"))
+                                    novelty_embeddings=select_parts(index.embeddings, index.parts, "scores_novelty"),
+                                    trained_species=trained)
             index.meta.update(thresholds=calibration.thresholds, precision_curves=calibration.curves,
                               margin_weights=calibration.margin_weights)  # this setting's, in memory
             label = f"{'balanced' if precision is None else f'precision {precision}'}, {name}"

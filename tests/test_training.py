@@ -96,6 +96,8 @@ def test_interrupted_run_resumes_to_identical_weights(data_dir, tmp_path):
 
     saved = datasets.load_from_disk(str(tmp_path / "full" / "splits"))
     assert set(saved) >= {"train_seen", "seen_keys", "val_unseen", "test_unseen_keys"} and len(saved["train_seen"]) > 0
+    trained = sorted(set(saved["train_seen"]["species"]))  # what index calibration holds apart
+    assert json.loads((tmp_path / "full" / "final" / "config.json").read_text())["trained_species"] == trained
     steps = [json.loads(line)["step"] for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, len(steps) + 1))
 

@@ -60,8 +60,11 @@ def _summary(folder: str, index) -> str:
     """One line on an index (a single-modality `ReferenceIndex`) or a multi-modal `ReferenceLibrary`."""
     if not hasattr(index, "key_sets"):
         weights = {rank: weight for rank, weight in index.margin_weights.items() if weight}
+        sample = index.meta.get("calibration_sample", {})
         return (f"{folder}: {index.meta['count']} {index.modality} references; thresholds {index.thresholds}"
-                + (f"; compared with the similarity + weight x taxon margin at {weights}" if weights else ""))
+                + (f"; compared with the similarity + weight x taxon margin at {weights}" if weights else "")
+                + (f"; calibrated on {sample['references']} references of the {sample['new_species_held']} species "
+                   "the model did not train on" if sample.get("untrained_only") else ""))
     held = ", ".join(f"{len(keys.records)} {m} keys" for m, keys in index.key_sets.items())
     is_du = index.meta.get("is_du", {}).get("threshold")
     return (f"{folder}: {index.meta['count']} records; {held}; {len(index.meta.get('pairs', {}))} query/key pairs "

@@ -93,7 +93,10 @@ class CLIBDConfig(PreTrainedConfig):
     `modalities` lists the towers the model has (any non-empty subset of image, dna, text); the
     official image+DNA checkpoints have no text tower. `lora_rank` is set by `CLIBDModel.add_lora`
     (LoRA training): the model then has rank-`lora_rank` adapters on attention q and v, and loads
-    back with them.
+    back with them. `trained_species` is set by `clibd train` (the species of its training
+    records; None: not known, e.g. converted official checkpoints): an index built with the model
+    holds out the library's other species to calibrate how it places species it never saw
+    (`clibd.novelty.calibration_sample`).
 
     Usage:
         config = CLIBDConfig(modalities=["dna", "text"], dna_config={"pooling": "mean"})
@@ -114,6 +117,7 @@ class CLIBDConfig(PreTrainedConfig):
     projection_dim: int = 768
     logit_scale_init_value: float = math.log(1 / 0.07)
     lora_rank: int | None = None
+    trained_species: list[str] | None = None
 
     def __post_init__(self, **kwargs):
         if self.lora_rank is not None and self.lora_rank < 1:

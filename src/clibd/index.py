@@ -147,7 +147,7 @@ class ReferenceIndex:
         logger.warning("%s: built by an older clibd whose thresholds for %s could not be set; recalibrated in "
                        "memory (store it with `clibd index recalibrate %s`)", self.directory,
                        [rank for rank, value in thresholds.items() if math.isnan(value)], self.directory)
-        return _calibrate(self.embeddings, self.records, self.parts)
+        return _calibrate(self.embeddings, self.records, self.parts, trained_species=self.meta.get("trained_species"))
 
     @property
     def margin_weights(self) -> dict[str, float]:
@@ -332,10 +332,18 @@ def embed_in_shards(model: CLIBDModel, processor: CLIBDProcessor, records: list[
 
 
 def _calibrate(embeddings: torch.Tensor, records: list[dict], parts: list[EmbeddingPart],
-               precision: float | None = None) -> Calibration:
+               precision: float | None = None, trained_species: list[str] | None = None) -> Calibration:
     # fp16 as stored: `nearest_held_out` makes each chunk float32 as it uses it, no full copy
     return calibrate(embeddings, records, novelty_embeddings=select_parts(embeddings, parts, "scores_novelty"),
-                     precision=precision)
+                     precision=precision, trained_species=trained_species)
+
+
+def trained_species_meta(model) -> dict:
+    """What an index.json keeps of the model's training species (`CLIBDConfig.trained_species`),
+    which calibration holds out apart from the rest (`clibd.novelty.calibration_sample`); {} where
+    the model does not say."""
+    species = getattr(model.config, "trained_species", None)
+    return {} if species is None else {"trained_species": sorted(species)}
 
 
 

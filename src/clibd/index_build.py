@@ -28,6 +28,7 @@ from .index import (
     _calibrate,
     embed_in_shards,
     load_model,
+    trained_species_meta,
     unusable,
 )
 from .retrieval import launched_processes
@@ -90,11 +91,12 @@ def _store_calibration(meta: dict, embeddings: torch.Tensor, records: list[dict]
                        directory: Path) -> dict:
     """`meta` with the library's thresholds and how each was set; warns where one is not learned
     from both right and wrong answers (e.g. a library with one reference per species)."""
-    calibration = _calibrate(embeddings, records, parts, meta.get("precision"))
+    calibration = _calibrate(embeddings, records, parts, meta.get("precision"), meta.get("trained_species"))
     for line in calibration.warnings():
         logger.warning("%s: threshold for %s", directory, line)
     meta = {**meta, "thresholds": calibration.thresholds, "calibration": calibration.methods,
-            "precision_curves": calibration.curves, "margin_weights": calibration.margin_weights}
+            "precision_curves": calibration.curves, "margin_weights": calibration.margin_weights,
+            "calibration_sample": calibration.sample}
     asked = meta.get("species_check", {})
     if meta["modality"] == "dna" and asked is not False:
         meta["species_check"] = calibrated_options(embeddings, records, parts, directory, asked or {})
@@ -163,7 +165,7 @@ def build_index(model_dir: str | os.PathLike, records: list[dict], modality: str
     records, embeddings = _drop_failures(records, embeddings, failures, skipped)
     meta = {"clibd_version": __version__, "model": str(Path(model_dir).resolve()), "model_hash": digest,
             "modality": modality, "dim": int(embeddings.shape[1]), "precision": _checked_precision(precision),
-            "species_check": species_check_options(species_check)}
+            "species_check": species_check_options(species_check), **trained_species_meta(model)}
     return _finish(out, meta, model.embedding_parts(modality), embeddings, records, calibrate, work_dir, skipped,
                    processes)
 

@@ -256,7 +256,8 @@ class ReferenceLibrary:
             library.key_modality(["image", "dna"], row=0)   # "image"
         """
         for modality in keys_name(keys).split():
-            count = len(self.keys([modality]).records)
+            held = self.key_sets.get(modality) or self.keys([modality])  # a key set's own: no checks, per hit
+            count = len(held.records)
             if row < count:
                 return modality
             row -= count
@@ -329,7 +330,7 @@ class ReferenceLibrary:
         name = keys_name(keys)
         if query == name and name in self.key_sets:
             index = self.key_sets[name]
-            return _calibrate(index.embeddings, index.records, index.parts, precision)
+            return _calibrate(index.embeddings, index.records, index.parts, precision, self.meta.get("trained_species"))
         key_set, queries = self.keys(keys), self.query_embeddings(query)
         owners = self.key_owners(keys)
         records = self.records if self.is_library else self.key_sets[self.modalities[0]].records

@@ -27,7 +27,7 @@ from . import __version__
 from .atomic import atomic_directory, atomic_write_text
 from .checked_embedding import embed_checked
 from .constants import MODALITIES, RANKS
-from .index import RECORD_COLUMNS, ReferenceIndex, embed_in_shards, load_model
+from .index import RECORD_COLUMNS, ReferenceIndex, embed_in_shards, load_model, trained_species_meta
 from .index_build import _checked_precision, _skip
 from .library import ReferenceLibrary, key_meta, keys_name, pair_name
 from .modeling_clibd import CLIBDModel
@@ -127,7 +127,8 @@ def build_library(model_dir: str | os.PathLike, records: list[dict], modalities:
     meta = {"clibd_version": __version__, "model": str(Path(model_dir).resolve()), "model_hash": digest,
             "format": 2, "modalities": modalities, "modality": modalities[0],
             "dim": model.config.projection_dim, "precision": _checked_precision(precision),
-            "keys": {m: {"parts": [p.to_dict() for p in model.embedding_parts(m)]} for m in modalities}}
+            "keys": {m: {"parts": [p.to_dict() for p in model.embedding_parts(m)]} for m in modalities},
+            **trained_species_meta(model)}
     keys = _new_keys(model, processor, records, 0, modalities, Path(out), batch_size, progress,
                      on_bad_input == "skip", skipped, known_taxa=set())
     return _finish(Path(out), meta, records, keys, skipped, calibrate)
@@ -225,7 +226,8 @@ def calibrate_library(library: ReferenceLibrary, precision: float | None = None)
             pairs[pair_name(query, keys)] = {"thresholds": calibration.thresholds, "calibration": calibration.methods,
                                              "precision_curves": calibration.curves,
                                              "margin_weights": calibration.margin_weights,
-                                             "counts": {r: list(c) for r, c in calibration.counts.items()}}
+                                             "counts": {r: list(c) for r, c in calibration.counts.items()},
+                                             "sample": calibration.sample}
     extra = {"pairs": pairs}
     if {"image", "dna"} <= set(held):
         extra["is_du"] = library.calibrate_is_du()

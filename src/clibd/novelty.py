@@ -20,6 +20,13 @@ weight is chosen at calibration among `MARGIN_WEIGHTS` (0: the similarity alone)
 threshold does best on the calibration answers (balanced accuracy, or the most answers at the
 asked precision); chosen on validation species: bench/README.md.
 
+Which references are held out: where the model says which species it trained on
+(`CLIBDConfig.trained_species`) and the library holds at least `MIN_UNTRAINED_SPECIES` others,
+only those others. A species the model trained on sits apart from its neighbours more than one it
+never saw, so held out it is placed more surely than a new species will be: thresholds learned on
+it give fewer right answers than stated on new species (bench/README.md, "Calibrating on species
+the model never saw").
+
 A rank with only one kind of answer still gets a threshold, never a silent "anything goes":
 - only wrong answers (a library with one reference per species: no specimen of a held species
   to learn from): the cut lets through at most 1 % of them (`ONE_SIDED_QUANTILE`);
@@ -45,7 +52,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +65,8 @@ ONE_SIDED_QUANTILE = 0.01
 MARGIN_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 # How many nearest references `taxon_margin` looks through for one of another taxon.
 MARGIN_DEPTH = 100
+# Fewest species new to the model (not in its `trained_species`) that calibration holds out alone.
+MIN_UNTRAINED_SPECIES = 20
 METHODS = {
     "separates": "separates right from wrong answers",
     "precision": "the lowest confidence at which answers reach the asked precision",
@@ -218,10 +227,17 @@ class Calibration:
     curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     precision: float | None = None
     margin_weights: dict[str, float] = field(default_factory=dict)  # rank -> weight (`rank_confidence`)
+    sample: dict = field(default_factory=dict)  # what was held out (`CalibrationSample.to_dict`)
 
     def warnings(self) -> list[str]:
-        """One line per rank whose threshold is not learned from both right and wrong answers."""
+        """One line per rank whose threshold is not learned from both right and wrong answers, and
+        one where the model's training species are known but too few others were there to hold out."""
         lines = []
+        if self.sample.get("new_species_held") is not None and not self.sample.get("untrained_only"):
+            lines.append(f"every rank: the library holds {self.sample['new_species_held']} species the model did not "
+                         f"train on "
+                         f"(fewer than {MIN_UNTRAINED_SPECIES}): calibrated on species it trained on too, so answers "
+                         "for new species are right less often than stated")
         for rank in RANKS:
             method = self.methods[rank]
             if method not in ("separates", "precision"):
@@ -233,14 +249,45 @@ class Calibration:
         return lines
 
 
-def _query_sample(taxa: list[str], max_queries: int, seed: int) -> tuple[list[int], set[int]]:
-    """(queries, those whose taxon has another reference): records of taxa with at least two
-    references; where the library has none (one reference per taxon), every labelled record."""
+@dataclass(frozen=True)
+class CalibrationSample:
+    """The references calibration holds out: `rows`, `shared` (those whose taxon has another
+    reference), and where the model's training species are known, how many of the library's
+    species it did not train on (`new_species_held`) and whether the rows are theirs alone."""
+
+    rows: list[int]
+    shared: set[int]
+    new_species_held: int | None = None
+    untrained_only: bool = False
+
+    def to_dict(self) -> dict:
+        """What index.json keeps (`"calibration_sample"`): how many references, and of which species."""
+        return {"references": len(self.rows), "new_species_held": self.new_species_held,
+                "untrained_only": self.untrained_only}
+
+
+def calibration_sample(taxa: list[str], max_queries: int, seed: int,
+                       trained_species: Collection[str] | None = None) -> CalibrationSample:
+    """Up to `max_queries` references to hold out: records of taxa with at least two references
+    (where the library has none, one reference per taxon, every labelled record); with
+    `trained_species` (the model's, and `taxa` species names), only records of other species where
+    the library holds at least `MIN_UNTRAINED_SPECIES` of them (module doc).
+
+    Usage:
+        sample = calibration_sample([r["species"] for r in records], 2000, 0, model.config.trained_species)
+    """
     counts = Counter(label for label in taxa if label)
     eligible = [i for i, label in enumerate(taxa) if label and counts[label] >= 2]
     pool = eligible or [i for i, label in enumerate(taxa) if label]
-    queries = random.Random(seed).sample(pool, min(max_queries, len(pool)))
-    return queries, {i for i in queries if counts[taxa[i]] >= 2}
+    new_held, untrained_only = None, False
+    if trained_species is not None:
+        trained = set(trained_species)
+        untrained = [i for i in pool if taxa[i] not in trained]
+        new_held = len({taxa[i] for i in untrained})
+        if new_held >= MIN_UNTRAINED_SPECIES:
+            pool, untrained_only = untrained, True
+    rows = random.Random(seed).sample(pool, min(max_queries, len(pool)))
+    return CalibrationSample(rows, {i for i in rows if counts[taxa[i]] >= 2}, new_held, untrained_only)
 
 
 @dataclass
@@ -321,26 +368,31 @@ def answers_at(records: Sequence[dict], rank: str, queries: list[int], shared: s
 
 def calibrate(embeddings: torch.Tensor, records: list[dict], max_queries: int = 2000, seed: int = 0,
               novelty_embeddings: torch.Tensor | None = None, precision: float | None = None,
-              margin_weights: Sequence[float] = MARGIN_WEIGHTS) -> Calibration:
+              margin_weights: Sequence[float] = MARGIN_WEIGHTS,
+              trained_species: Collection[str] | None = None) -> Calibration:
     """Per-rank thresholds of a library (see the module doc). The species threshold is on the
     cosine of `novelty_embeddings` (unit vectors, one per record; `embeddings` when None).
     `precision`: thresholds set for that precision instead of balanced accuracy (`precision_threshold`);
-    `margin_weights`: those tried (`choose_margin_weight`; (0.0,): the similarity alone).
+    `margin_weights`: those tried (`choose_margin_weight`; (0.0,): the similarity alone);
+    `trained_species`: the species the model trained on, None where unknown (`calibration_sample`).
 
     Usage:
-        calibration = calibrate(embeddings, records); calibration.thresholds["genus"]
+        calibration = calibrate(embeddings, records, trained_species=model.config.trained_species)
     """
     held_out_rank = next((rank for rank in reversed(RANKS) if any(r.get(rank) for r in records)), None)
     taxa = [r.get(held_out_rank, "") if held_out_rank else "" for r in records]
-    queries, shared = _query_sample(taxa, max_queries, seed)
-    if len(records) < 2 or not queries:
+    sample = calibration_sample(taxa, max_queries, seed, trained_species if held_out_rank == "species" else None)
+    if len(records) < 2 or not sample.rows:
         return Calibration(dict.fromkeys(RANKS, float("nan")), dict.fromkeys(RANKS, "none"), {}, held_out_rank)
+    queries = sample.rows
     placing = nearest_held_out(embeddings, taxa, queries, k=MARGIN_DEPTH)  # deep: the margins look through them
     apart = novelty_embeddings is not None and novelty_embeddings is not embeddings
     novelty = nearest_held_out(novelty_embeddings, taxa, queries) if apart else placing
-    answers = {rank: answers_at(records, rank, queries, shared, novelty if rank == "species" else placing)
+    answers = {rank: answers_at(records, rank, queries, sample.shared, novelty if rank == "species" else placing)
                for rank in RANKS}
-    return calibration_from_answers(answers, held_out_rank, precision, margin_weights)
+    calibration = calibration_from_answers(answers, held_out_rank, precision, margin_weights)
+    calibration.sample = sample.to_dict()
+    return calibration
 
 
 def calibration_from_answers(answers: dict[str, Answers], held_out_rank: str | None,

@@ -83,6 +83,7 @@ def train(config: ExperimentConfig, resume: bool = False, progress: bool = True)
     set_seed(cfg.seed)
     data = build_data(config, accelerator, run_dir)
     model, processor, objective = build_model(config)
+    model.config.trained_species = trained_species(data.train_set)
     collator = ContrastiveCollator(processor, config.model.modalities, train=True, seed=cfg.seed,
                                    label_ranks=objective.label_ranks)
     optimizer, scheduler = build_optimizer_and_schedule(model, cfg, data)
@@ -226,6 +227,12 @@ def save_splits(splits: datasets.DatasetDict, target: Path) -> None:
     Empty splits are left out: datasets cannot load a saved table without rows."""
     with atomic_directory(target) as tmp:
         datasets.DatasetDict({name: part for name, part in splits.items() if len(part)}).save_to_disk(str(tmp))
+
+
+def trained_species(train_set: datasets.Dataset) -> list[str]:
+    """The species names of the training records, sorted (saved in the model's config: index
+    calibration holds the others out, `clibd.novelty.calibration_sample`)."""
+    return sorted({name for name in train_set["species"] if name}) if "species" in train_set.column_names else []
 
 
 def train_split_names(config: ExperimentConfig, splits: datasets.DatasetDict) -> list[str]:

@@ -1,0 +1,84 @@
+"""Calibration holds out the library's species that the model never trained on, where it knows them."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from clibd import CLIBDConfig
+from clibd.cli import _summary
+from clibd.index import ReferenceIndex, build_index
+from clibd.novelty import MIN_UNTRAINED_SPECIES, calibrate, calibration_sample
+
+
+def _taxa(species: int, each: int) -> list[str]:
+    return [f"Genus{s % 7} species{s}" for s in range(species) for _ in range(each)]
+
+
+def test_sample_holds_out_only_new_species_where_the_library_has_enough():
+    taxa = _taxa(30, 3)
+    trained = [f"Genus{s % 7} species{s}" for s in range(5)]
+    sample = calibration_sample(taxa, 2000, 0, trained)
+    assert sample.untrained_only and sample.new_species_held == 25
+    assert sorted(sample.rows) == list(range(15, 90))  # every record of the 25 new species, none of the 5
+    assert sample.shared == set(sample.rows)
+
+    too_few = [f"Genus{s % 7} species{s}" for s in range(30 - MIN_UNTRAINED_SPECIES + 1)]
+    sample = calibration_sample(taxa, 2000, 0, too_few)
+    assert not sample.untrained_only and sample.new_species_held == MIN_UNTRAINED_SPECIES - 1
+    assert sorted(sample.rows) == list(range(90))  # all of them: too few new species to learn from alone
+
+    unknown = calibration_sample(taxa, 2000, 0)
+    assert unknown.new_species_held is None and sorted(unknown.rows) == list(range(90))
+    assert unknown.to_dict() == {"references": 90, "new_species_held": None, "untrained_only": False}
+
+
+def _records(taxa: list[str]) -> list[dict]:
+    return [{"species": name, "genus": name.split()[0], "family": f"Family{int(name.split()[0][5:]) % 3}",
+             "order": "Diptera"} for name in taxa]
+
+
+def test_calibration_learns_from_the_held_out_new_species_only():
+    taxa = _taxa(40, 3)
+    records = _records(taxa)
+    embeddings = F.normalize(torch.randn(len(records), 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    trained = sorted(set(taxa[:30]))  # the first 10 species
+    calibration = calibrate(embeddings, records, trained_species=trained)
+    # each of the 30 new species' 90 records answered twice: its species held out, and only itself
+    assert sum(calibration.counts["order"]) == 2 * 90
+    assert calibration.sample == {"references": 90, "new_species_held": 30, "untrained_only": True}
+    assert sum(calibrate(embeddings, records).counts["order"]) == 2 * len(records)
+    assert not any("did not train on" in line for line in calibration.warnings())
+    few = calibrate(embeddings, records, trained_species=sorted(set(taxa[:-3 * 5])))  # 5 new species
+    assert any("5 species the model did not train on" in line for line in few.warnings())
+
+
+def test_index_keeps_the_models_training_species_and_what_it_held_out(dna_model, records, tmp_path, caplog):
+    library = records["many_each"]
+    species = sorted({r["species"] for r in library})
+    config = json.loads((dna_model / "config.json").read_text())
+    assert CLIBDConfig(**{k: v for k, v in config.items() if k != "model_type"}).trained_species is None
+    for name, trained in (("some", species[:70]), ("most", species[:90])):
+        model = tmp_path / f"model_{name}"
+        model.mkdir()
+        for path in dna_model.iterdir():
+            (model / path.name).write_bytes(path.read_bytes())
+        (model / "config.json").write_text(json.dumps({**config, "trained_species": trained}))
+        with caplog.at_level(logging.WARNING, logger="clibd"):
+            build_index(model, library, "dna", tmp_path / f"refs_{name}", progress=False, species_check=False)
+        meta = json.loads((tmp_path / f"refs_{name}" / "index.json").read_text())
+        assert meta["trained_species"] == trained
+        held = [r for r in library if r["species"] not in set(trained)]
+        new_with_two = {r["species"] for r in held if sum(o["species"] == r["species"] for o in held) >= 2}
+        assert meta["calibration_sample"]["new_species_held"] == len(new_with_two)
+        assert meta["calibration_sample"]["untrained_only"] == (len(new_with_two) >= MIN_UNTRAINED_SPECIES)
+    assert meta["calibration_sample"]["untrained_only"] is False  # 10 new species: warned, calibrated on all
+    assert "species the model did not train on" in caplog.text
+    untrained = json.loads((tmp_path / "refs_some" / "index.json").read_text())["calibration_sample"]
+    assert untrained["untrained_only"] and untrained["references"] < len(library)
+    summary = _summary("refs_some", ReferenceIndex.load(tmp_path / "refs_some"))  # index build's last line says so
+    assert f"calibrated on {untrained['references']} references of the {untrained['new_species_held']} species" in summary
+    assert "did not train on" not in _summary("refs_most", ReferenceIndex.load(tmp_path / "refs_most"))
