@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
+import datasets
 import torch
 import torch.nn.functional as F
 
@@ -12,6 +13,7 @@ from clibd import CLIBDConfig
 from clibd.cli import _summary
 from clibd.index import ReferenceIndex, build_index
 from clibd.novelty import MIN_UNTRAINED_SPECIES, calibrate, calibration_sample
+from clibd.training.loop import trained_species
 
 
 def _taxa(species: int, each: int) -> list[str]:
@@ -82,3 +84,11 @@ def test_index_keeps_the_models_training_species_and_what_it_held_out(dna_model,
     summary = _summary("refs_some", ReferenceIndex.load(tmp_path / "refs_some"))  # index build's last line says so
     assert f"calibrated on {untrained['references']} references of the {untrained['new_species_held']} species" in summary
     assert "did not train on" not in _summary("refs_most", ReferenceIndex.load(tmp_path / "refs_most"))
+
+
+def test_training_records_the_species_it_trains_on_and_those_it_started_from():
+    train_set = datasets.Dataset.from_dict({"species": ["Aus bus", "", "Aus cus", "Aus bus"]})
+    assert trained_species(train_set) == ["Aus bus", "Aus cus"]
+    assert trained_species(train_set, ["Dus eus"]) == ["Aus bus", "Aus cus", "Dus eus"]  # init_from's, kept
+    assert trained_species(train_set, None) is None  # a start model that does not say: neither can this one
+    assert trained_species(datasets.Dataset.from_dict({"genus": ["Aus"]})) is None

@@ -83,7 +83,8 @@ def train(config: ExperimentConfig, resume: bool = False, progress: bool = True)
     set_seed(cfg.seed)
     data = build_data(config, accelerator, run_dir)
     model, processor, objective = build_model(config)
-    model.config.trained_species = trained_species(data.train_set)
+    model.config.trained_species = trained_species(data.train_set, model.config.trained_species
+                                                   if config.model.init_from else [])
     collator = ContrastiveCollator(processor, config.model.modalities, train=True, seed=cfg.seed,
                                    label_ranks=objective.label_ranks)
     optimizer, scheduler = build_optimizer_and_schedule(model, cfg, data)
@@ -229,10 +230,19 @@ def save_splits(splits: datasets.DatasetDict, target: Path) -> None:
         datasets.DatasetDict({name: part for name, part in splits.items() if len(part)}).save_to_disk(str(tmp))
 
 
-def trained_species(train_set: datasets.Dataset) -> list[str]:
-    """The species names of the training records, sorted (saved in the model's config: index
-    calibration holds the others out, `clibd.novelty.calibration_sample`)."""
-    return sorted({name for name in train_set["species"] if name}) if "species" in train_set.column_names else []
+def trained_species(train_set: datasets.Dataset, started_from: list[str] | None = ()) -> list[str] | None:
+    """The species the model will have been trained on, sorted (saved in its config: index
+    calibration holds the others out, `clibd.novelty.calibration_sample`): those of the training
+    records and `started_from`, the ones of the model training starts from (`model.init_from`).
+    None (not known) where that model does not say, or the records name no species. The towers'
+    own pretraining (BarcodeBERT's masked k-mers, ImageNet) learns no species: not counted.
+
+    Usage:
+        model.config.trained_species = trained_species(train_set, start_model.config.trained_species)
+    """
+    if started_from is None or "species" not in train_set.column_names:
+        return None
+    return sorted({name for name in train_set["species"] if name} | set(started_from))
 
 
 def train_split_names(config: ExperimentConfig, splits: datasets.DatasetDict) -> list[str]:
