@@ -5,15 +5,16 @@
 
 For each species split: the validation stage of the novel-species split (references: seen keys +
 test-unseen keys; queries: the validation-unseen species, which no reference holds), the index
-built once, then calibrated again in memory per setting and the queries identified: thresholds
-that best separate right from wrong answers (the default) or set for a stated precision, each
-compared with the similarity alone (`margin_weights=(0.0,)`) or with the confidence
+built once, then calibrated again in memory per setting and the queries identified: thresholds that
+best separate right from wrong answers (the default) or set for a stated precision, each compared
+with the similarity alone (`margin_weights=(0.0,)`) or with the confidence
 `clibd.novelty.rank_confidence` (similarity + a weight chosen at calibration times the taxon
 margin), holding out any of the library's species at calibration or only those the model did not
-train on (`clibd.novelty.calibration_sample`; here the test-unseen species). Prints, per setting and rank, the mean over the splits of: coverage (answered, of all
-novel queries, and of those whose taxon at that rank the references hold), precision of the
-answers and strict accuracy (right answers, of the queries whose taxon the references hold), and
-the weights each split's calibration chose. Test species are never looked at.
+train on (`clibd.novelty.calibration_sample`; here the test-unseen species). Prints, per setting
+and rank, the mean over the splits of: coverage (answered, of all novel queries, and of those whose
+taxon at that rank the references hold), precision of the answers and strict accuracy (right
+answers, of the queries whose taxon the references hold), and the weights each split's calibration
+chose. Test species are never looked at.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def settings_for_split(identifier: Identifier, novel: list[dict], key_taxa: dict
     index = identifier.index
     embeddings = identifier.embed(novel)
     new_only = index.meta.get("trained_species")
+    if new_only is None:  # the "new species" rows would repeat the "all species" ones
+        raise SystemExit(f"{identifier.model_dir}: the model does not record its training species (trained before "
+                         "CLIBDConfig.trained_species): train it again, or set them in its config.json")
     out = {}
     for precision in precisions:
         for name, weights, trained in (("similarity alone, all species held out", (0.0,), None),

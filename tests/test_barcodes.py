@@ -97,3 +97,19 @@ def test_all_shared_barcodes_tokenise(data_dir):
     assert encoded.input_ids.shape == (len(records), 133)
     long_ids = {f"barcode {r['id']!r}" for r in records if len(r["dna"].replace("-", "")) > 660}
     assert set(encoded.truncated) == long_ids
+
+
+def test_kmer_profiles_of_a_batch_are_each_barcodes_own(monkeypatch, data_dir):
+    """Counted at once over the batch (and in chunks), no k-mer may span two barcodes."""
+    import clibd.processing.barcodes as barcodes
+    from clibd.processing import kmer_profiles
+
+    long = [r["dna"] for r in read_records(data_dir / "insect_bold_coi" / "insect_bold_coi_small.tsv")[:6]]
+    batch = [long[0], "ACG", long[1], "acgt-acgtNNacgtRYacgt", long[2], "AAAA", "TTTT", long[3]]
+    alone = torch.cat([kmer_profiles([barcode], 4) for barcode in batch])
+    assert torch.equal(kmer_profiles(batch, 4), alone)
+    assert kmer_profiles(["AAAA", "TTTT"], 4)[0, 0] == 1 and kmer_profiles(["AAAA", "TTTT"], 4)[0].count_nonzero() == 1
+    monkeypatch.setattr(barcodes, "PROFILE_CHUNK", 3)  # chunk edges between barcodes
+    assert torch.equal(kmer_profiles(batch, 4), alone)
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        kmer_profiles(batch, 0)

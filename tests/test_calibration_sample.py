@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from clibd import CLIBDConfig
 from clibd.cli import _summary
 from clibd.index import ReferenceIndex, build_index
-from clibd.novelty import MIN_UNTRAINED_SPECIES, calibrate, calibration_sample
+from clibd.index_build import add_to_index, recalibrate_index
+from clibd.novelty import MIN_UNTRAINED_REFERENCES, MIN_UNTRAINED_SPECIES, calibrate, calibration_sample
 from clibd.training.loop import trained_species
 
 
@@ -21,21 +22,24 @@ def _taxa(species: int, each: int) -> list[str]:
 
 
 def test_sample_holds_out_only_new_species_where_the_library_has_enough():
-    taxa = _taxa(30, 3)
+    taxa = _taxa(30, 10) + ["Genus0 singleton"]  # a species with one reference is never held out
     trained = [f"Genus{s % 7} species{s}" for s in range(5)]
     sample = calibration_sample(taxa, 2000, 0, trained)
-    assert sample.untrained_only and sample.new_species_held == 25
-    assert sorted(sample.rows) == list(range(15, 90))  # every record of the 25 new species, none of the 5
+    assert sample.untrained_only and (sample.new_species_held, sample.new_references) == (25, 250)
+    assert sorted(sample.rows) == list(range(50, 300))  # every record of the 25 new species, none of the 5
     assert sample.shared == set(sample.rows)
 
     too_few = [f"Genus{s % 7} species{s}" for s in range(30 - MIN_UNTRAINED_SPECIES + 1)]
     sample = calibration_sample(taxa, 2000, 0, too_few)
     assert not sample.untrained_only and sample.new_species_held == MIN_UNTRAINED_SPECIES - 1
-    assert sorted(sample.rows) == list(range(90))  # all of them: too few new species to learn from alone
+    assert sorted(sample.rows) == list(range(300))  # all of them: too few new species to learn from alone
+    thin = calibration_sample(_taxa(30, 2), 2000, 0, trained)  # 25 new species, 50 references
+    assert thin.new_references < MIN_UNTRAINED_REFERENCES and not thin.untrained_only and len(thin.rows) == 60
 
     unknown = calibration_sample(taxa, 2000, 0)
-    assert unknown.new_species_held is None and sorted(unknown.rows) == list(range(90))
-    assert unknown.to_dict() == {"references": 90, "new_species_held": None, "untrained_only": False}
+    assert unknown.new_species_held is None and sorted(unknown.rows) == list(range(300))
+    assert unknown.to_dict() == {"references": 300, "new_species_held": None, "new_references": None,
+                                 "untrained_only": False}
 
 
 def _records(taxa: list[str]) -> list[dict]:
@@ -44,18 +48,20 @@ def _records(taxa: list[str]) -> list[dict]:
 
 
 def test_calibration_learns_from_the_held_out_new_species_only():
-    taxa = _taxa(40, 3)
+    taxa = _taxa(40, 8)
     records = _records(taxa)
     embeddings = F.normalize(torch.randn(len(records), 16, generator=torch.Generator().manual_seed(0)), dim=-1)
-    trained = sorted(set(taxa[:30]))  # the first 10 species
+    trained = sorted(set(taxa[:80]))  # the first 10 species
     calibration = calibrate(embeddings, records, trained_species=trained)
-    # each of the 30 new species' 90 records answered twice: its species held out, and only itself
-    assert sum(calibration.counts["order"]) == 2 * 90
-    assert calibration.sample == {"references": 90, "new_species_held": 30, "untrained_only": True}
+    # each of the 30 new species' 240 records answered twice: its species held out, and only itself
+    assert sum(calibration.counts["order"]) == 2 * 240
+    assert calibration.sample == {"references": 240, "new_species_held": 30, "new_references": 240,
+                                  "untrained_only": True}
     assert sum(calibrate(embeddings, records).counts["order"]) == 2 * len(records)
-    assert not any("did not train on" in line for line in calibration.warnings())
-    few = calibrate(embeddings, records, trained_species=sorted(set(taxa[:-3 * 5])))  # 5 new species
-    assert any("5 species the model did not train on" in line for line in few.warnings())
+    assert calibration.sample_warning() is None
+    few = calibrate(embeddings, records, trained_species=sorted(set(taxa[:-8 * 5])))  # 5 new species
+    assert "5 species the model did not train on with two or more references, 40 references" in few.sample_warning()
+    assert few.sample_warning() in few.warnings()
 
 
 def test_index_keeps_the_models_training_species_and_what_it_held_out(dna_model, records, tmp_path, caplog):
@@ -63,7 +69,7 @@ def test_index_keeps_the_models_training_species_and_what_it_held_out(dna_model,
     species = sorted({r["species"] for r in library})
     config = json.loads((dna_model / "config.json").read_text())
     assert CLIBDConfig(**{k: v for k, v in config.items() if k != "model_type"}).trained_species is None
-    for name, trained in (("some", species[:70]), ("most", species[:90])):
+    for name, trained in (("some", species[:20]), ("most", species[:90])):
         model = tmp_path / f"model_{name}"
         model.mkdir()
         for path in dna_model.iterdir():
@@ -76,7 +82,10 @@ def test_index_keeps_the_models_training_species_and_what_it_held_out(dna_model,
         held = [r for r in library if r["species"] not in set(trained)]
         new_with_two = {r["species"] for r in held if sum(o["species"] == r["species"] for o in held) >= 2}
         assert meta["calibration_sample"]["new_species_held"] == len(new_with_two)
-        assert meta["calibration_sample"]["untrained_only"] == (len(new_with_two) >= MIN_UNTRAINED_SPECIES)
+        references = sum(r["species"] in new_with_two for r in held)
+        assert meta["calibration_sample"]["new_references"] == references
+        assert meta["calibration_sample"]["untrained_only"] == (len(new_with_two) >= MIN_UNTRAINED_SPECIES
+                                                               and references >= MIN_UNTRAINED_REFERENCES)
     assert meta["calibration_sample"]["untrained_only"] is False  # 10 new species: warned, calibrated on all
     assert "species the model did not train on" in caplog.text
     untrained = json.loads((tmp_path / "refs_some" / "index.json").read_text())["calibration_sample"]
@@ -92,3 +101,22 @@ def test_training_records_the_species_it_trains_on_and_those_it_started_from():
     assert trained_species(train_set, ["Dus eus"]) == ["Aus bus", "Aus cus", "Dus eus"]  # init_from's, kept
     assert trained_species(train_set, None) is None  # a start model that does not say: neither can this one
     assert trained_species(datasets.Dataset.from_dict({"genus": ["Aus"]})) is None
+
+
+def test_add_and_recalibrate_keep_the_training_species(dna_model, records, tmp_path):
+    library = records["many_each"]
+    species = sorted({r["species"] for r in library})
+    config = json.loads((dna_model / "config.json").read_text())
+    model = tmp_path / "model"
+    model.mkdir()
+    for path in dna_model.iterdir():
+        (model / path.name).write_bytes(path.read_bytes())
+    (model / "config.json").write_text(json.dumps({**config, "trained_species": species[:20]}))
+    build_index(model, library[:-40], "dna", tmp_path / "refs", progress=False, species_check=False)
+    for step in (lambda: add_to_index(tmp_path / "refs", library[-40:], progress=False),
+                 lambda: recalibrate_index(tmp_path / "refs", precision=0.95)):
+        step()
+        meta = json.loads((tmp_path / "refs" / "index.json").read_text())
+        assert meta["trained_species"] == species[:20] and meta["calibration_sample"]["untrained_only"]
+    assert meta["calibration_sample"]["references"] == sum(r["species"] not in set(species[:20]) for r in library
+                                                           if sum(o["species"] == r["species"] for o in library) >= 2)

@@ -67,8 +67,10 @@ def _summary(folder: str, index) -> str:
                    "the model did not train on" if sample.get("untrained_only") else ""))
     held = ", ".join(f"{len(keys.records)} {m} keys" for m, keys in index.key_sets.items())
     is_du = index.meta.get("is_du", {}).get("threshold")
+    new_only = [name for name, pair in index.meta.get("pairs", {}).items() if pair.get("sample", {}).get("untrained_only")]
     return (f"{folder}: {index.meta['count']} records; {held}; {len(index.meta.get('pairs', {}))} query/key pairs "
-            f"calibrated" + (f"; IS+DU threshold {is_du:.4f}" if is_du is not None else ""))
+            f"calibrated" + (f"; IS+DU threshold {is_du:.4f}" if is_du is not None else "")
+            + (f"; {', '.join(new_only)} on the species the model did not train on" if new_only else ""))
 
 
 def _index_build(args: argparse.Namespace) -> int:

@@ -147,7 +147,7 @@ class ReferenceIndex:
         logger.warning("%s: built by an older clibd whose thresholds for %s could not be set; recalibrated in "
                        "memory (store it with `clibd index recalibrate %s`)", self.directory,
                        [rank for rank, value in thresholds.items() if math.isnan(value)], self.directory)
-        return _calibrate(self.embeddings, self.records, self.parts, trained_species=self.meta.get("trained_species"))
+        return _calibrate(self.embeddings, self.records, self.parts)  # indexes from before trained_species
 
     @property
     def margin_weights(self) -> dict[str, float]:

@@ -217,8 +217,9 @@ def calibrate_library(library: ReferenceLibrary, precision: float | None = None)
     for query in queries:
         for keys in key_sets:
             calibration = library.calibrate(query, keys, precision)
-            for line in calibration.warnings():
-                logger.info("%s: %s: threshold for %s", library.directory, pair_name(query, keys), line)
+            for line in calibration.warnings():  # one-sided ranks are common in a library's many pairs: info
+                log = logger.warning if line == calibration.sample_warning() else logger.info
+                log("%s: %s: threshold for %s", library.directory, pair_name(query, keys), line)
             if all(method == "none" for method in calibration.methods.values()):
                 logger.warning("%s: %s: no record has both a %s embedding and keys to match it against: identify "
                                "answers no rank for this pair (its nearest keys are still listed)",

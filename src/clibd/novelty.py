@@ -21,8 +21,8 @@ threshold does best on the calibration answers (balanced accuracy, or the most a
 asked precision); chosen on validation species: bench/README.md.
 
 Which references are held out: where the model says which species it trained on
-(`CLIBDConfig.trained_species`) and the library holds at least `MIN_UNTRAINED_SPECIES` others,
-only those others. A species the model trained on sits apart from its neighbours more than one it
+(`CLIBDConfig.trained_species`) and the library holds at least `MIN_UNTRAINED_SPECIES` others
+(`MIN_UNTRAINED_REFERENCES` references of them), only those others. A species the model trained on sits apart from its neighbours more than one it
 never saw, so held out it is placed more surely than a new species will be: thresholds learned on
 it give fewer right answers than stated on new species (bench/README.md, "Calibrating on species
 the model never saw").
@@ -65,8 +65,10 @@ ONE_SIDED_QUANTILE = 0.01
 MARGIN_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 # How many nearest references `taxon_margin` looks through for one of another taxon.
 MARGIN_DEPTH = 100
-# Fewest species new to the model (not in its `trained_species`) that calibration holds out alone.
+# Fewest species new to the model (not in its `trained_species`), and fewest references of them,
+# that calibration holds out alone: fewer would set a stated precision's thresholds on too few answers.
 MIN_UNTRAINED_SPECIES = 20
+MIN_UNTRAINED_REFERENCES = 200
 METHODS = {
     "separates": "separates right from wrong answers",
     "precision": "the lowest confidence at which answers reach the asked precision",
@@ -229,15 +231,20 @@ class Calibration:
     margin_weights: dict[str, float] = field(default_factory=dict)  # rank -> weight (`rank_confidence`)
     sample: dict = field(default_factory=dict)  # what was held out (`CalibrationSample.to_dict`)
 
+    def sample_warning(self) -> str | None:
+        """Where the model's training species are known but the library holds too few others to
+        hold out alone (`calibration_sample`): what that means for the stated precision."""
+        if self.sample.get("new_species_held") is None or self.sample.get("untrained_only"):
+            return None
+        return (f"every rank: the library holds {self.sample['new_species_held']} species the model did not train "
+                f"on with two or more references, {self.sample['new_references']} references in all (fewer than "
+                f"{MIN_UNTRAINED_SPECIES} species or {MIN_UNTRAINED_REFERENCES} references): calibrated on species it "
+                "trained on too, so answers for new species are right less often than stated")
+
     def warnings(self) -> list[str]:
         """One line per rank whose threshold is not learned from both right and wrong answers, and
-        one where the model's training species are known but too few others were there to hold out."""
-        lines = []
-        if self.sample.get("new_species_held") is not None and not self.sample.get("untrained_only"):
-            lines.append(f"every rank: the library holds {self.sample['new_species_held']} species the model did not "
-                         f"train on "
-                         f"(fewer than {MIN_UNTRAINED_SPECIES}): calibrated on species it trained on too, so answers "
-                         "for new species are right less often than stated")
+        `sample_warning`'s."""
+        lines = [line for line in [self.sample_warning()] if line]
         for rank in RANKS:
             method = self.methods[rank]
             if method not in ("separates", "precision"):
@@ -258,12 +265,14 @@ class CalibrationSample:
     rows: list[int]
     shared: set[int]
     new_species_held: int | None = None
+    new_references: int | None = None
     untrained_only: bool = False
 
     def to_dict(self) -> dict:
-        """What index.json keeps (`"calibration_sample"`): how many references, and of which species."""
+        """What index.json keeps (`"calibration_sample"`): how many references were held out, how many
+        species new to the model the library holds (with two or more references) and their references."""
         return {"references": len(self.rows), "new_species_held": self.new_species_held,
-                "untrained_only": self.untrained_only}
+                "new_references": self.new_references, "untrained_only": self.untrained_only}
 
 
 def calibration_sample(taxa: list[str], max_queries: int, seed: int,
@@ -271,7 +280,8 @@ def calibration_sample(taxa: list[str], max_queries: int, seed: int,
     """Up to `max_queries` references to hold out: records of taxa with at least two references
     (where the library has none, one reference per taxon, every labelled record); with
     `trained_species` (the model's, and `taxa` species names), only records of other species where
-    the library holds at least `MIN_UNTRAINED_SPECIES` of them (module doc).
+    the library holds at least `MIN_UNTRAINED_SPECIES` of them with `MIN_UNTRAINED_REFERENCES`
+    records in all (module doc).
 
     Usage:
         sample = calibration_sample([r["species"] for r in records], 2000, 0, model.config.trained_species)
@@ -279,15 +289,17 @@ def calibration_sample(taxa: list[str], max_queries: int, seed: int,
     counts = Counter(label for label in taxa if label)
     eligible = [i for i, label in enumerate(taxa) if label and counts[label] >= 2]
     pool = eligible or [i for i, label in enumerate(taxa) if label]
-    new_held, untrained_only = None, False
+    new_held = new_references = None
+    untrained_only = False
     if trained_species is not None:
         trained = set(trained_species)
         untrained = [i for i in pool if taxa[i] not in trained]
-        new_held = len({taxa[i] for i in untrained})
-        if new_held >= MIN_UNTRAINED_SPECIES:
+        new_held, new_references = len({taxa[i] for i in untrained}), len(untrained)
+        if new_held >= MIN_UNTRAINED_SPECIES and new_references >= MIN_UNTRAINED_REFERENCES:
             pool, untrained_only = untrained, True
     rows = random.Random(seed).sample(pool, min(max_queries, len(pool)))
-    return CalibrationSample(rows, {i for i in rows if counts[taxa[i]] >= 2}, new_held, untrained_only)
+    return CalibrationSample(rows, {i for i in rows if counts[taxa[i]] >= 2}, new_held, new_references,
+                             untrained_only)
 
 
 @dataclass

@@ -9,6 +9,8 @@ removed (a specimen of a species the library holds) and with every key of its ta
 species it does not hold). Text keys belong to no record: their held-out case removes the keys of
 the query's taxon (its species name; the genus and family names stay, which is what a specimen of
 an unnamed species should land on). The thresholds are then set per rank as in `clibd.novelty`.
+Unlike same-modality keys, these pairs sample any of the library's species, also where the model
+records the species it trained on (`CLIBDConfig.trained_species`): not built yet.
 
 IS+DU (paper 5.4): an image query whose best image-key cosine is above a threshold is answered
 from the image keys ("seen"), otherwise from the DNA keys ("unseen"). `calibrate_is_du` sets the

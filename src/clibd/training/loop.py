@@ -240,9 +240,10 @@ def trained_species(train_set: datasets.Dataset, started_from: list[str] | None 
     Usage:
         model.config.trained_species = trained_species(train_set, start_model.config.trained_species)
     """
-    if started_from is None or "species" not in train_set.column_names:
+    names = {name for name in train_set["species"] if name} if "species" in train_set.column_names else set()
+    if started_from is None or not names:
         return None
-    return sorted({name for name in train_set["species"] if name} | set(started_from))
+    return sorted(names | set(started_from))
 
 
 def train_split_names(config: ExperimentConfig, splits: datasets.DatasetDict) -> list[str]:
