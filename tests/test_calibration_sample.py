@@ -14,6 +14,7 @@ from clibd.cli import _summary
 from clibd.index import ReferenceIndex, build_index
 from clibd.index_build import add_to_index, recalibrate_index
 from clibd.novelty import MIN_UNTRAINED_REFERENCES, MIN_UNTRAINED_SPECIES, calibrate, calibration_sample
+from clibd.pair_calibration import calibrate_pair
 from clibd.training.loop import trained_species
 
 
@@ -120,3 +121,19 @@ def test_add_and_recalibrate_keep_the_training_species(dna_model, records, tmp_p
         assert meta["trained_species"] == species[:20] and meta["calibration_sample"]["untrained_only"]
     assert meta["calibration_sample"]["references"] == sum(r["species"] not in set(species[:20]) for r in library
                                                            if sum(o["species"] == r["species"] for o in library) >= 2)
+
+
+def test_cross_modal_pairs_hold_out_the_new_species_too():
+    taxa = _taxa(40, 8)
+    records = _records(taxa)
+    generator = torch.Generator().manual_seed(1)
+    photos, barcodes = (F.normalize(torch.randn(len(records), 16, generator=generator), dim=-1) for _ in range(2))
+    owners = list(range(len(records)))
+    trained = sorted(set(taxa[:80]))  # the first 10 species
+    calibration = calibrate_pair(photos, records, owners, barcodes, records, owners, trained_species=trained)
+    assert calibration.sample == {"references": 240, "new_species_held": 30, "new_references": 240,
+                                  "untrained_only": True}
+    assert sum(calibration.counts["order"]) == 2 * 240  # each new species' photo: species held out, and only itself
+    everyone = calibrate_pair(photos, records, owners, barcodes, records, owners)
+    assert everyone.sample == {"references": len(records), "new_species_held": None, "new_references": None,
+                              "untrained_only": False}

@@ -289,17 +289,29 @@ def calibration_sample(taxa: list[str], max_queries: int, seed: int,
     counts = Counter(label for label in taxa if label)
     eligible = [i for i, label in enumerate(taxa) if label and counts[label] >= 2]
     pool = eligible or [i for i, label in enumerate(taxa) if label]
-    new_held = new_references = None
-    untrained_only = False
-    if trained_species is not None:
-        trained = set(trained_species)
-        untrained = [i for i in pool if taxa[i] not in trained]
-        new_held, new_references = len({taxa[i] for i in untrained}), len(untrained)
-        if new_held >= MIN_UNTRAINED_SPECIES and new_references >= MIN_UNTRAINED_REFERENCES:
-            pool, untrained_only = untrained, True
+    pool, new = new_species_pool(pool, taxa, trained_species)
     rows = random.Random(seed).sample(pool, min(max_queries, len(pool)))
-    return CalibrationSample(rows, {i for i in rows if counts[taxa[i]] >= 2}, new_held, new_references,
-                             untrained_only)
+    return CalibrationSample(rows, {i for i in rows if counts[taxa[i]] >= 2}, **new)
+
+
+def new_species_pool(pool: list[int], species: Sequence[str], trained_species: Collection[str] | None
+                     ) -> tuple[list[int], dict]:
+    """`pool` (positions of calibration queries) kept to those of species not in `trained_species`
+    where at least `MIN_UNTRAINED_SPECIES` of them, with `MIN_UNTRAINED_REFERENCES` queries, are
+    there (`species`: each position's name); and what `CalibrationSample` records of it. The pool
+    as given where `trained_species` is None (the model does not say).
+
+    Usage:
+        pool, new = new_species_pool(pool, [r["species"] for r in records], model.config.trained_species)
+    """
+    if trained_species is None:
+        return pool, {}
+    trained = set(trained_species)
+    untrained = [i for i in pool if species[i] not in trained]
+    held, references = len({species[i] for i in untrained}), len(untrained)
+    enough = held >= MIN_UNTRAINED_SPECIES and references >= MIN_UNTRAINED_REFERENCES
+    return (untrained if enough else pool), {"new_species_held": held, "new_references": references,
+                                             "untrained_only": enough}
 
 
 @dataclass

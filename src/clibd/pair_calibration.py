@@ -9,8 +9,8 @@ removed (a specimen of a species the library holds) and with every key of its ta
 species it does not hold). Text keys belong to no record: their held-out case removes the keys of
 the query's taxon (its species name; the genus and family names stay, which is what a specimen of
 an unnamed species should land on). The thresholds are then set per rank as in `clibd.novelty`.
-Unlike same-modality keys, these pairs sample any of the library's species, also where the model
-records the species it trained on (`CLIBDConfig.trained_species`): not built yet.
+As there, where the model records the species it trained on (`CLIBDConfig.trained_species`) and
+enough others are there, only queries of those others are held out (`clibd.novelty.new_species_pool`).
 
 IS+DU (paper 5.4): an image query whose best image-key cosine is above a threshold is answered
 from the image keys ("seen"), otherwise from the DNA keys ("unseen"). `calibrate_is_du` sets the
@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import torch
 
 from .constants import RANKS
-from .novelty import Calibration, answers_at, calibration_from_answers
+from .novelty import Calibration, CalibrationSample, answers_at, calibration_from_answers, new_species_pool
 
 NO_KEY = -2.0  # the similarity given to removed keys
 
@@ -78,24 +78,28 @@ def nearest_pair(queries: torch.Tensor, query_owner: torch.Tensor, query_taxa: t
 
 
 def _sample(query_taxa: torch.Tensor, query_owner: torch.Tensor, key_taxa: torch.Tensor, key_owner: torch.Tensor,
-            max_queries: int, seed: int) -> tuple[list[int], set[int]]:
-    """(queries, those whose taxon keeps a key once their own keys are removed): labelled queries,
-    those of taxa with another key preferred (as `clibd.novelty` samples)."""
+            max_queries: int, seed: int, query_species: Sequence[str],
+            trained_species: Sequence[str] | None = None) -> CalibrationSample:
+    """The queries to hold out: labelled ones, those of taxa with another key preferred, only those
+    of species the model did not train on where there are enough (as `clibd.novelty` samples);
+    `shared`: those whose taxon keeps a key once their own keys are removed."""
     counts = Counter(key_taxa.tolist())
     own = Counter(zip(key_owner.tolist(), key_taxa.tolist(), strict=True))
     labelled = [i for i, t in enumerate(query_taxa.tolist()) if t >= 0]
     shared = [i for i in labelled if counts[int(query_taxa[i])] - own[(int(query_owner[i]), int(query_taxa[i]))] > 0]
-    pool = shared or labelled
+    pool, new = new_species_pool(shared or labelled, query_species, trained_species)
     queries = random.Random(seed).sample(pool, min(max_queries, len(pool)))
     shared_set = set(shared)
-    return queries, {i for i in queries if i in shared_set}
+    return CalibrationSample(queries, {i for i in queries if i in shared_set}, **new)
 
 
 def calibrate_pair(queries: torch.Tensor, query_records: Sequence[dict], query_owner: Sequence[int],
                    keys: torch.Tensor, key_records: Sequence[dict], key_owner: Sequence[int],
-                   max_queries: int = 2000, seed: int = 0, precision: float | None = None) -> Calibration:
+                   max_queries: int = 2000, seed: int = 0, precision: float | None = None,
+                   trained_species: Sequence[str] | None = None) -> Calibration:
     """Per-rank thresholds for `queries` (unit vectors, one per `query_records`) against `keys`
-    (one per `key_records`); `*_owner`: the library record each belongs to (-1: none, e.g. text keys).
+    (one per `key_records`); `*_owner`: the library record each belongs to (-1: none, e.g. text keys);
+    `trained_species`: the model's, None where it does not say (`clibd.novelty.new_species_pool`).
 
     Usage:
         calibration = calibrate_pair(photos, photo_records, photo_rows, dna_keys, dna_records, dna_rows)
@@ -108,13 +112,16 @@ def calibrate_pair(queries: torch.Tensor, query_records: Sequence[dict], query_o
     query_taxa = _ids([r.get(rank, "") for r in query_records], vocabulary)
     query_taxa = torch.where(query_taxa < 0, query_taxa - len(key_records), query_taxa)  # never a key's
     query_owner_t, key_owner_t = torch.tensor(list(query_owner)), torch.tensor(list(key_owner))
-    chosen, shared = _sample(query_taxa, query_owner_t, key_taxa, key_owner_t, max_queries, seed)
-    if not chosen:
+    sample = _sample(query_taxa, query_owner_t, key_taxa, key_owner_t, max_queries, seed,
+                     [r.get("species", "") for r in query_records], trained_species if rank == "species" else None)
+    if not sample.rows:
         return Calibration(dict.fromkeys(RANKS, float("nan")), dict.fromkeys(RANKS, "none"), {}, rank)
-    index = torch.tensor(chosen)
+    chosen, index = sample.rows, torch.tensor(sample.rows)
     matches = nearest_pair(queries[index], query_owner_t[index], query_taxa[index], keys, key_owner_t, key_taxa)
-    answers = {level: answers_at(query_records, level, chosen, shared, matches, key_records) for level in RANKS}
-    return calibration_from_answers(answers, rank, precision)
+    answers = {level: answers_at(query_records, level, chosen, sample.shared, matches, key_records) for level in RANKS}
+    calibration = calibration_from_answers(answers, rank, precision)
+    calibration.sample = sample.to_dict()
+    return calibration
 
 
 def _route_accuracy(sims: torch.Tensor, seen_right: torch.Tensor, unseen_right: torch.Tensor,
