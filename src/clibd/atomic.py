@@ -2,6 +2,7 @@
 
 Usage:
     atomic_write_text(Path("metrics.json"), text)
+    atomic_write(Path("refs/ivf.faiss"), lambda tmp: faiss.write_index(index, str(tmp)))
     with atomic_directory(Path("runs/demo/best")) as tmp:
         model.save_pretrained(tmp)          # `best` is replaced only if this block succeeds
 """
@@ -10,15 +11,30 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` beside `path` under a name of this process's own, then rename it to `path`:
+    processes that write the same file at once each rename a complete file, and a failed write
+    leaves `path` as it was and no temporary file behind.
+
+    Usage:
+        atomic_write(Path("refs/ivf.faiss"), lambda tmp: faiss.write_index(index, str(tmp)))
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """`atomic_write` of a text file."""
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 @contextmanager

@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import operator
-import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -35,6 +34,7 @@ import pyarrow.csv as pa_csv
 import torch
 from safetensors import safe_open
 
+from .atomic import atomic_write
 from .retrieval import APPROXIMATE_RECIPE, approximate_faiss_index
 
 logger = logging.getLogger(__name__)
@@ -184,21 +184,10 @@ def _read_persisted(path: Path, key: dict):
         return None
     if saved["embeddings"] != current:
         try:  # so that the next process need not hash the embeddings again
-            _write_atomic(key_path, lambda tmp: tmp.write_text(json.dumps({**saved, "embeddings": current}, indent=2)))
+            atomic_write(key_path, lambda tmp: tmp.write_text(json.dumps({**saved, "embeddings": current}, indent=2)))
         except OSError as error:
             logger.info("%s could not be refreshed (%s): the embeddings are hashed again next time", key_path, error)
     return index
-
-
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Write beside `path` under a name of this process's own, then rename: processes that build
-    the same file at once each rename a complete file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def persisted_ivf(directory: Path, name: str, keys: Callable[[], torch.Tensor], describe: dict | None = None):
@@ -225,8 +214,8 @@ def persisted_ivf(directory: Path, name: str, keys: Callable[[], torch.Tensor], 
     saved = {**key, "embeddings": _embeddings_key(directory, None), "faiss": faiss.__version__}
     try:
         # the index before its key: a key is never newer than the file it describes
-        _write_atomic(path, lambda tmp: faiss.write_index(index, str(tmp)))
-        _write_atomic(path.with_name(path.name + ".json"), lambda tmp: tmp.write_text(json.dumps(saved, indent=2)))
+        atomic_write(path, lambda tmp: faiss.write_index(index, str(tmp)))
+        atomic_write(path.with_name(path.name + ".json"), lambda tmp: tmp.write_text(json.dumps(saved, indent=2)))
     except (OSError, RuntimeError) as error:  # faiss reports a file it cannot open as a RuntimeError
         logger.warning("%s could not be written (%s): the faiss-ivf index is kept in memory only", path, error)
     return index
