@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from clibd import CLIBDConfig
 from clibd.cli import _summary
+from clibd.identify import Identifier
 from clibd.index import ReferenceIndex, build_index
 from clibd.index_build import add_to_index, recalibrate_index
 from clibd.novelty import MIN_UNTRAINED_REFERENCES, MIN_UNTRAINED_SPECIES, calibrate, calibration_sample
@@ -94,6 +95,9 @@ def test_index_keeps_the_models_training_species_and_what_it_held_out(dna_model,
     summary = _summary("refs_some", ReferenceIndex.load(tmp_path / "refs_some"))  # index build's last line says so
     assert f"calibrated on {untrained['references']} references of the {untrained['new_species_held']} species" in summary
     assert "did not train on" not in _summary("refs_most", ReferenceIndex.load(tmp_path / "refs_most"))
+    for name, said in (("some", True), ("most", False)):  # identify's TSV says how its thresholds were set
+        line = Identifier.load(tmp_path / f"refs_{name}", model_dir=tmp_path / f"model_{name}").provenance_line()
+        assert ("calibrated on the species the model did not train on" in line) == said
 
 
 def test_training_records_the_species_it_trains_on_and_those_it_started_from():

@@ -281,6 +281,21 @@ class ReferenceLibrary:
         """
         return self.pair_rule(query, keys)[2]
 
+    def calibration_sample(self, query: str, keys: Sequence[str]) -> dict:
+        """What the calibration of `query` against `keys` held out (`clibd.novelty.CalibrationSample.to_dict`;
+        {} for a calibration from before it was recorded).
+
+        Usage:
+            library.calibration_sample("dna", ["dna"]).get("untrained_only")   # True: new species only
+        """
+        stored = self.meta.get("pairs", {}).get(pair_name(query, keys))
+        if stored is not None:
+            return stored.get("sample", {})
+        if not self.is_library and query == keys_name(keys):
+            return self.key_sets[query].meta.get("calibration_sample", {})
+        self.pair_rule(query, keys)  # calibrated in memory
+        return self._calibrations[pair_name(query, keys)].sample
+
     def pair_rule(self, query: str, keys: Sequence[str]) -> tuple[dict[str, float], dict[str, list], dict[str, float]]:
         """(thresholds, precision curves, margin weights) for `query` embeddings against `keys`: as
         stored in the folder, else calibrated now on the library (in memory, with a log line:
