@@ -62,7 +62,7 @@ def test_calibration_learns_from_the_held_out_new_species_only():
     assert sum(calibrate(embeddings, records).counts["order"]) == 2 * len(records)
     assert calibration.sample_warning() is None
     few = calibrate(embeddings, records, trained_species=sorted(set(taxa[:-8 * 5])))  # 5 new species
-    assert "5 species the model did not train on with two or more references, 40 references" in few.sample_warning()
+    assert "5 species the model did not train on that calibration can hold out, 40 queries" in few.sample_warning()
     assert few.sample_warning() in few.warnings()
 
 
@@ -97,7 +97,7 @@ def test_index_keeps_the_models_training_species_and_what_it_held_out(dna_model,
     assert "did not train on" not in _summary("refs_most", ReferenceIndex.load(tmp_path / "refs_most"))
     for name, said in (("some", True), ("most", False)):  # identify's TSV says how its thresholds were set
         line = Identifier.load(tmp_path / f"refs_{name}", model_dir=tmp_path / f"model_{name}").provenance_line()
-        assert ("calibrated on the species the model did not train on" in line) == said
+        assert ("set on the species the model did not train on" in line) == said
 
 
 def test_training_records_the_species_it_trains_on_and_those_it_started_from():

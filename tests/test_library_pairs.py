@@ -8,6 +8,10 @@ below check that identify builds each feature as the evaluation does (not that t
 (A trained model against `evaluate_retrieval`: tests/test_library_retrieval.py.)
 """
 
+import json
+import logging
+import shutil
+
 import datasets
 import pytest
 import torch
@@ -19,7 +23,7 @@ from clibd.data import records_to_dataset
 from clibd.evaluation.pairs import evaluation_pairs
 from clibd.evaluation.retrieval import EmbeddingCache, evaluate_retrieval
 from clibd.identify import Identifier, read_predictions_tsv
-from clibd.library_build import build_library
+from clibd.library_build import build_library, recalibrate_library
 from clibd.query_plan import check_widths
 
 # the evaluation's feature names -> identify's --query spelling and --keys
@@ -142,3 +146,23 @@ def test_cli_text_and_concatenated_queries(library, split, tmp_path):
         predictions = read_predictions_tsv(out)
         assert len(predictions) == len(split[1]) and {p.route for p in predictions} == {keys}
         assert f"query {query} -> keys {keys}" in out.read_text().splitlines()[0]
+
+
+def test_each_pair_records_what_its_calibration_held_out(library, split, tmp_path, caplog):
+    """Stored pairs and pairs calibrated in memory alike; with the model's training species known,
+    how many new species there were (too few here: all species held out, with a warning)."""
+    unknown = {"references": len(split[0]), "new_species_held": None, "new_references": None, "untrained_only": False}
+    assert library.calibration_sample("image", ["dna"]) == unknown  # stored when the library was built
+    assert library.calibration_sample("text", ["dna"])["new_species_held"] is None  # calibrated now, in memory
+    folder = tmp_path / "refs"
+    shutil.copytree(library.directory, folder)
+    meta = json.loads((folder / "index.json").read_text())
+    species = sorted({r["species"] for r in split[0]})
+    (folder / "index.json").write_text(json.dumps({**meta, "trained_species": species[:2]}))
+    with caplog.at_level(logging.WARNING, logger="clibd"):
+        again = recalibrate_library(folder)
+    sample = again.calibration_sample("image", ["dna"])
+    assert sample["new_species_held"] == len(species) - 2 and not sample["untrained_only"]
+    assert "species the model did not train on that calibration can hold out" in caplog.text
+    text = again.calibration_sample("text", ["text"])  # one taxon key per species
+    assert text["new_species_held"] == text["new_references"] == len(species) - 2

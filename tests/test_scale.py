@@ -302,17 +302,3 @@ def test_a_process_that_loaded_an_older_build_neither_reads_nor_leaves_a_wrong_i
     rows = new.search(new_keys[:8].float(), 1, "faiss-ivf")[1][:, 0]
     assert torch.equal(rows, torch.arange(8)) and new._faiss[("embeddings", "faiss-ivf")].ntotal == 2000
 
-
-def test_an_interrupted_write_leaves_the_file_as_it_was_and_no_temporary(tmp_path):
-    from clibd.atomic import atomic_write, atomic_write_text
-
-    target = tmp_path / "index.json"
-    atomic_write_text(target, "complete")
-
-    def fails_half_way(tmp):
-        tmp.write_text("half")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write(target, fails_half_way)
-    assert target.read_text() == "complete" and [p.name for p in tmp_path.iterdir()] == ["index.json"]

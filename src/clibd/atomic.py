@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """`write(tmp)` beside `path` under a name of this process's own, then rename it to `path`:
-    processes that write the same file at once each rename a complete file, and a failed write
+    """`write(tmp)` beside `path` under a name of this writer's own, then rename it to `path`:
+    writers of the same file at once each rename a complete file, and a failed write
     leaves `path` as it was and no temporary file behind.
 
     Usage:
         atomic_write(Path("refs/ivf.faiss"), lambda tmp: faiss.write_index(index, str(tmp)))
     """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # threads and hosts too
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -44,7 +45,11 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     old = target.with_name(f".{target.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:  # interrupted or failed: `target` stays as it was, nothing half-written is left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         os.replace(target, old)

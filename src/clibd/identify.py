@@ -303,8 +303,8 @@ class Identifier:
         pairs = [("image", ["image"]), ("image", ["dna"])] if plan.strategy == "is-du" else [(plan.query, plan.keys)]
         thresholds = "; ".join(_thresholds_line(pair_thresholds, weights)
                                for pair_thresholds, _, weights in (library.pair_rule(*pair) for pair in pairs))
-        if all(library.calibration_sample(*pair).get("untrained_only") for pair in pairs):
-            thresholds += " (calibrated on the species the model did not train on)"
+        if plan.strategy != "is-du" and library.calibration_sample(plan.query, plan.keys).get("untrained_only"):
+            thresholds += " (set on the species the model did not train on)"  # IS+DU's switch holds out any
         held = ", ".join(f"{len(library.key_sets[m].records)} {m}" for m in library.modalities)
         check = library.keys(plan.keys).species_check if plan.keys == ("dna",) == (plan.query,) else None
         if check:

@@ -22,7 +22,7 @@ import math
 import os
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write
 from .checked_embedding import NOT_FINITE, check_finite_weights, embed_checked, not_finite_rows
 from .constants import RANKS
 from .index_store import RecordTable, map_embeddings, persisted_ivf
@@ -322,10 +323,8 @@ def embed_in_shards(model: CLIBDModel, processor: CLIBDProcessor, records: list[
         embeddings = embeddings.to(torch.float16)
         failures |= {start + i: why for i, why in shard_failures.items()}
         if main:  # every process holds the whole shard; two writing one file would collide
-            tmp = shard.with_suffix(".tmp")
-            save_file({"embeddings": embeddings,
-                       "ids_hash": torch.tensor(list(ids_hash.encode()), dtype=torch.uint8)}, tmp)
-            os.replace(tmp, shard)
+            tensors = {"embeddings": embeddings, "ids_hash": torch.tensor(list(ids_hash.encode()), dtype=torch.uint8)}
+            atomic_write(shard, partial(save_file, tensors))
         shards.append(embeddings)
     empty = torch.empty(0, model.embedding_dim(modality), dtype=torch.float16)
     return (torch.cat(shards) if shards else empty), failures

@@ -314,6 +314,8 @@ class ReferenceLibrary:
         if name not in self._calibrations:
             logger.info("%s: no stored calibration for %s: calibrating it now", self.directory, name)
             self._calibrations[name] = calibration = self.calibrate(query, keys, self.meta.get("precision"))
+            if calibration.sample_warning():
+                logger.warning("%s: %s: %s", self.directory, name, calibration.sample_warning())
             if all(method == "none" for method in calibration.methods.values()):
                 logger.warning("%s: no %s thresholds can be learned (no reference has both a %s embedding and "
                                "keys to match): no rank is answered, the nearest keys are still listed",

@@ -237,9 +237,9 @@ class Calibration:
         if self.sample.get("new_species_held") is None or self.sample.get("untrained_only"):
             return None
         return (f"every rank: the library holds {self.sample['new_species_held']} species the model did not train "
-                f"on with two or more references, {self.sample['new_references']} references in all (fewer than "
-                f"{MIN_UNTRAINED_SPECIES} species or {MIN_UNTRAINED_REFERENCES} references): calibrated on species it "
-                "trained on too, so answers for new species are right less often than stated")
+                f"on that calibration can hold out, {self.sample['new_references']} queries in all (too few to learn "
+                "from alone): calibrated on species it trained on too, so answers for new species are right less "
+                "often than stated")
 
     def warnings(self) -> list[str]:
         """One line per rank whose threshold is not learned from both right and wrong answers, and
@@ -294,12 +294,12 @@ def calibration_sample(taxa: list[str], max_queries: int, seed: int,
     return CalibrationSample(rows, {i for i in rows if counts[taxa[i]] >= 2}, **new)
 
 
-def new_species_pool(pool: list[int], species: Sequence[str], trained_species: Collection[str] | None
-                     ) -> tuple[list[int], dict]:
+def new_species_pool(pool: list[int], species: Sequence[str], trained_species: Collection[str] | None,
+                     min_queries: int = MIN_UNTRAINED_REFERENCES) -> tuple[list[int], dict]:
     """`pool` (positions of calibration queries) kept to those of species not in `trained_species`
-    where at least `MIN_UNTRAINED_SPECIES` of them, with `MIN_UNTRAINED_REFERENCES` queries, are
-    there (`species`: each position's name); and what `CalibrationSample` records of it. The pool
-    as given where `trained_species` is None (the model does not say).
+    where at least `MIN_UNTRAINED_SPECIES` of them, with `min_queries` queries, are there
+    (`species`: each position's name); and what `CalibrationSample` records of it. The pool as
+    given where `trained_species` is None (the model does not say).
 
     Usage:
         pool, new = new_species_pool(pool, [r["species"] for r in records], model.config.trained_species)
@@ -309,7 +309,7 @@ def new_species_pool(pool: list[int], species: Sequence[str], trained_species: C
     trained = set(trained_species)
     untrained = [i for i in pool if species[i] not in trained]
     held, references = len({species[i] for i in untrained}), len(untrained)
-    enough = held >= MIN_UNTRAINED_SPECIES and references >= MIN_UNTRAINED_REFERENCES
+    enough = held >= MIN_UNTRAINED_SPECIES and references >= min_queries
     return (untrained if enough else pool), {"new_species_held": held, "new_references": references,
                                              "untrained_only": enough}
 

@@ -33,7 +33,15 @@ from collections.abc import Sequence
 import torch
 
 from .constants import RANKS
-from .novelty import Calibration, CalibrationSample, answers_at, calibration_from_answers, new_species_pool
+from .novelty import (
+    MIN_UNTRAINED_REFERENCES,
+    MIN_UNTRAINED_SPECIES,
+    Calibration,
+    CalibrationSample,
+    answers_at,
+    calibration_from_answers,
+    new_species_pool,
+)
 
 NO_KEY = -2.0  # the similarity given to removed keys
 
@@ -81,13 +89,16 @@ def _sample(query_taxa: torch.Tensor, query_owner: torch.Tensor, key_taxa: torch
             max_queries: int, seed: int, query_species: Sequence[str],
             trained_species: Sequence[str] | None = None) -> CalibrationSample:
     """The queries to hold out: labelled ones, those of taxa with another key preferred, only those
-    of species the model did not train on where there are enough (as `clibd.novelty` samples);
+    of species the model did not train on where there are enough (as `clibd.novelty` samples; a
+    taxon's text key is one query, so text queries need `MIN_UNTRAINED_SPECIES` of them, no more);
     `shared`: those whose taxon keeps a key once their own keys are removed."""
     counts = Counter(key_taxa.tolist())
     own = Counter(zip(key_owner.tolist(), key_taxa.tolist(), strict=True))
     labelled = [i for i, t in enumerate(query_taxa.tolist()) if t >= 0]
     shared = [i for i in labelled if counts[int(query_taxa[i])] - own[(int(query_owner[i]), int(query_taxa[i]))] > 0]
-    pool, new = new_species_pool(shared or labelled, query_species, trained_species)
+    taxon_keys = bool(len(query_owner)) and bool((query_owner < 0).all())  # text queries: one per taxon
+    pool, new = new_species_pool(shared or labelled, query_species, trained_species,
+                                 MIN_UNTRAINED_SPECIES if taxon_keys else MIN_UNTRAINED_REFERENCES)
     queries = random.Random(seed).sample(pool, min(max_queries, len(pool)))
     shared_set = set(shared)
     return CalibrationSample(queries, {i for i in queries if i in shared_set}, **new)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 from transformers.utils import PushToHubMixin, cached_file
 
+from ..atomic import atomic_write_text
 from .alignment import align_barcode, consensus_profile, onehot_codes
 from .barcodes import BarcodeTokenizer, barcode_names, kmer_profiles
 from .images import ImageInput, image_transform, load_image
@@ -172,11 +174,7 @@ class CLIBDProcessor(PushToHubMixin):
         """Write `processor_config.json` and the text tokenizer files; `push_to_hub=True` (with
         `repo_id=`) then uploads them, as transformers processors do."""
         os.makedirs(save_directory, exist_ok=True)
-        path = os.path.join(save_directory, PROCESSOR_CONFIG_NAME)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-        os.replace(tmp, path)
+        atomic_write_text(Path(save_directory) / PROCESSOR_CONFIG_NAME, json.dumps(self.to_dict(), indent=2))
         if self.text_tokenizer is not None:
             self.text_tokenizer.save_pretrained(save_directory)
         if push_to_hub:
