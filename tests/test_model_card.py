@@ -34,6 +34,13 @@ def test_model_card_filled_from_run(tmp_path, text_tokenizer):
         in card
     assert "| taxonomy text | BERT (2 layers, width 32; compat pooling) | random |" in card
     assert "CLIP-style contrastive loss" in card and "truncated to 660 bp" in card
+    assert "does not list the species it was trained on" in card
+
+
+def test_model_card_says_how_many_species_the_model_trained_on(tmp_path):
+    config = CLIBDConfig.tiny(modalities=["dna", "text"], trained_species=["Aus bus", "Aus cus", "Dus eus"])
+    write_run(tmp_path, config, RUN_YAML)
+    assert "lists the 3 species it was trained on" in render_model_card(tmp_path)
 
 
 def test_model_card_of_a_kmer_profile_run(tmp_path):

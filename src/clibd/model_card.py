@@ -54,6 +54,16 @@ def _objective(experiment: ExperimentConfig) -> str:
     return "CLIP-style contrastive loss over every pair of modalities"
 
 
+def _trained_species(config: CLIBDConfig) -> str:
+    """What the card says of the species the model trained on (`CLIBDConfig.trained_species`)."""
+    if config.trained_species is None:
+        return ("The model's config does not list the species it was trained on: indexes built with it calibrate "
+                "their thresholds on any of their species.")
+    return (f"The model's config lists the {len(config.trained_species)} species it was trained on "
+            "(`trained_species`): an index built with it calibrates its thresholds on the species of the library "
+            "the model never saw, where there are enough of them.")
+
+
 def render_model_card(run_dir: str | os.PathLike, repo_id: str | None = None) -> str:
     """The model card of a run folder written by `train.py` (config.yaml, splits.md, metrics.md)."""
     run = Path(run_dir)
@@ -73,6 +83,7 @@ def render_model_card(run_dir: str | os.PathLike, repo_id: str | None = None) ->
         dna_dim=config.dna_config.embedding_dim(config.projection_dim),
         dna_limit=f", truncated to {max_bp} bp" if max_bp else " (read whole, as k-mer counts)",
         data_path=data.path, data_source=data.source, data_split=data.split, split_seed=data.split_seed, splits=splits,
+        trained_species=_trained_species(config),
         objective=_objective(experiment), epochs=train.epochs, batch_size=train.batch_size,
         weight_decay=train.weight_decay, max_lr=train.max_lr, mixed_precision=train.mixed_precision,
         frozen=", ".join(train.freeze) or "none", lora="yes" if train.lora else "no", metrics=metrics,
