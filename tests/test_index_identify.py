@@ -5,6 +5,8 @@ import csv
 import hashlib
 import json
 import math
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -219,6 +221,13 @@ def test_cli_index_and_identify(trained_model, library, tmp_path, capsys):
 
     queries = tmp_path / "queries.fasta"
     queries.write_text("".join(f">{r['id']}\n{r['dna']}\n" for r in known))
+    # identify's start-up: no `datasets` (nor the pandas it brings), which splitting and training need
+    probe = ("import sys\nfrom clibd.cli import main\n"
+             f"assert main(['identify', '--index', {str(tmp_path / 'refs')!r}, '--fasta', {str(queries)!r}, "
+             f"'--out', {str(tmp_path / 'probe.tsv')!r}]) == 0\n"
+             "print('HEAVY', sorted(m for m in ('datasets', 'pandas') if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert "HEAVY []" in result.stdout and len(read_predictions_tsv(tmp_path / "probe.tsv")) == len(known)
     similarities = {}
     for backend in ("torch", "faiss", "faiss-ivf"):
         if backend != "torch":

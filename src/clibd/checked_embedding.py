@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from .data import records_to_dataset
+from .data.records import record_rows
 from .modeling_clibd import CLIBDModel
 from .processing import CLIBDProcessor
 from .retrieval import embed_records
@@ -50,7 +50,7 @@ def _one_by_one(model: CLIBDModel, processor: CLIBDProcessor, records: list[dict
     rows, failures = [], {}
     for i, record in enumerate(records):
         try:
-            rows.append(embed_records(model, processor, records_to_dataset([record]), modality, 1))
+            rows.append(embed_records(model, processor, record_rows([record]), modality, 1))
         except ValueError as error:
             failures[i] = str(error)
             rows.append(torch.full((1, model.embedding_dim(modality)), math.nan))
@@ -68,7 +68,7 @@ def embed_checked(model: CLIBDModel, processor: CLIBDProcessor, records: list[di
         embeddings, failures = embed_checked(model, processor, records, "image", skip=True)
     """
     try:
-        embeddings, failures = embed_records(model, processor, records_to_dataset(records), modality, batch_size), {}
+        embeddings, failures = embed_records(model, processor, record_rows(records), modality, batch_size), {}
     except ValueError:
         if not skip:
             raise

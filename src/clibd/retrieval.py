@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
-import datasets
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -34,6 +33,7 @@ from .modeling_clibd import CLIBDModel
 from .processing import CLIBDProcessor
 
 if TYPE_CHECKING:
+    import datasets
     from accelerate import PartialState
 
 # The processes that `embed_records` shares its work among when a call names none: code that
@@ -81,7 +81,7 @@ def launched_processes() -> PartialState | None:
 
 @torch.no_grad()
 def embed_records(
-    model: CLIBDModel, processor: CLIBDProcessor, dataset: datasets.Dataset, modality: str,
+    model: CLIBDModel, processor: CLIBDProcessor, dataset: datasets.Dataset | Sequence[dict], modality: str,
     batch_size: int = 256, num_workers: int = 0, progress: bool = False, accelerator: PartialState | None = None,
     warn_truncated: bool = True,
 ) -> torch.Tensor:
@@ -93,6 +93,7 @@ def embed_records(
     run of whole batches on its own device (the model is moved there) and every process returns
     all N rows in order: the same bits one process computes, because every batch holds the same
     records. Every process must call it with the same dataset. One process: the plain path.
+    `dataset`: a `datasets.Dataset` of the record schema, or its rows (`clibd.data.record_rows`).
     `warn_truncated`: log the ids of barcodes cut to the tower's length, batch by batch.
 
     Usage:
@@ -106,7 +107,7 @@ def embed_records(
     return _embed_batches(model, processor, dataset, modality, batch_size, num_workers, progress, warn_truncated)
 
 
-def _embed_batches(model: CLIBDModel, processor: CLIBDProcessor, dataset: datasets.Dataset, modality: str,
+def _embed_batches(model: CLIBDModel, processor: CLIBDProcessor, dataset: datasets.Dataset | Sequence[dict], modality: str,
                    batch_size: int, num_workers: int, progress: bool, warn_truncated: bool = True) -> torch.Tensor:
     """`embed_records` in this process alone."""
     model.eval()
@@ -123,7 +124,7 @@ def _embed_batches(model: CLIBDModel, processor: CLIBDProcessor, dataset: datase
     return torch.cat(chunks)
 
 
-def _embed_across(model: CLIBDModel, processor: CLIBDProcessor, dataset: datasets.Dataset, modality: str,
+def _embed_across(model: CLIBDModel, processor: CLIBDProcessor, dataset: datasets.Dataset | Sequence[dict], modality: str,
                   processes: PartialState, batch_size: int, num_workers: int, progress: bool,
                   warn_truncated: bool = True) -> torch.Tensor:
     """Each process embeds ceil(batches / processes) whole batches, in order (the last processes
@@ -141,8 +142,7 @@ def _embed_across(model: CLIBDModel, processor: CLIBDProcessor, dataset: dataset
     model.to(processes.device)
     failure, error = 0, None
     try:
-        # datasets refuses a contiguous range that starts at its end: a process with no batch selects none
-        own = dataset.select(range(start, stop) if stop > start else [])
+        own = [dataset[i] for i in range(start, stop)]  # rows of a Dataset or of a list alike
         local = _embed_batches(model, processor, own, modality, batch_size, num_workers,
                                progress and processes.is_local_main_process, warn_truncated)
     except ValueError as raised:  # a record the processor refuses: `embed_checked` looks for it

@@ -8,12 +8,15 @@ Usage:
 from __future__ import annotations
 
 import zlib
+from typing import TYPE_CHECKING
 
-import datasets
 import torch
 
 from ..constants import RANKS
 from ..processing import CLIBDProcessor
+
+if TYPE_CHECKING:
+    import datasets
 
 
 def has_modalities(dataset: datasets.Dataset, modalities: list[str]) -> datasets.Dataset:

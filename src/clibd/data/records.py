@@ -22,12 +22,13 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
-
-import datasets
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..constants import RANKS
 from ..processing.barcodes import normalise_barcode
+
+if TYPE_CHECKING:  # datasets (with pandas) is imported where a Dataset is made: not on identify's path
+    import datasets
 
 logger = logging.getLogger(__name__)
 
@@ -287,11 +288,21 @@ def read_records(
     return read_table(path, bad_rows=bad_rows, **kwargs)
 
 
+def record_rows(records: Iterable[dict[str, str]]) -> list[dict[str, str]]:
+    """The records in the record schema, each field a string ("" where missing): what a row of
+    `records_to_dataset` reads as, without building a Dataset (embedding queries needs no more).
+
+    Usage:
+        rows = record_rows([{"id": "q1", "dna": "AACATT..."}])   # [{"id": "q1", "order": "", ...}]
+    """
+    return [{name: record.get(name, "") or "" for name in RECORD_FIELDS} for record in records]
+
+
 def records_to_dataset(records: Iterable[dict[str, str]]) -> datasets.Dataset:
     """A `datasets.Dataset` with the record schema; images stay paths and are decoded lazily."""
-    columns = {name: [] for name in RECORD_FIELDS}
-    for record in records:
-        for name in RECORD_FIELDS:
-            columns[name].append(record.get(name, "") or "")
+    import datasets
+
+    rows = record_rows(records)
+    columns = {name: [row[name] for row in rows] for name in RECORD_FIELDS}
     features = datasets.Features({name: datasets.Value("string") for name in RECORD_FIELDS})
     return datasets.Dataset.from_dict(columns, features=features)
