@@ -193,3 +193,19 @@ def test_bioscan1m_release_labels_keep_the_missing_genus(tmp_path):
     assert read_bioscan(tmp_path, version="1m")["genus"] == ["Aedes", "Aedes", ""]
     release = read_bioscan(tmp_path, version="1m", release_labels=True)
     assert release["genus"] == ["", "Aedes", ""] and release["species"] == ["Aedes vexans", "Aedes vexans", ""]
+
+
+def test_query_rows_read_like_dataset_rows_and_a_nan_barcode_is_refused(dna_model):
+    """Queries are embedded from `record_rows` (no Dataset): the same fields as a Dataset row, and a
+    barcode that is not text (a NaN from a spreadsheet) is an error naming the record, not "nan"."""
+    import math
+
+    from clibd import CLIBDModel, CLIBDProcessor
+    from clibd.checked_embedding import embed_checked
+    from clibd.data import record_rows
+
+    records = [{"id": "q1", "dna": "AACATTATATTTTATTTTTGG", "species": None}, {"id": "q2", "extra": "x"}]
+    assert record_rows(records) == [dict(records_to_dataset(records)[i]) for i in range(2)]
+    model, processor = CLIBDModel.from_pretrained(dna_model), CLIBDProcessor.from_pretrained(dna_model)
+    with pytest.raises(ValueError, match="q7.*must be a string"):
+        embed_checked(model, processor, [{"id": "q7", "dna": math.nan}], "dna")

@@ -24,7 +24,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from .constants import SEARCH_BACKENDS
@@ -142,7 +142,7 @@ def _embed_across(model: CLIBDModel, processor: CLIBDProcessor, dataset: dataset
     model.to(processes.device)
     failure, error = 0, None
     try:
-        own = [dataset[i] for i in range(start, stop)]  # rows of a Dataset or of a list alike
+        own = Subset(dataset, range(start, stop))  # a Dataset's or a list's rows alike, read as batched
         local = _embed_batches(model, processor, own, modality, batch_size, num_workers,
                                progress and processes.is_local_main_process, warn_truncated)
     except ValueError as raised:  # a record the processor refuses: `embed_checked` looks for it

@@ -289,8 +289,10 @@ def read_records(
 
 
 def record_rows(records: Iterable[dict[str, str]]) -> list[dict[str, str]]:
-    """The records in the record schema, each field a string ("" where missing): what a row of
-    `records_to_dataset` reads as, without building a Dataset (embedding queries needs no more).
+    """The records in the record schema, every field present ("" where missing or empty), without
+    building a Dataset (embedding queries needs no more). Other values are kept as given, so a
+    barcode that is not a string is refused by the processor, naming its record, rather than read
+    as its text (as `records_to_dataset` would: a NaN barcode would become "nan").
 
     Usage:
         rows = record_rows([{"id": "q1", "dna": "AACATT..."}])   # [{"id": "q1", "order": "", ...}]
@@ -302,7 +304,9 @@ def records_to_dataset(records: Iterable[dict[str, str]]) -> datasets.Dataset:
     """A `datasets.Dataset` with the record schema; images stay paths and are decoded lazily."""
     import datasets
 
-    rows = record_rows(records)
-    columns = {name: [row[name] for row in rows] for name in RECORD_FIELDS}
+    columns = {name: [] for name in RECORD_FIELDS}
+    for record in records:
+        for name in RECORD_FIELDS:
+            columns[name].append(record.get(name, "") or "")
     features = datasets.Features({name: datasets.Value("string") for name in RECORD_FIELDS})
     return datasets.Dataset.from_dict(columns, features=features)
