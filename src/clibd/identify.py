@@ -181,10 +181,10 @@ class Identifier:
         on every core the model may use (`choose_candidates`). A barcode that cannot be aligned
         follows `on_bad_input`: "error" raises the first such query's error (in order), "skip"
         gives that query alone a `failed` row."""
-        candidates = rows[:, : check.candidates].tolist()
+        candidates, ids = rows[:, : check.candidates].tolist(), keys.labels("id")  # no record dict per candidate
         outcomes = choose_candidates(barcodes, [[keys.barcodes[j] for j in near] for near in candidates],
                                      check.identity_cutoff, [p.query_id for p in predictions],
-                                     [[keys.records[j]["id"] for j in near] for near in candidates])
+                                     [[ids[j] for j in near] for near in candidates])
         return [self._settled(prediction, keys, near, outcome, check)
                 for prediction, near, outcome in zip(predictions, candidates, outcomes, strict=True)]
 

@@ -80,6 +80,32 @@ def combine(image: torch.Tensor, dna: torch.Tensor, kind: str) -> torch.Tensor:
     return F.normalize(joined, dim=-1)
 
 
+def pair_entry(calibration: Calibration) -> dict:
+    """A (query, keys) pair's calibration as index.json keeps it under "pairs" (`ReferenceLibrary.pair_rule`).
+
+    Usage:
+        meta["pairs"]["image->dna"] = pair_entry(library.calibrate("image", ["dna"]))
+    """
+    return {"thresholds": calibration.thresholds, "calibration": calibration.methods,
+            "precision_curves": calibration.curves, "margin_weights": calibration.margin_weights,
+            "counts": {rank: list(count) for rank, count in calibration.counts.items()}, "sample": calibration.sample}
+
+
+def report_calibration(directory: Path, name: str, query: str, calibration: Calibration) -> None:
+    """Log what a pair's calibration could not learn: one-sided ranks (common among a library's
+    many pairs: info), too few species new to the model and a pair with nothing to learn from (warnings).
+
+    Usage:
+        report_calibration(library.directory, "image->dna", "image", calibration)
+    """
+    for line in calibration.warnings():
+        log = logger.warning if line == calibration.sample_warning() else logger.info
+        log("%s: %s: threshold for %s", directory, name, line)
+    if all(method == "none" for method in calibration.methods.values()):
+        logger.warning("%s: %s: no record has both a %s embedding and keys to match it against: identify answers no "
+                       "rank for this pair (its nearest keys are still listed)", directory, name, query)
+
+
 def pair_name(query: str, keys: Sequence[str] | str) -> str:
     """How `index.json` names a (query, keys) calibration: "image->dna", "image+dna->image dna".
 
@@ -288,13 +314,7 @@ class ReferenceLibrary:
         Usage:
             library.calibration_sample("dna", ["dna"]).get("untrained_only")   # True: new species only
         """
-        stored = self.meta.get("pairs", {}).get(pair_name(query, keys))
-        if stored is not None:
-            return stored.get("sample", {})
-        if not self.is_library and query == keys_name(keys):
-            return self.key_sets[query].meta.get("calibration_sample", {})
-        self.pair_rule(query, keys)  # calibrated in memory
-        return self._calibrations[pair_name(query, keys)].sample
+        return self._rule(query, keys).get("sample", {})
 
     def pair_rule(self, query: str, keys: Sequence[str]) -> tuple[dict[str, float], dict[str, list], dict[str, float]]:
         """(thresholds, precision curves, margin weights) for `query` embeddings against `keys`: as
@@ -304,24 +324,25 @@ class ReferenceLibrary:
         Usage:
             thresholds, curves, weights = library.pair_rule("dna", ["dna"])
         """
+        rule = self._rule(query, keys)
+        return rule["thresholds"], rule.get("precision_curves", {}), rule.get("margin_weights", {})
+
+    def _rule(self, query: str, keys: Sequence[str]) -> dict:
+        """A pair's calibration as index.json keeps it (`pair_entry`): stored, a single-modality
+        index's own, or calibrated now (kept in memory)."""
         name = pair_name(query, keys)
         stored = self.meta.get("pairs", {}).get(name)
         if stored is not None:
-            return stored["thresholds"], stored.get("precision_curves", {}), stored.get("margin_weights", {})
+            return stored
         if not self.is_library and query == keys_name(keys):  # a single-modality index's own thresholds
             index = self.key_sets[query]
-            return index.thresholds, index.precision_curves, index.margin_weights
+            return {"thresholds": index.thresholds, "precision_curves": index.precision_curves,
+                    "margin_weights": index.margin_weights, "sample": index.meta.get("calibration_sample", {})}
         if name not in self._calibrations:
             logger.info("%s: no stored calibration for %s: calibrating it now", self.directory, name)
-            self._calibrations[name] = calibration = self.calibrate(query, keys, self.meta.get("precision"))
-            if calibration.sample_warning():
-                logger.warning("%s: %s: %s", self.directory, name, calibration.sample_warning())
-            if all(method == "none" for method in calibration.methods.values()):
-                logger.warning("%s: no %s thresholds can be learned (no reference has both a %s embedding and "
-                               "keys to match): no rank is answered, the nearest keys are still listed",
-                               self.directory, name, query)
-        calibration = self._calibrations[name]
-        return calibration.thresholds, calibration.curves, calibration.margin_weights
+            self._calibrations[name] = self.calibrate(query, keys, self.meta.get("precision"))
+            report_calibration(self.directory, name, query, self._calibrations[name])
+        return pair_entry(self._calibrations[name])
 
     def query_embeddings(self, query: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The library's own embeddings in a query kind, with each one's record position (combined

@@ -29,7 +29,7 @@ from .checked_embedding import embed_checked
 from .constants import MODALITIES, RANKS
 from .index import RECORD_COLUMNS, ReferenceIndex, embed_in_shards, load_model, trained_species_meta
 from .index_build import _checked_precision, _skip
-from .library import ReferenceLibrary, key_meta, keys_name, pair_name
+from .library import ReferenceLibrary, key_meta, keys_name, pair_entry, pair_name, report_calibration
 from .modeling_clibd import CLIBDModel
 from .processing import CLIBDProcessor
 from .processing.taxonomy import taxonomy_text
@@ -217,18 +217,8 @@ def calibrate_library(library: ReferenceLibrary, precision: float | None = None)
     for query in queries:
         for keys in key_sets:
             calibration = library.calibrate(query, keys, precision)
-            for line in calibration.warnings():  # one-sided ranks are common in a library's many pairs: info
-                log = logger.warning if line == calibration.sample_warning() else logger.info
-                log("%s: %s: threshold for %s", library.directory, pair_name(query, keys), line)
-            if all(method == "none" for method in calibration.methods.values()):
-                logger.warning("%s: %s: no record has both a %s embedding and keys to match it against: identify "
-                               "answers no rank for this pair (its nearest keys are still listed)",
-                               library.directory, pair_name(query, keys), query)
-            pairs[pair_name(query, keys)] = {"thresholds": calibration.thresholds, "calibration": calibration.methods,
-                                             "precision_curves": calibration.curves,
-                                             "margin_weights": calibration.margin_weights,
-                                             "counts": {r: list(c) for r, c in calibration.counts.items()},
-                                             "sample": calibration.sample}
+            report_calibration(library.directory, pair_name(query, keys), query, calibration)
+            pairs[pair_name(query, keys)] = pair_entry(calibration)
     extra = {"pairs": pairs}
     if {"image", "dna"} <= set(held):
         extra["is_du"] = library.calibrate_is_du()

@@ -190,7 +190,8 @@ def rank_confidence(similarities: Sequence[float], labels: Mapping[str, Sequence
     Usage:
         rank_confidence(sims, {"genus": [index.labels("genus")[j] for j in rows]}, {"genus": 0.5})
     """
-    return {rank: similarities[0] + weight * taxon_margin(similarities[:MARGIN_DEPTH], labels[rank][:MARGIN_DEPTH])
+    return {rank: confidences([(similarities[0], taxon_margin(similarities[:MARGIN_DEPTH],
+                                                              labels[rank][:MARGIN_DEPTH]))], weight)[0]
             for rank, weight in weights.items() if weight}
 
 

@@ -39,9 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import threading
-from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -49,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from .novelty import MARGIN_DEPTH, confidences, nearest_held_out, taxon_margin
+from .novelty import MARGIN_DEPTH, calibration_sample, confidences, nearest_held_out, taxon_margin
 from .processing.barcodes import normalise_barcode
 from .towers.parts import EmbeddingPart, select_parts
 
@@ -265,12 +263,6 @@ class SpeciesCheck:
         return cls(**values)
 
 
-def _sample(species: list[str], max_queries: int, seed: int) -> list[int]:
-    counts = Counter(s for s in species if s)
-    eligible = [i for i, s in enumerate(species) if s and counts[s] >= 2]
-    return random.Random(seed).sample(eligible, min(max_queries, len(eligible)))
-
-
 def _nearest(embeddings: torch.Tensor, novelty: torch.Tensor, species: list[str], rows: list[int],
              k: int) -> tuple[tuple[list[list[int]], list[float], list[float]], ...]:
     """For the specimens of held species (only themselves left out) and of held-out ones (their
@@ -338,7 +330,8 @@ def calibrate_species_check(embeddings: torch.Tensor, novelty_embeddings: torch.
         check = calibrate_species_check(index.embeddings.float(), novelty_embeddings, index.records)
     """
     species = [r.get("species", "") for r in records]
-    rows = _sample(species, max_queries, seed)
+    sample = calibration_sample(species, max_queries, seed)  # the rank thresholds' sample, of any species
+    rows = sample.rows if sample.shared else []  # only specimens with a second reference of their species
     if not rows:
         return None
     (known_near, known_sims, known_margins), (novel_near, novel_sims, novel_margins) = _nearest(
