@@ -4,6 +4,7 @@
     python bench/species_check.py --novel-named 0.005 0.01 --cutoffs 0.97
     python bench/species_check.py --candidates 1 5 20 --novel-named 0.005
     python bench/species_check.py --novel-named 0.005 0.01 --margin-weights 0 1 2 4
+    python bench/species_check.py --novel-named 0.02 --margin-weights 1 --new-species
 
 For each species split: the validation stage of the novel-species split (references: seen keys +
 test-unseen keys; queries: validation-unseen species, which no reference holds, and the seen
@@ -79,7 +80,7 @@ def rates(predictions, novel: list[dict], seen: list[dict]) -> dict[str, float]:
 
 def settings_for_split(identifier: Identifier, queries: list[dict], novel: list[dict], seen: list[dict],
                        cutoffs: list[float], candidates: list[int], novel_named: list[float],
-                       margin_weights: list[float]) -> dict[str, dict[str, float]]:
+                       margin_weights: list[float], new_species: bool = False) -> dict[str, dict[str, float]]:
     """Rates per setting; the index's embeddings and barcodes are reused, only the check changes."""
     index = identifier.index
     embeddings = index.embeddings.float()
@@ -96,10 +97,12 @@ def settings_for_split(identifier: Identifier, queries: list[dict], novel: list[
     for cutoff, count in itertools.product(cutoffs, candidates):  # alignment alone: the embedding names none
         out[f"alignment alone, cut-off {cutoff}, {count} candidates"] = run(
             SpeciesCheck(math.inf, identity_cutoff=cutoff, candidates=count))
-    for cutoff, count, share, weight in itertools.product(cutoffs, candidates, novel_named, margin_weights):
+    samples = [("", None)] + ([(", new species held out", index.meta["trained_species"])] if new_species else [])
+    for cutoff, count, share, weight, (held, trained) in itertools.product(cutoffs, candidates, novel_named,
+                                                                           margin_weights, samples):
         check = calibrate_species_check(embeddings, novelty, records, identity_cutoff=cutoff, candidates=count,
-                                        novel_named=share, margin_weight=weight)
-        out[f"cut-off {cutoff}, {count} candidates, novel_named {share}, margin weight {weight:g} (embedding "
+                                        novel_named=share, margin_weight=weight, trained_species=trained)
+        out[f"cut-off {cutoff}, {count} candidates, novel_named {share}, margin weight {weight:g}{held} (embedding "
             f"threshold {check.embedding_threshold:.3f})"] = run(check)
     return out
 
@@ -120,9 +123,12 @@ def main() -> None:
     parser.add_argument("--novel-named", type=float, nargs="+", default=[0.0025, 0.005, 0.01, 0.02])
     parser.add_argument("--margin-weights", type=float, nargs="+", default=[0.0, 1.0],
                         help="weights of the species margin in the embedding's confidence (default 0 1)")
+    parser.add_argument("--new-species", action="store_true",
+                        help="also calibrate each setting on the species the model did not train on only")
     args = parser.parse_args()
     per_split = over_val_splits(args, lambda identifier, _, novel, seen: settings_for_split(
-        identifier, novel + seen, novel, seen, args.cutoffs, args.candidates, args.novel_named, args.margin_weights))
+        identifier, novel + seen, novel, seen, args.cutoffs, args.candidates, args.novel_named, args.margin_weights,
+        args.new_species))
     columns = list(next(iter(per_split[0].values())))
     print(f"\nvalidation species, mean over splits {' '.join(map(str, args.splits))} (%)\n")
     print("| setting | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns))

@@ -141,3 +141,25 @@ def test_cross_modal_pairs_hold_out_the_new_species_too():
     everyone = calibrate_pair(photos, records, owners, barcodes, records, owners)
     assert everyone.sample == {"references": len(records), "new_species_held": None, "new_references": None,
                               "untrained_only": False}
+
+
+def test_the_species_check_can_sample_new_species_only(data_dir, monkeypatch):
+    """`calibrate_species_check(trained_species=...)` (a bench option: index builds pass none)
+    draws its specimens from the species the model did not train on."""
+    from clibd import species_check
+    from clibd.data import read_records
+
+    records = [r for r in read_records(data_dir / "insect_bold_coi" / "insect_bold_coi_small.tsv") if r["species"]]
+    counts = {name: sum(r["species"] == name for r in records) for name in {r["species"] for r in records}}
+    records = [r for r in records if counts[r["species"]] >= 2]
+    trained = sorted(counts)[:20]
+    drawn = []
+    monkeypatch.setattr(species_check, "calibration_sample",
+                        lambda *args: drawn.append(calibration_sample(*args)) or drawn[-1])
+    embeddings = F.normalize(torch.randn(len(records), 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    check = species_check.calibrate_species_check(embeddings, embeddings, records, max_queries=30,
+                                                  trained_species=trained)
+    assert check.specimens == 30 and drawn[-1].untrained_only
+    assert not {records[i]["species"] for i in drawn[-1].rows} & set(trained)
+    species_check.calibrate_species_check(embeddings, embeddings, records, max_queries=30)
+    assert drawn[-1].new_species_held is None  # the default: any species

@@ -320,17 +320,21 @@ def naming_threshold(unsettled_novel: list[float], novel_named: float) -> float:
 def calibrate_species_check(embeddings: torch.Tensor, novelty_embeddings: torch.Tensor, records: Sequence[dict],
                             identity_cutoff: float = IDENTITY_CUTOFF, candidates: int = CANDIDATES,
                             novel_named: float = NOVEL_NAMED, max_queries: int = CALIBRATION_QUERIES,
-                            seed: int = 0, margin_weight: float = SPECIES_MARGIN_WEIGHT) -> SpeciesCheck | None:
+                            seed: int = 0, margin_weight: float = SPECIES_MARGIN_WEIGHT,
+                            trained_species: Sequence[str] | None = None) -> SpeciesCheck | None:
     """Calibrate the species rule on a labelled DNA library (unit-vector embeddings, one per
     record): specimens of species with two or more references are matched once with only
     themselves left out (a held species) and once with their whole species left out (a novel
     one). None where the library has no species with two references (nothing to learn from).
+    `trained_species`: sample only the species the model did not train on, where there are
+    enough (`clibd.novelty.calibration_sample`); index builds pass none: tried on validation, it
+    flagged fewer novel species (bench/README.md).
 
     Usage:
         check = calibrate_species_check(index.embeddings.float(), novelty_embeddings, index.records)
     """
     species = [r.get("species", "") for r in records]
-    sample = calibration_sample(species, max_queries, seed)  # the rank thresholds' sample, of any species
+    sample = calibration_sample(species, max_queries, seed, trained_species)
     rows = sample.rows if sample.shared else []  # only specimens with a second reference of their species
     if not rows:
         return None
