@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -150,11 +150,11 @@ class Identifier:
             if len(barcodes) != len(query_ids):
                 raise ValueError(f"{len(barcodes)} barcodes for {len(query_ids)} queries")
             floor, thresholds, curves = self._checked_thresholds(thresholds, curves, check)
-        predictions, labels = [], _margin_labels(keys, weights)
+        predictions, labels, hit = [], _margin_labels(keys, weights), self._hit_reader(keys, plan.keys)
         species = keys.labels("species") if check and check.margin_weight else None
         for query_id, ss, js, novelty_sim in zip(query_ids, similarities.tolist(), rows.tolist(), novelty.tolist(),
                                                  strict=True):
-            hits = [self._hit(keys, plan.keys, j, s) for j, s in zip(js[:top_k], ss[:top_k], strict=True)]
+            hits = [hit(j, s) for j, s in zip(js[:top_k], ss[:top_k], strict=True)]
             confidence = _confidence(ss, js, labels, weights)
             if check:  # the embedding's species: by the check's confidence, never below a stated precision's floor
                 near = js[:MARGIN_DEPTH]  # as deep as calibration looked
@@ -212,13 +212,13 @@ class Identifier:
             keys = self.library.keys([modality])
             thresholds, curves, weights = self.library.pair_rule("image", [modality])
             routes[modality] = (keys, *self._search(keys, embeddings, _depth(top_k, weights)), weights,
-                                _margin_labels(keys, weights), thresholds, curves)
+                                _margin_labels(keys, weights), thresholds, curves, self._hit_reader(keys, [modality]))
         predictions = []
         for n, query_id in enumerate(query_ids):
             route = "image" if float(routes["image"][1][n, 0]) > threshold else "dna"
-            keys, similarities, rows, weights, labels, thresholds, curves = routes[route]
+            keys, similarities, rows, weights, labels, thresholds, curves, hit = routes[route]
             ss, js = similarities[n].tolist(), rows[n].tolist()
-            hits = [self._hit(keys, [route], j, s) for j, s in zip(js[:top_k], ss[:top_k], strict=True)]
+            hits = [hit(j, s) for j, s in zip(js[:top_k], ss[:top_k], strict=True)]
             confidence = _confidence(ss, js, labels, weights)
             predictions.append(replace(predict(query_id, hits, thresholds, None, curves, confidence), route=route))
         return predictions
@@ -319,10 +319,16 @@ class Identifier:
         """The plan of callers that give none: the first image / dna key set's own modality."""
         return self.plan_for([], query=next(m for m in self.library.modalities if m != "text"))
 
-    def _hit(self, keys: ReferenceIndex, modalities: Sequence[str], row: int, similarity: float) -> Hit:
-        record = keys.records[row]
-        return Hit(record["id"], similarity, {rank: record[rank] for rank in RANKS},
-                   self.library.key_modality(modalities, row))
+    def _hit_reader(self, keys: ReferenceIndex, modalities: Sequence[str]) -> Callable[[int, float], Hit]:
+        """`hit(row, similarity)`: the `Hit` of row `row` of `keys`, read from the keys' label columns
+        (read once per index) rather than a record dict per hit."""
+        ids, lineage = keys.labels("id"), {rank: keys.labels(rank) for rank in RANKS}
+        kind_of = self.library.key_modality(modalities)
+
+        def hit(row: int, similarity: float) -> Hit:
+            return Hit(ids[row], similarity, {rank: column[row] for rank, column in lineage.items()}, kind_of(row))
+
+        return hit
 
 
 def _thresholds_line(thresholds: dict[str, float], margin_weights: dict[str, float]) -> str:

@@ -27,8 +27,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -275,19 +277,22 @@ class ReferenceLibrary:
         self.keys(keys)
         return torch.cat([self.owners[m] for m in keys_name(keys).split()])
 
-    def key_modality(self, keys: Sequence[str], row: int) -> str:
-        """Which kind row `row` of `keys(keys)` is (stacked keys follow `MODALITIES` order).
+    def key_modality(self, keys: Sequence[str]) -> Callable[[int], str]:
+        """Which kind each row of `keys(keys)` is (stacked keys follow `MODALITIES` order): a lookup
+        made once per key set and called per hit (no key set checks per row).
 
         Usage:
-            library.key_modality(["image", "dna"], row=0)   # "image"
+            library.key_modality(["image", "dna"])(0)   # "image"
         """
-        for modality in keys_name(keys).split():
-            held = self.key_sets.get(modality) or self.keys([modality])  # a key set's own: no checks, per hit
-            count = len(held.records)
-            if row < count:
-                return modality
-            row -= count
-        raise IndexError(row)
+        kinds = keys_name(keys).split()
+        ends = list(accumulate(len((self.key_sets.get(kind) or self.keys([kind])).records) for kind in kinds))
+
+        def kind_of(row: int) -> str:
+            if not 0 <= row < ends[-1]:
+                raise IndexError(row)
+            return kinds[bisect_right(ends, row)]
+
+        return kind_of
 
     def calibration(self, query: str, keys: Sequence[str]) -> tuple[dict[str, float], dict[str, list]]:
         """(thresholds, precision curves) for `query` embeddings against `keys` (`pair_rule`).
