@@ -25,6 +25,7 @@ from clibd.novelty import (
     precision_at,
     precision_curve,
     precision_threshold,
+    wilson_lower_bound,
 )
 from clibd.towers.parts import EmbeddingPart, select_parts
 from clibd.training import ExperimentConfig, train
@@ -332,11 +333,19 @@ def test_novel_species_placed_at_genus_or_family(data_dir, library, tmp_path):
 
 def test_precision_thresholds_and_curves():
     right, wrong = [0.9, 0.95, 0.99, 0.8], [0.85, 0.7, 0.6]
-    assert precision_threshold(right, wrong, 0.75) == (0.8, "precision")  # >= 0.8: 4 of 5 right
-    assert precision_threshold(right, wrong, 0.9) == (0.9, "precision")  # >= 0.9: 3 of 3
-    cut, method = precision_threshold([0.9], [0.95], 0.99)
+    observed = 0.5  # confidence 0.5: the observed precision must reach the asked one
+    assert precision_threshold(right, wrong, 0.75, observed) == (0.8, "precision")  # >= 0.8: 4 of 5 right
+    assert precision_threshold(right, wrong, 0.9, observed) == (0.9, "precision")  # >= 0.9: 3 of 3
+    cut, method = precision_threshold([0.9], [0.95], 0.99, observed)
     assert method == "precision unreachable" and cut > 0.95  # no answer clears it
     assert math.isnan(precision_threshold([], [], 0.9)[0])
+    # by default (95 % confidence) three right answers of three are too few to state 0.9 ...
+    assert precision_threshold(right, wrong, 0.9)[1] == "precision unreachable"
+    # ... and the cut rises until the answers above it bear the asked precision out
+    many_right, some_wrong = [round(0.9 + i / 10_000, 4) for i in range(300)], [0.9005, 0.91005, 0.91505]
+    assert precision_threshold(many_right, some_wrong, 0.98, observed) == (0.9, "precision")  # 300 of 303
+    assert precision_threshold(many_right, some_wrong, 0.98) == (0.9151, "precision")  # 149 of 149 above it
+    assert wilson_lower_bound(98, 100, 0.0) == 0.98 and 0.94 < wilson_lower_bound(98, 100, 1.645) < 0.945
     curve = precision_curve(right, wrong)
     assert precision_at(curve, 0.86) == 1.0 and precision_at(curve, 0.85) == 0.75  # >= 0.85: 3 of 4 right
     assert precision_at(curve, 0.5) == round(4 / 7, 4) and precision_at(curve, 1.0) == 1.0

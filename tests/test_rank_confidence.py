@@ -39,7 +39,8 @@ def _answers(right, wrong):
 
 # right answers: a little less similar than the wrong ones, but clear of any other taxon;
 # wrong answers: as near one taxon as another (the query sits between them)
-RIGHT = [(0.80 + 0.005 * i, 0.10) for i in range(20)]
+# (enough right answers that a 0.99 precision is borne out at 95 % confidence)
+RIGHT = [(0.80 + 0.00025 * i, 0.10) for i in range(400)]
 WRONG = [(0.85 + 0.005 * i, 0.005) for i in range(10)]
 
 
@@ -54,7 +55,7 @@ def test_margin_weight_chosen_where_it_separates_right_from_wrong():
     assert all(s + weight * m >= threshold for s, m in RIGHT) and all(s + weight * m < threshold for s, m in WRONG)
     # the curve is on the confidence: every answer at or above the threshold was right
     assert precision_at(calibration.curves["genus"], threshold) == 1.0
-    assert calibration.curves["genus"][-1][1] == round(20 / 30, 4)  # all 30 answers
+    assert calibration.curves["genus"][-1][1] == round(400 / 410, 4)  # all 410 answers
     # margins that say nothing (all equal) keep the similarity alone
     flat = _answers([(s, 0.05) for s, _ in RIGHT], [(s, 0.05) for s, _ in WRONG])
     assert choose_margin_weight(flat) == 0.0 and choose_margin_weight(flat, precision=0.9) == 0.0
