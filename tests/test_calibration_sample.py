@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 from clibd import CLIBDConfig
 from clibd.cli import _summary
+from clibd.constants import RANKS
 from clibd.identify import Identifier
 from clibd.index import ReferenceIndex, build_index
 from clibd.index_build import add_to_index, recalibrate_index
-from clibd.constants import RANKS
 from clibd.novelty import (
     MIN_UNTRAINED_REFERENCES,
     MIN_UNTRAINED_SPECIES,
