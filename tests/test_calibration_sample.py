@@ -11,10 +11,19 @@ import torch.nn.functional as F
 
 from clibd import CLIBDConfig
 from clibd.cli import _summary
+from clibd.constants import RANKS
 from clibd.identify import Identifier
 from clibd.index import ReferenceIndex, build_index
 from clibd.index_build import add_to_index, recalibrate_index
-from clibd.novelty import MIN_UNTRAINED_REFERENCES, MIN_UNTRAINED_SPECIES, calibrate, calibration_sample
+from clibd.novelty import (
+    MIN_UNTRAINED_REFERENCES,
+    MIN_UNTRAINED_SPECIES,
+    Answers,
+    CalibrationSample,
+    calibrate,
+    calibration_from_answers,
+    calibration_sample,
+)
 from clibd.pair_calibration import calibrate_pair
 from clibd.training.loop import trained_species
 
@@ -163,3 +172,32 @@ def test_the_species_check_can_sample_new_species_only(data_dir, monkeypatch):
     assert not {records[i]["species"] for i in drawn[-1].rows} & set(trained)
     species_check.calibrate_species_check(embeddings, embeddings, records, max_queries=30)
     assert drawn[-1].new_species_held is None  # the default: any species
+
+
+def test_a_calibration_is_made_with_its_sample():
+    """What was held out is given when a calibration is made, not set on it afterwards."""
+    found = Answers(held_right=[(0.9, 0.1), (0.8, 0.0)], held_wrong=[(0.5, 0.0)], own_right=[(0.95, 0.2)])
+    sample = CalibrationSample([3, 1, 4], {3, 4}, new_species_held=21, new_references=230, untrained_only=True)
+    made = calibration_from_answers(dict.fromkeys(RANKS, found), "species", sample=sample)
+    assert made.sample == sample.to_dict() and made.sample_warning() is None
+    assert calibration_from_answers(dict.fromkeys(RANKS, found), "species").sample == {}
+
+
+def test_pair_calibration_is_told_its_queries_are_taxon_names():
+    """Text queries (one per taxon name) are held out alone from `MIN_UNTRAINED_SPECIES` new species
+    on; specimens need `MIN_UNTRAINED_REFERENCES` of them, also photos that own no library record
+    (owner -1), which owners alone would take for taxon names."""
+    taxa = _taxa(30, 3)  # 25 species new to the model, 75 references: enough names, too few specimens
+    records = _records(taxa)
+    generator = torch.Generator().manual_seed(2)
+    photos, barcodes = (F.normalize(torch.randn(len(records), 16, generator=generator), dim=-1) for _ in range(2))
+    trained = sorted(set(taxa[:15]))  # the first 5 species
+    outside = [-1] * len(records)  # photos of specimens the library does not hold records of
+    args = (photos, records, outside, barcodes, records, list(range(len(records))))
+    said = calibrate_pair(*args, trained_species=trained, text_queries=False)
+    assert said.sample == {"references": 90, "new_species_held": 25, "new_references": 75, "untrained_only": False}
+    assert "25 species the model did not train on" in said.sample_warning()
+    names = calibrate_pair(*args, trained_species=trained, text_queries=True)
+    assert names.sample == {"references": 75, "new_species_held": 25, "new_references": 75, "untrained_only": True}
+    # a caller that does not say gets the old reading of the owners: all -1, so taxon names
+    assert calibrate_pair(*args, trained_species=trained).sample == names.sample

@@ -441,19 +441,18 @@ def calibrate(embeddings: torch.Tensor, records: list[dict], max_queries: int = 
     novelty = nearest_held_out(novelty_embeddings, taxa, queries) if apart else placing
     answers = {rank: answers_at(records, rank, queries, sample.shared, novelty if rank == "species" else placing)
                for rank in RANKS}
-    calibration = calibration_from_answers(answers, held_out_rank, precision, margin_weights)
-    calibration.sample = sample.to_dict()
-    return calibration
+    return calibration_from_answers(answers, held_out_rank, precision, margin_weights, sample)
 
 
 def calibration_from_answers(answers: dict[str, Answers], held_out_rank: str | None,
-                             precision: float | None = None,
-                             margin_weights: Sequence[float] = MARGIN_WEIGHTS) -> Calibration:
+                             precision: float | None = None, margin_weights: Sequence[float] = MARGIN_WEIGHTS,
+                             sample: CalibrationSample | None = None) -> Calibration:
     """Per-rank thresholds (balanced, or for `precision`), methods, counts, precision curves and
-    margin weights (`choose_margin_weight`) from each rank's right and wrong calibration answers.
+    margin weights (`choose_margin_weight`) from each rank's right and wrong calibration answers;
+    `sample`: the references they came from, kept as `Calibration.sample` ({} where None).
 
     Usage:
-        calibration = calibration_from_answers({rank: answers_at(rank) for rank in RANKS}, "species")
+        calibration = calibration_from_answers({rank: answers_at(rank) for rank in RANKS}, "species", sample=sample)
     """
     thresholds, methods, counts, curves, weights = {}, {}, {}, {}, {}
     for rank, found in answers.items():
@@ -463,7 +462,8 @@ def calibration_from_answers(answers: dict[str, Answers], held_out_rank: str | N
         counts[rank] = (len(found.right), len(found.wrong))
         curves[rank] = precision_curve(confidences(right, weight), confidences(wrong, weight))
         weights[rank] = weight
-    return Calibration(thresholds, methods, counts, held_out_rank, curves, precision, weights)
+    return Calibration(thresholds, methods, counts, held_out_rank, curves, precision, weights,
+                       sample.to_dict() if sample is not None else {})
 
 
 def _rank_cut(found: Answers, rank: str, precision: float | None, weight: float) -> tuple[float, str]:

@@ -87,18 +87,17 @@ def nearest_pair(queries: torch.Tensor, query_owner: torch.Tensor, query_taxa: t
 
 def _sample(query_taxa: torch.Tensor, query_owner: torch.Tensor, key_taxa: torch.Tensor, key_owner: torch.Tensor,
             max_queries: int, seed: int, query_species: Sequence[str],
-            trained_species: Sequence[str] | None = None) -> CalibrationSample:
+            trained_species: Sequence[str] | None = None, *, text_queries: bool) -> CalibrationSample:
     """The queries to hold out: labelled ones, those of taxa with another key preferred, only those
-    of species the model did not train on where there are enough (as `clibd.novelty` samples; a
-    taxon's text key is one query, so text queries need `MIN_UNTRAINED_SPECIES` of them, no more);
-    `shared`: those whose taxon keeps a key once their own keys are removed."""
+    of species the model did not train on where there are enough (as `clibd.novelty` samples;
+    `text_queries`: the queries are taxon names, one per taxon, so they need `MIN_UNTRAINED_SPECIES`
+    of them, no more); `shared`: those whose taxon keeps a key once their own keys are removed."""
     counts = Counter(key_taxa.tolist())
     own = Counter(zip(key_owner.tolist(), key_taxa.tolist(), strict=True))
     labelled = [i for i, t in enumerate(query_taxa.tolist()) if t >= 0]
     shared = [i for i in labelled if counts[int(query_taxa[i])] - own[(int(query_owner[i]), int(query_taxa[i]))] > 0]
-    taxon_keys = bool(len(query_owner)) and bool((query_owner < 0).all())  # text queries: one per taxon
     pool, new = new_species_pool(shared or labelled, query_species, trained_species,
-                                 MIN_UNTRAINED_SPECIES if taxon_keys else MIN_UNTRAINED_REFERENCES)
+                                 MIN_UNTRAINED_SPECIES if text_queries else MIN_UNTRAINED_REFERENCES)
     queries = random.Random(seed).sample(pool, min(max_queries, len(pool)))
     shared_set = set(shared)
     return CalibrationSample(queries, {i for i in queries if i in shared_set}, **new)
@@ -107,10 +106,14 @@ def _sample(query_taxa: torch.Tensor, query_owner: torch.Tensor, key_taxa: torch
 def calibrate_pair(queries: torch.Tensor, query_records: Sequence[dict], query_owner: Sequence[int],
                    keys: torch.Tensor, key_records: Sequence[dict], key_owner: Sequence[int],
                    max_queries: int = 2000, seed: int = 0, precision: float | None = None,
-                   trained_species: Sequence[str] | None = None) -> Calibration:
+                   trained_species: Sequence[str] | None = None, text_queries: bool | None = None) -> Calibration:
     """Per-rank thresholds for `queries` (unit vectors, one per `query_records`) against `keys`
     (one per `key_records`); `*_owner`: the library record each belongs to (-1: none, e.g. text keys);
-    `trained_species`: the model's, None where it does not say (`clibd.novelty.new_species_pool`).
+    `trained_species`: the model's, None where it does not say (`clibd.novelty.new_species_pool`);
+    `text_queries`: the queries are taxon names (text keys, one per taxon), whose new species are
+    held out alone from `MIN_UNTRAINED_SPECIES` queries on (specimens need `MIN_UNTRAINED_REFERENCES`);
+    None: taken to be so where every query owns nothing (-1), for callers that do not say (a
+    specimen query owning no library record is then mistaken for a taxon name: say False).
 
     Usage:
         calibration = calibrate_pair(photos, photo_records, photo_rows, dna_keys, dna_records, dna_rows)
@@ -123,16 +126,17 @@ def calibrate_pair(queries: torch.Tensor, query_records: Sequence[dict], query_o
     query_taxa = _ids([r.get(rank, "") for r in query_records], vocabulary)
     query_taxa = torch.where(query_taxa < 0, query_taxa - len(key_records), query_taxa)  # never a key's
     query_owner_t, key_owner_t = torch.tensor(list(query_owner)), torch.tensor(list(key_owner))
+    if text_queries is None:
+        text_queries = bool((query_owner_t < 0).all())  # not empty: returned above
     sample = _sample(query_taxa, query_owner_t, key_taxa, key_owner_t, max_queries, seed,
-                     [r.get("species", "") for r in query_records], trained_species if rank == "species" else None)
+                     [r.get("species", "") for r in query_records], trained_species if rank == "species" else None,
+                     text_queries=text_queries)
     if not sample.rows:
         return Calibration(dict.fromkeys(RANKS, float("nan")), dict.fromkeys(RANKS, "none"), {}, rank)
     chosen, index = sample.rows, torch.tensor(sample.rows)
     matches = nearest_pair(queries[index], query_owner_t[index], query_taxa[index], keys, key_owner_t, key_taxa)
     answers = {level: answers_at(query_records, level, chosen, sample.shared, matches, key_records) for level in RANKS}
-    calibration = calibration_from_answers(answers, rank, precision)
-    calibration.sample = sample.to_dict()
-    return calibration
+    return calibration_from_answers(answers, rank, precision, sample=sample)
 
 
 def _route_accuracy(sims: torch.Tensor, seen_right: torch.Tensor, unseen_right: torch.Tensor,
