@@ -186,7 +186,7 @@ def test_a_calibration_is_made_with_its_sample():
 def test_pair_calibration_is_told_its_queries_are_taxon_names():
     """Text queries (one per taxon name) are held out alone from `MIN_UNTRAINED_SPECIES` new species
     on; specimens need `MIN_UNTRAINED_REFERENCES` of them, also photos that own no library record
-    (owner -1), which owners alone would take for taxon names."""
+    (owner -1, as text keys do)."""
     taxa = _taxa(30, 3)  # 25 species new to the model, 75 references: enough names, too few specimens
     records = _records(taxa)
     generator = torch.Generator().manual_seed(2)
@@ -199,5 +199,4 @@ def test_pair_calibration_is_told_its_queries_are_taxon_names():
     assert "25 species the model did not train on" in said.sample_warning()
     names = calibrate_pair(*args, trained_species=trained, text_queries=True)
     assert names.sample == {"references": 75, "new_species_held": 25, "new_references": 75, "untrained_only": True}
-    # a caller that does not say gets the old reading of the owners: all -1, so taxon names
-    assert calibrate_pair(*args, trained_species=trained).sample == names.sample
+    assert calibrate_pair(*args, trained_species=trained).sample == said.sample  # specimens unless said

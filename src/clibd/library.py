@@ -382,7 +382,8 @@ class ReferenceLibrary:
         else:
             query_records = [records[int(i)] for i in queries[1].tolist()]
         return calibrate_pair(queries[0], query_records, queries[1].tolist(), key_set.embeddings, key_set.records,
-                              owners.tolist(), precision=precision, trained_species=self.meta.get("trained_species"))
+                              owners.tolist(), precision=precision, trained_species=self.meta.get("trained_species"),
+                              text_queries=query == "text")
 
     def is_du_threshold(self) -> float:
         """The IS+DU threshold stored in the folder, else calibrated now (`calibrate_is_du`).

@@ -106,14 +106,12 @@ def _sample(query_taxa: torch.Tensor, query_owner: torch.Tensor, key_taxa: torch
 def calibrate_pair(queries: torch.Tensor, query_records: Sequence[dict], query_owner: Sequence[int],
                    keys: torch.Tensor, key_records: Sequence[dict], key_owner: Sequence[int],
                    max_queries: int = 2000, seed: int = 0, precision: float | None = None,
-                   trained_species: Sequence[str] | None = None, text_queries: bool | None = None) -> Calibration:
+                   trained_species: Sequence[str] | None = None, text_queries: bool = False) -> Calibration:
     """Per-rank thresholds for `queries` (unit vectors, one per `query_records`) against `keys`
     (one per `key_records`); `*_owner`: the library record each belongs to (-1: none, e.g. text keys);
     `trained_species`: the model's, None where it does not say (`clibd.novelty.new_species_pool`);
     `text_queries`: the queries are taxon names (text keys, one per taxon), whose new species are
-    held out alone from `MIN_UNTRAINED_SPECIES` queries on (specimens need `MIN_UNTRAINED_REFERENCES`);
-    None: taken to be so where every query owns nothing (-1), for callers that do not say (a
-    specimen query owning no library record is then mistaken for a taxon name: say False).
+    held out alone from `MIN_UNTRAINED_SPECIES` queries on (specimens need `MIN_UNTRAINED_REFERENCES`).
 
     Usage:
         calibration = calibrate_pair(photos, photo_records, photo_rows, dna_keys, dna_records, dna_rows)
@@ -126,8 +124,6 @@ def calibrate_pair(queries: torch.Tensor, query_records: Sequence[dict], query_o
     query_taxa = _ids([r.get(rank, "") for r in query_records], vocabulary)
     query_taxa = torch.where(query_taxa < 0, query_taxa - len(key_records), query_taxa)  # never a key's
     query_owner_t, key_owner_t = torch.tensor(list(query_owner)), torch.tensor(list(key_owner))
-    if text_queries is None:
-        text_queries = bool((query_owner_t < 0).all())  # not empty: returned above
     sample = _sample(query_taxa, query_owner_t, key_taxa, key_owner_t, max_queries, seed,
                      [r.get("species", "") for r in query_records], trained_species if rank == "species" else None,
                      text_queries=text_queries)
