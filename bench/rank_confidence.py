@@ -2,19 +2,22 @@
 
     python bench/rank_confidence.py                       # splits 42, 1, 2 of configs/bold_dna.yaml
     python bench/rank_confidence.py --precision 0.98 0.95 --splits 42
+    python bench/rank_confidence.py --precision 0.98 --precision-confidence 0.5 0.9 0.95 0.99
 
 For each species split: the validation stage of the novel-species split (references: seen keys +
 test-unseen keys; queries: the validation-unseen species, which no reference holds), the index
 built once, then calibrated again in memory per setting and the queries identified: thresholds that
-best separate right from wrong answers (the default) or set for a stated precision, each compared
+best separate right from wrong answers (the default) or set for a stated precision (borne out at
+each `--precision-confidence`: 0.5, the observed precision reaches it; 0.95, the default, its
+one-sided Wilson lower bound does; `clibd.novelty.precision_threshold`), each compared
 with the similarity alone (`margin_weights=(0.0,)`) or with the confidence
 `clibd.novelty.rank_confidence` (similarity + a weight chosen at calibration times the taxon
 margin), holding out any of the library's species at calibration or only those the model did not
 train on (`clibd.novelty.calibration_sample`; here the test-unseen species). Prints, per setting
 and rank, the mean over the splits of: coverage (answered, of all novel queries, and of those whose
 taxon at that rank the references hold), precision of the answers and strict accuracy (right
-answers, of the queries whose taxon the references hold), and the weights each split's calibration
-chose. Test species are never looked at.
+answers, of the queries whose taxon the references hold), each split's family and genus precision,
+and the weights each split's calibration chose. Test species are never looked at.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from species_check import over_val_splits, split_parser
 from clibd.evaluation.novel_species import reference_taxa
 from clibd.evaluation.tool_comparison import PLACED, answer_rates, prediction_answer
 from clibd.identify import Identifier
-from clibd.novelty import MARGIN_WEIGHTS, calibrate
+from clibd.novelty import MARGIN_WEIGHTS, PRECISION_CONFIDENCE, calibrate
 from clibd.towers.parts import select_parts
 
 
@@ -38,8 +41,8 @@ def scores(identifier: Identifier, embeddings, novel: list[dict], key_taxa: dict
                    "precision": precision[rank], "strict": strict[rank]} for rank in PLACED}
 
 
-def settings_for_split(identifier: Identifier, novel: list[dict], key_taxa: dict, precisions: list[float | None]
-                       ) -> dict[str, tuple[dict, dict]]:
+def settings_for_split(identifier: Identifier, novel: list[dict], key_taxa: dict, precisions: list[float | None],
+                       confidences: list[float]) -> dict[str, tuple[dict, dict]]:
     index = identifier.index
     embeddings = identifier.embed(novel)
     new_only = index.meta.get("trained_species")
@@ -47,17 +50,19 @@ def settings_for_split(identifier: Identifier, novel: list[dict], key_taxa: dict
         raise SystemExit(f"{identifier.model_dir}: the model does not record its training species (trained before "
                          "CLIBDConfig.trained_species): train it again, or set them in its config.json")
     out = {}
+    settings = (("similarity alone, all species held out", (0.0,), None),
+                ("similarity + margin, all species held out", MARGIN_WEIGHTS, None),
+                ("similarity + margin, new species held out", MARGIN_WEIGHTS, new_only))
     for precision in precisions:
-        for name, weights, trained in (("similarity alone, all species held out", (0.0,), None),
-                                       ("similarity + margin, all species held out", MARGIN_WEIGHTS, None),
-                                       ("similarity + margin, new species held out", MARGIN_WEIGHTS, new_only)):
-            calibration = calibrate(index.embeddings, index.records, precision=precision, margin_weights=weights,
-                                    novelty_embeddings=select_parts(index.embeddings, index.parts, "scores_novelty"),
-                                    trained_species=trained)
-            index.meta.update(thresholds=calibration.thresholds, precision_curves=calibration.curves,
-                              margin_weights=calibration.margin_weights)  # this setting's, in memory
-            label = f"{'balanced' if precision is None else f'precision {precision}'}, {name}"
-            out[label] = (scores(identifier, embeddings, novel, key_taxa), calibration.margin_weights)
+        for confidence in [None] if precision is None else confidences:
+            for name, weights, trained in settings:
+                calibration = calibrate(index.embeddings, index.records, precision=precision, margin_weights=weights,
+                                        novelty_embeddings=select_parts(index.embeddings, index.parts, "scores_novelty"),
+                                        trained_species=trained, confidence=confidence or PRECISION_CONFIDENCE)
+                index.meta.update(thresholds=calibration.thresholds, precision_curves=calibration.curves,
+                                  margin_weights=calibration.margin_weights)  # this setting's, in memory
+                stated = "balanced" if precision is None else f"precision {precision} at confidence {confidence}"
+                out[f"{stated}, {name}"] = (scores(identifier, embeddings, novel, key_taxa), calibration.margin_weights)
     return out
 
 
@@ -65,19 +70,25 @@ def main() -> None:
     parser = split_parser(__doc__)
     parser.add_argument("--precision", type=float, nargs="*", default=[0.98, 0.95],
                         help="stated precisions to calibrate for, besides the balanced default")
+    parser.add_argument("--precision-confidence", type=float, nargs="+", default=[0.5, PRECISION_CONFIDENCE],
+                        help="how sure each stated precision must be borne out (0.5: the observed precision)")
     args = parser.parse_args()
     per_split = over_val_splits(args, lambda identifier, references, novel, _: settings_for_split(
-        identifier, novel, reference_taxa(references), [None, *args.precision]), species_check=False)
+        identifier, novel, reference_taxa(references), [None, *args.precision], args.precision_confidence),
+        species_check=False)
     print(f"\nvalidation-unseen species, mean over splits {' '.join(map(str, args.splits))} (%); "
           "o / f / g = order / family / genus\n")
     columns = list(per_split[0][next(iter(per_split[0]))][0]["genus"])
-    print("| setting | " + " | ".join(f"{c} o / f / g" for c in columns) + " | weights chosen o / f / g, per split |")
-    print("|---|" + "---|" * (len(columns) + 1))
+    print("| setting | " + " | ".join(f"{c} o / f / g" for c in columns)
+          + " | precision f / g, per split | weights chosen o / f / g, per split |")
+    print("|---|" + "---|" * (len(columns) + 2))
     for setting in per_split[0]:
         cells = [" / ".join(f"{100 * sum(s[setting][0][rank][c] for s in per_split) / len(per_split):.1f}"
                             for rank in PLACED) for c in columns]
         weights = "; ".join(" / ".join(f"{s[setting][1][rank]:g}" for rank in PLACED) for s in per_split)
-        print(f"| {setting} | " + " | ".join(cells) + f" | {weights} |")
+        each = "; ".join(" / ".join(f"{100 * s[setting][0][rank]['precision']:.1f}" for rank in ("family", "genus"))
+                         for s in per_split)
+        print(f"| {setting} | " + " | ".join(cells) + f" | {each} | {weights} |")
 
 
 if __name__ == "__main__":

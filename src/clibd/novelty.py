@@ -420,12 +420,14 @@ def answers_at(records: Sequence[dict], rank: str, queries: list[int], shared: s
 def calibrate(embeddings: torch.Tensor, records: list[dict], max_queries: int = 2000, seed: int = 0,
               novelty_embeddings: torch.Tensor | None = None, precision: float | None = None,
               margin_weights: Sequence[float] = MARGIN_WEIGHTS,
-              trained_species: Collection[str] | None = None) -> Calibration:
+              trained_species: Collection[str] | None = None,
+              confidence: float = PRECISION_CONFIDENCE) -> Calibration:
     """Per-rank thresholds of a library (see the module doc). The species threshold is on the
     cosine of `novelty_embeddings` (unit vectors, one per record; `embeddings` when None).
     `precision`: thresholds set for that precision instead of balanced accuracy (`precision_threshold`);
     `margin_weights`: those tried (`choose_margin_weight`; (0.0,): the similarity alone);
-    `trained_species`: the species the model trained on, None where unknown (`calibration_sample`).
+    `trained_species`: the species the model trained on, None where unknown (`calibration_sample`);
+    `confidence`: how sure a stated precision must be borne out (`precision_threshold`).
 
     Usage:
         calibration = calibrate(embeddings, records, trained_species=model.config.trained_species)
@@ -441,15 +443,16 @@ def calibrate(embeddings: torch.Tensor, records: list[dict], max_queries: int = 
     novelty = nearest_held_out(novelty_embeddings, taxa, queries) if apart else placing
     answers = {rank: answers_at(records, rank, queries, sample.shared, novelty if rank == "species" else placing)
                for rank in RANKS}
-    return calibration_from_answers(answers, held_out_rank, precision, margin_weights, sample)
+    return calibration_from_answers(answers, held_out_rank, precision, margin_weights, sample, confidence)
 
 
 def calibration_from_answers(answers: dict[str, Answers], held_out_rank: str | None,
                              precision: float | None = None, margin_weights: Sequence[float] = MARGIN_WEIGHTS,
-                             sample: CalibrationSample | None = None) -> Calibration:
-    """Per-rank thresholds (balanced, or for `precision`), methods, counts, precision curves and
-    margin weights (`choose_margin_weight`) from each rank's right and wrong calibration answers;
-    `sample`: the references they came from, kept as `Calibration.sample` ({} where None).
+                             sample: CalibrationSample | None = None,
+                             confidence: float = PRECISION_CONFIDENCE) -> Calibration:
+    """Per-rank thresholds (balanced, or for `precision` at `confidence`), methods, counts, precision
+    curves and margin weights (`choose_margin_weight`) from each rank's right and wrong calibration
+    answers; `sample`: the references they came from, kept as `Calibration.sample` ({} where None).
 
     Usage:
         calibration = calibration_from_answers({rank: answers_at(rank) for rank in RANKS}, "species", sample=sample)
@@ -457,8 +460,8 @@ def calibration_from_answers(answers: dict[str, Answers], held_out_rank: str | N
     thresholds, methods, counts, curves, weights = {}, {}, {}, {}, {}
     for rank, found in answers.items():
         right, wrong = found.decided(rank)
-        weight = 0.0 if rank == "species" else choose_margin_weight(found, precision, margin_weights)
-        thresholds[rank], methods[rank] = _rank_cut(found, rank, precision, weight)
+        weight = 0.0 if rank == "species" else choose_margin_weight(found, precision, margin_weights, confidence)
+        thresholds[rank], methods[rank] = _rank_cut(found, rank, precision, weight, confidence)
         counts[rank] = (len(found.right), len(found.wrong))
         curves[rank] = precision_curve(confidences(right, weight), confidences(wrong, weight))
         weights[rank] = weight
@@ -466,16 +469,17 @@ def calibration_from_answers(answers: dict[str, Answers], held_out_rank: str | N
                        sample.to_dict() if sample is not None else {})
 
 
-def _rank_cut(found: Answers, rank: str, precision: float | None, weight: float) -> tuple[float, str]:
+def _rank_cut(found: Answers, rank: str, precision: float | None, weight: float,
+              confidence: float = PRECISION_CONFIDENCE) -> tuple[float, str]:
     """(threshold, method) of one rank on the confidences at `weight`."""
     if precision is None:
         return rank_threshold(confidences(found.right, weight), confidences(found.wrong, weight))
     right, wrong = found.decided(rank)
-    return precision_threshold(confidences(right, weight), confidences(wrong, weight), precision)
+    return precision_threshold(confidences(right, weight), confidences(wrong, weight), precision, confidence)
 
 
 def choose_margin_weight(found: Answers, precision: float | None = None,
-                         weights: Sequence[float] = MARGIN_WEIGHTS) -> float:
+                         weights: Sequence[float] = MARGIN_WEIGHTS, confidence: float = PRECISION_CONFIDENCE) -> float:
     """The weight among `weights` whose threshold does best on a placing rank's answers:
     the highest balanced accuracy, or with `precision` the most held-out answers given at it; 0
     (the similarity alone) where there is nothing to choose by or on a tie.
@@ -489,7 +493,7 @@ def choose_margin_weight(found: Answers, precision: float | None = None,
             value = _best_cut(confidences(found.right, weight), confidences(found.wrong, weight))[1]
         else:
             right, wrong = confidences(found.held_right, weight), confidences(found.held_wrong, weight)
-            cut, method = precision_threshold(right, wrong, precision)
+            cut, method = precision_threshold(right, wrong, precision, confidence)
             value = sum(score >= cut for score in right + wrong) if method == "precision" else math.nan
         if value > best_value:  # NaN (nothing to choose by) never is
             best_weight, best_value = weight, value
