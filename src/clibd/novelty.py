@@ -77,8 +77,8 @@ MIN_UNTRAINED_REFERENCES = 200
 PRECISION_CONFIDENCE = 0.95
 METHODS = {
     "separates": "separates right from wrong answers",
-    "precision": "the lowest confidence at which answers reach the asked precision",
-    "precision unreachable": "no confidence gives the asked precision: set above every answer",
+    "precision": "the lowest confidence at which answers bear out the asked precision (its lower bound)",
+    "precision unreachable": "no confidence's answers bear out the asked precision: set above every answer",
     "above wrong": "only wrong answers to learn from: set above 99 % of them",
     "below right": "only right answers to learn from: set below 99 % of them",
     "none": "nothing to learn from: no answer is given at this rank or below",
