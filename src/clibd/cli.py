@@ -256,8 +256,8 @@ def _add_index_commands(commands: argparse._SubParsersAction) -> None:
                             "them out, warn and list them in the index's skipped.tsv")
     build.add_argument("--precision", type=float,
                        help="set each rank's threshold so that answers are right at least this often on species "
-                            "held out of the library at calibration (e.g. 0.95); default: the threshold that best "
-                            "separates right from wrong answers")
+                            "held out of the library at calibration, borne out at 95 %% confidence (e.g. 0.95); "
+                            "default: the threshold that best separates right from wrong answers")
     build.add_argument("--identity-cutoff", type=float,
                        help="DNA: a reference at least this identical (aligned) names the species (default 0.97)")
     build.add_argument("--novel-named", type=float,
