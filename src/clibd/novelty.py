@@ -20,6 +20,12 @@ weight is chosen at calibration among `MARGIN_WEIGHTS` (0: the similarity alone)
 threshold does best on the calibration answers (balanced accuracy, or the most answers at the
 asked precision); chosen on validation species: bench/README.md.
 
+With a stated precision (`precision`), a rank's threshold is the lowest confidence from which the
+calibration answers are right at least that often, borne out at `PRECISION_CONFIDENCE`: the
+one-sided Wilson lower bound of their precision, not the observed precision, must reach it
+(`precision_threshold`), so that a few hundred answers from a few dozen species do not state more
+than they show.
+
 Which references are held out: where the model says which species it trained on
 (`CLIBDConfig.trained_species`) and the library holds at least `MIN_UNTRAINED_SPECIES` others
 (`MIN_UNTRAINED_REFERENCES` references of them), only those others. A species the model trained
