@@ -9,7 +9,7 @@ test-unseen keys; queries: the validation-unseen species, which no reference hol
 built once, then calibrated again in memory per setting and the queries identified: thresholds that
 best separate right from wrong answers (the default) or set for a stated precision (borne out at
 each `--precision-confidence`: 0.5, the observed precision reaches it; 0.95, the default, its
-one-sided Wilson lower bound does; `clibd.novelty.precision_threshold`), each compared
+one-sided Wilson lower bound does; `clibd.thresholds.precision_threshold`), each compared
 with the similarity alone (`margin_weights=(0.0,)`) or with the confidence
 `clibd.novelty.rank_confidence` (similarity + a weight chosen at calibration times the taxon
 margin), holding out any of the library's species at calibration or only those the model did not
@@ -27,7 +27,8 @@ from species_check import over_val_splits, split_parser
 from clibd.evaluation.novel_species import reference_taxa
 from clibd.evaluation.tool_comparison import PLACED, answer_rates, prediction_answer
 from clibd.identify import Identifier
-from clibd.novelty import MARGIN_WEIGHTS, PRECISION_CONFIDENCE, calibrate
+from clibd.novelty import MARGIN_WEIGHTS, calibrate
+from clibd.thresholds import PRECISION_CONFIDENCE
 from clibd.towers.parts import select_parts
 
 

@@ -13,7 +13,7 @@ LAYERS = [
     ("data", ["data"]),
     ("model", ["configuration_clibd", "towers", "lora", "modeling_clibd", "loss", "objectives", "attention"]),
     ("retrieval", ["retrieval", "checked_embedding"]),
-    ("index", ["novelty", "species_check", "index", "index_store", "index_build", "pair_calibration", "library",
+    ("index", ["thresholds", "novelty", "species_check", "index", "index_store", "index_build", "pair_calibration", "library",
                "library_build"]),
     ("identify and evaluation", ["prediction", "predictions_tsv", "query_plan", "identify", "evaluation"]),
     ("training", ["training"]),

@@ -19,9 +19,11 @@ from clibd.data import read_records
 from clibd.identify import Hit, Identifier, identify_to_tsv, prediction_columns, read_predictions_tsv
 from clibd.index import ReferenceIndex, add_to_index, build_index
 from clibd.novelty import (
-    best_threshold,
     calibrate,
     calibrate_thresholds,
+)
+from clibd.thresholds import (
+    best_threshold,
     precision_at,
     precision_curve,
     precision_threshold,

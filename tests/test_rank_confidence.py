@@ -15,11 +15,11 @@ from clibd.novelty import (
     Answers,
     calibration_from_answers,
     choose_margin_weight,
-    precision_at,
     rank_confidence,
     taxon_margin,
 )
 from clibd.prediction import predict
+from clibd.thresholds import precision_at
 
 
 def test_taxon_margin_reads_the_first_other_taxon():

@@ -160,7 +160,7 @@ class ReferenceIndex:
 
     @property
     def precision_curves(self) -> dict[str, list[tuple[float, float]]]:
-        """Per rank, the calibrated precision of answers by confidence (`clibd.novelty.precision_curve`)."""
+        """Per rank, the calibrated precision of answers by confidence (`clibd.thresholds.precision_curve`)."""
         recalibrated = self._recalibrated
         return recalibrated.curves if recalibrated else self.meta.get("precision_curves", {})
 

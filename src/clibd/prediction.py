@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .constants import RANKS
-from .novelty import precision_at
+from .thresholds import precision_at
 
 COMMENT = "# "  # provenance lines of a predictions TSV
 

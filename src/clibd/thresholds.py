@@ -1,0 +1,121 @@
+"""Thresholds learned from right and wrong answers: the cut that best separates them, the lowest
+cut whose answers bear out a stated precision, and the precision curve `identify` reads per answer.
+
+`clibd.novelty` calibrates a library with them; they know nothing of embeddings or records.
+
+Usage:
+    best_threshold(right_similarities, wrong_similarities)                 # e.g. 0.87
+    cut, method = precision_threshold(right_similarities, wrong_similarities, 0.98)
+    precision_at(precision_curve(right_similarities, wrong_similarities), 0.91)
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+
+import torch
+
+# Share of the one kind of answer a one-sided threshold gets wrong (`clibd.novelty`'s module doc).
+ONE_SIDED_QUANTILE = 0.01
+# One-sided confidence that a stated precision's answers are right at least that often on the
+# calibration answers (`precision_threshold`): the observed precision alone (0.5) was 0.7 to 2
+# points short on species held out of calibration (bench/README.md, chosen on validation species).
+PRECISION_CONFIDENCE = 0.95
+
+
+def best_threshold(known: list[float], novel: list[float]) -> float:
+    """The cut that best separates `known` (>= cut) from `novel` (< cut), by balanced accuracy."""
+    return best_cut(known, novel)[0]
+
+
+def best_cut(known: list[float], novel: list[float]) -> tuple[float, float]:
+    """(cut, balanced accuracy sum) of `best_threshold`; the lowest cut of the best score wins."""
+    if not known or not novel:
+        return float("nan"), float("nan")
+    known_t, novel_t = torch.tensor(sorted(known), dtype=torch.float64), torch.tensor(sorted(novel), dtype=torch.float64)
+    candidates = torch.unique(torch.cat([known_t, novel_t]))  # sorted ascending
+    known_above = 1 - torch.searchsorted(known_t, candidates).double() / len(known_t)  # share >= cut
+    novel_below = torch.searchsorted(novel_t, candidates).double() / len(novel_t)  # share < cut
+    scores = known_above + novel_below
+    at = int(torch.argmax(scores))  # the first of equal scores: the lowest cut
+    # Put the cut midway to the next lower value so that it is not fitted to one sample.
+    cut = (candidates[at] + candidates[at - 1]) / 2 if at > 0 else candidates[at]
+    return float(cut), float(scores[at])
+
+
+def rank_threshold(right: list[float], wrong: list[float]) -> tuple[float, str]:
+    """(threshold, method) for one rank from the similarities of its right and wrong answers."""
+    if right and wrong:
+        return best_threshold(right, wrong), "separates"
+    if wrong:  # just above all but ONE_SIDED_QUANTILE of the wrong answers
+        cut = torch.quantile(torch.tensor(wrong, dtype=torch.float64), 1 - ONE_SIDED_QUANTILE).item()
+        return math.nextafter(cut, math.inf), "above wrong"
+    if right:
+        return torch.quantile(torch.tensor(right, dtype=torch.float64), ONE_SIDED_QUANTILE).item(), "below right"
+    return float("nan"), "none"
+
+
+def precision_threshold(right: list[float], wrong: list[float], precision: float,
+                        confidence: float = PRECISION_CONFIDENCE) -> tuple[float, str]:
+    """(threshold, method): the lowest cut at which the answers with similarity >= cut are right
+    at least `precision` of the time, at one-sided `confidence` (the Wilson score lower bound of
+    their precision reaches `precision`; confidence 0.5: the observed precision does); above every
+    answer when no cut is ("precision unreachable"), NaN when there are no answers.
+
+    Usage:
+        cut, method = precision_threshold(right_similarities, wrong_similarities, 0.98)
+    """
+    scored = sorted([(s, 1) for s in right] + [(s, 0) for s in wrong], reverse=True)
+    if not scored:
+        return float("nan"), "none"
+    z = NormalDist().inv_cdf(confidence)
+    cut, n_right = None, 0
+    for n, (sim, ok) in enumerate(scored, start=1):
+        n_right += ok
+        at_boundary = n == len(scored) or scored[n][0] < sim  # cut between distinct values only
+        if at_boundary and wilson_lower_bound(n_right, n, z) >= precision:
+            cut = sim
+    if cut is None:
+        return math.nextafter(scored[0][0], math.inf), "precision unreachable"
+    return cut, "precision"
+
+
+def wilson_lower_bound(successes: int, trials: int, z: float) -> float:
+    """The Wilson score interval's lower end for a proportion of `successes` in `trials` at `z`
+    standard deviations (z = 0: the observed proportion).
+
+    Usage:
+        wilson_lower_bound(98, 100, 1.645)   # 0.94...
+    """
+    p, z2 = successes / trials, z * z
+    centre = p + z2 / (2 * trials)
+    spread = z * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials))
+    return (centre - spread) / (1 + z2 / trials)
+
+
+def precision_curve(right: list[float], wrong: list[float], points: int = 128) -> list[tuple[float, float]]:
+    """[(similarity, precision of the answers at or above it)] at up to `points` similarities
+    (quantiles of the answers), highest first: what `precision_at` reads for one query.
+
+    Usage:
+        curve = precision_curve(right, wrong); precision_at(curve, 0.91)
+    """
+    scored = sorted([(s, 1) for s in right] + [(s, 0) for s in wrong], reverse=True)
+    if not scored:
+        return []
+    keep = sorted({round(i * (len(scored) - 1) / max(points - 1, 1)) for i in range(points)})
+    n_right, curve, wanted = 0, [], set(keep)
+    for n, (sim, ok) in enumerate(scored):
+        n_right += ok
+        if n in wanted:
+            curve.append((round(sim, 6), round(n_right / (n + 1), 4)))
+    return curve
+
+
+def precision_at(curve: list[tuple[float, float]], similarity: float) -> float:
+    """The calibrated precision of an answer at `similarity`: that of the calibration answers at or
+    above it, read at the curve point at or just above it (exact for a curve of every answer);
+    above the curve, its highest point's; NaN without a curve."""
+    above = [precision for sim, precision in curve if sim >= similarity]
+    return above[-1] if above else (curve[0][1] if curve else float("nan"))
