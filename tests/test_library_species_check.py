@@ -117,7 +117,7 @@ def test_index_build_options_reach_the_librarys_check(model, records, tmp_path):
 
 
 def test_add_and_recalibrate_keep_the_barcodes_and_the_check(model, records, tmp_path):
-    rows = records["many_each"]
+    rows = records["many_each"][:120]  # enough species with two references to calibrate on, and fast
     half = len(rows) // 2
     build_library(model, rows[:half], MODALITIES, tmp_path / "refs", progress=False,
                   species_check={"novel_named": 0.05})
@@ -140,7 +140,11 @@ def test_add_and_recalibrate_keep_the_barcodes_and_the_check(model, records, tmp
 
 
 def test_a_library_of_an_older_clibd_works_without_a_check(libraries, records, model, tmp_path):
-    checked, _ = libraries
+    checked, plain = libraries
+    # one built with species_check=False stays without it when recalibrated
+    shutil.copytree(plain.directory, tmp_path / "plain")
+    assert recalibrate_index(tmp_path / "plain").key_sets["dna"].species_check is None
+    assert json.loads((tmp_path / "plain" / "index.json").read_text())["keys"]["dna"]["species_check"] is False
     assert checked.key_sets["dna"].species_check is not None
     shutil.copytree(checked.directory, tmp_path / "old")
     (tmp_path / "old" / "barcodes.tsv").unlink()  # an older clibd kept no barcodes and stored no check
