@@ -136,7 +136,7 @@ def build_index(model_dir: str | os.PathLike, records: list[dict], modality: str
     `candidates`, `novel_named`, `margin_weight`), kept by `add_to_index` and `recalibrate_index`; False: the
     embedding alone decides, as before.
     Several modalities (e.g. ["image", "dna", "text"]): a multi-modal library
-    (`clibd.library_build.build_library`, which this returns).
+    (`clibd.library_build.build_library`, which this returns; `species_check` is its DNA keys').
 
     Usage:
         index = build_index("runs/demo/best", read_records("refs.tsv"), "dna", "refs/")
@@ -145,12 +145,8 @@ def build_index(model_dir: str | os.PathLike, records: list[dict], modality: str
         if len(modality) != 1 or modality[0] == "text":
             from .library_build import build_library
 
-            if species_check is not True:
-                logger.warning("%s: a multi-modal library has no species check (single-modality DNA indexes only): "
-                               "the species check options are not used", out)
-
             return build_library(model_dir, records, list(modality), out, batch_size, calibrate, progress,
-                                 on_bad_input, precision)
+                                 on_bad_input, precision, species_check)
         modality = modality[0]
     if modality not in SINGLE_MODALITIES:
         raise ValueError(f"a single-modality index holds {' or '.join(SINGLE_MODALITIES)} embeddings, not "

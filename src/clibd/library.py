@@ -410,7 +410,8 @@ class ReferenceLibrary:
 
 def key_meta(meta: dict, modality: str, count: int) -> dict:
     """The `meta` a library's key set carries as a `ReferenceIndex`: the model, its parts, count,
-    and (one modality) the calibration of its own modality's queries.
+    (one modality) the calibration of its own modality's queries, and (DNA keys) their species
+    check, which `ReferenceIndex.species_check` reads with the folder's `barcodes.tsv`.
 
     Usage:
         ReferenceIndex(directory, key_meta(meta, "dna", len(dna_records)), embeddings, dna_records)
@@ -421,4 +422,5 @@ def key_meta(meta: dict, modality: str, count: int) -> dict:
             "build_id": meta.get("build_id"), "count": count, "dim": meta.get("dim"),
             "parts": keys.get("parts", [EmbeddingPart("embedding", meta.get("dim", 0)).to_dict()]),
             "calibration": own.get("calibration", {}), "thresholds": own.get("thresholds", {}),
-            "precision_curves": own.get("precision_curves", {}), "margin_weights": own.get("margin_weights", {})}
+            "precision_curves": own.get("precision_curves", {}), "margin_weights": own.get("margin_weights", {}),
+            **({"species_check": keys["species_check"]} if "species_check" in keys else {})}

@@ -3,7 +3,10 @@
 Each record is embedded for every key modality it carries (a photo: an image key; a barcode: a
 DNA key); text keys are the distinct taxa of the records at every rank. Then every (query, keys)
 pair the library can calibrate is calibrated (`clibd.pair_calibration`) and stored with the IS+DU
-threshold, and the folder is written atomically.
+threshold, and the folder is written atomically. The DNA keys' barcodes are kept (`barcodes.tsv`,
+id and dna in DNA key order, as a DNA index keeps its own) and their species check
+(`clibd.species_check`) is calibrated on them and stored under `keys.dna.species_check` in
+`index.json`, so DNA queries against the DNA keys are settled by alignment where they can be.
 
 Usage:
     library = build_library("runs/tiny", records, ["image", "dna", "text"], "refs/")
@@ -27,13 +30,22 @@ from . import __version__
 from .atomic import atomic_directory, atomic_write_text
 from .checked_embedding import embed_checked
 from .constants import MODALITIES, RANKS
-from .index import RECORD_COLUMNS, ReferenceIndex, embed_in_shards, load_model, trained_species_meta
+from .index import (
+    BARCODES_FILE,
+    RECORD_COLUMNS,
+    ReferenceIndex,
+    embed_in_shards,
+    load_model,
+    trained_species_meta,
+)
 from .index_build import _checked_precision, _skip
 from .library import ReferenceLibrary, key_meta, keys_name, pair_entry, pair_name, report_calibration
 from .modeling_clibd import CLIBDModel
 from .processing import CLIBDProcessor
 from .processing.taxonomy import taxonomy_text
 from .retrieval import launched_processes
+from .species_check import calibrated_options, species_check_options
+from .towers.parts import EmbeddingPart, whole
 
 logger = logging.getLogger(__name__)
 SPECIMEN_MODALITIES = ("image", "dna")  # key modalities embedded from a record's own photo / barcode
@@ -113,9 +125,10 @@ def _check_towers(model: CLIBDModel, modalities: list[str]) -> None:
 
 def build_library(model_dir: str | os.PathLike, records: list[dict], modalities: list[str], out: str | os.PathLike,
                   batch_size: int = 256, calibrate: bool = True, progress: bool = True, on_bad_input: str = "error",
-                  precision: float | None = None) -> ReferenceLibrary:
+                  precision: float | None = None, species_check: bool | dict = True) -> ReferenceLibrary:
     """Embed labelled records into a new library at `out` with keys of every modality in
-    `modalities` (image, dna, text); other arguments as `clibd.index.build_index`.
+    `modalities` (image, dna, text); other arguments as `clibd.index.build_index`, whose
+    `species_check` (True, options, or False) is that of the DNA keys (kept by add and recalibrate).
 
     Usage:
         library = build_library("runs/tiny", read_records("refs.tsv"), ["image", "dna", "text"], "refs/")
@@ -123,11 +136,15 @@ def build_library(model_dir: str | os.PathLike, records: list[dict], modalities:
     model, processor, digest = load_model(model_dir)
     modalities = keys_name(modalities).split()
     _check_towers(model, modalities)
+    check = species_check_options(species_check)  # bad options raise before anything is embedded
+    if species_check is not True and "dna" not in modalities:
+        logger.warning("%s: the library has no DNA keys: the species check options are not used", out)
     records, skipped = _screen(records, modalities, set(), _skip(on_bad_input))
     meta = {"clibd_version": __version__, "model": str(Path(model_dir).resolve()), "model_hash": digest,
             "format": 2, "modalities": modalities, "modality": modalities[0],
             "dim": model.config.projection_dim, "precision": _checked_precision(precision),
-            "keys": {m: {"parts": [p.to_dict() for p in model.embedding_parts(m)]} for m in modalities},
+            "keys": {m: {"parts": [p.to_dict() for p in model.embedding_parts(m)],
+                         **({"species_check": check} if m == "dna" else {})} for m in modalities},
             **trained_species_meta(model)}
     keys = _new_keys(model, processor, records, 0, modalities, Path(out), batch_size, progress,
                      on_bad_input == "skip", skipped, known_taxa=set())
@@ -163,7 +180,8 @@ def add_to_library(directory: str | os.PathLike, records: list[dict], replace: b
     old = list(library.records)
     incoming = {r["id"] for r in records} if replace else set()
     kept_at = {i: n for n, i in enumerate(i for i, r in enumerate(old) if r["id"] not in incoming)}
-    kept_records = [old[i] for i in kept_at]
+    barcodes = _held_barcodes(library)
+    kept_records = [{**old[i], "dna": barcodes[i]} if i in barcodes else old[i] for i in kept_at]
     keys = {}
     for modality, index in library.key_sets.items():
         if modality == "text":
@@ -184,6 +202,15 @@ def add_to_library(directory: str | os.PathLike, records: list[dict], replace: b
     if "text" in keys:  # a taxon whose last record was replaced or relabelled is no longer a key
         keys["text"] = _present_taxa(*keys["text"], kept_records + new)
     return _finish(Path(directory), dict(library.meta), kept_records + new, keys, skipped, recalibrate)
+
+
+def _held_barcodes(library: ReferenceLibrary) -> dict[int, str]:
+    """Record position -> barcode of the library's DNA keys ({}: no DNA keys, or a library from
+    before barcodes were kept, whose keys then have none and so no species check)."""
+    dna = library.key_sets.get("dna")
+    if dna is None or not dna.barcodes:
+        return {}
+    return dict(zip(library.owners["dna"].tolist(), dna.barcodes, strict=True))
 
 
 def _present_taxa(embeddings: torch.Tensor, taxa: list[dict], records: list[dict]) -> tuple[torch.Tensor, list[dict]]:
@@ -245,6 +272,10 @@ def _write_library(directory: Path, meta: dict, records: list[dict], keys: dict,
     meta["keys"] = {m: {**meta["keys"].get(m, {}), "count": len(rows)} for m, (_, rows) in keys.items()}
     if calibrate:
         meta |= calibrate_library(_in_memory(directory, meta, records, keys), meta.get("precision"))
+        if "dna" in keys:
+            dna, rows = keys["dna"]
+            meta["keys"]["dna"] = species_check_entry(directory, meta["keys"]["dna"], dna,
+                                                      [records[i] for i in rows.tolist()])
     with atomic_directory(directory) as tmp:
         if skipped:
             with open(tmp / "skipped.tsv", "w", newline="") as f:
@@ -255,9 +286,30 @@ def _write_library(directory: Path, meta: dict, records: list[dict], keys: dict,
         _write_table(tmp / "records.tsv", records)
         if "text" in keys:
             _write_table(tmp / "taxa.tsv", keys["text"][1])
+        dna_records = [records[i] for i in keys["dna"][1].tolist()] if "dna" in keys else []
+        if any(r.get("dna") for r in dna_records):  # as a DNA index: unknown ones ("") from an older library
+            with open(tmp / BARCODES_FILE, "w", newline="") as f:
+                writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+                writer.writerow(["id", "dna"])
+                writer.writerows([r["id"], r.get("dna", "")] for r in dna_records)
         (tmp / "index.json").write_text(json.dumps({**meta, "count": len(records), "build_id": uuid.uuid4().hex},
                                                    indent=2))
     shutil.rmtree(directory.with_name(f".{directory.name}.partial"), ignore_errors=True)
+
+
+def species_check_entry(directory: Path, entry: dict, embeddings: torch.Tensor, records: list[dict]) -> dict:
+    """The DNA keys' `index.json` entry with their species check calibrated on `records` (the DNA
+    keys' records, each with its `dna`) with the options the entry keeps (`calibrated_options`);
+    as it is where the check was asked to be left out (False).
+
+    Usage:
+        meta["keys"]["dna"] = species_check_entry(Path("refs"), meta["keys"]["dna"], dna_keys, dna_records)
+    """
+    asked = entry.get("species_check", {})
+    if asked is False or not records:  # asked for none, or no DNA key to calibrate it on (yet)
+        return entry
+    parts = [EmbeddingPart.from_dict(p) for p in entry["parts"]] if "parts" in entry else whole(embeddings.shape[1])
+    return {**entry, "species_check": calibrated_options(embeddings, records, parts, directory, asked or {})}
 
 
 def _write_table(path: Path, records: list[dict]) -> None:
@@ -268,7 +320,8 @@ def _write_table(path: Path, records: list[dict]) -> None:
 
 
 def recalibrate_library(directory: str | os.PathLike, precision: float | None = None) -> ReferenceLibrary:
-    """Calibrate every pair of a library again (no model needed) and rewrite its `index.json` only.
+    """Calibrate every pair of a library again, and its DNA keys' species check (no model needed),
+    and rewrite its `index.json` only.
 
     Usage:
         recalibrate_library("refs/", precision=0.95)
@@ -278,5 +331,10 @@ def recalibrate_library(directory: str | os.PathLike, precision: float | None = 
     meta["precision"] = _checked_precision(precision) if precision is not None else meta.get("precision")
     library.meta = meta
     meta |= calibrate_library(library, meta["precision"])
+    dna = library.key_sets.get("dna")
+    if dna is not None:  # a library from before barcodes were kept: calibrated_options warns, stores no check
+        records = dna.records_with_barcodes() if dna.barcodes else list(dna.records)
+        meta["keys"] = {**meta["keys"], "dna": species_check_entry(library.directory, meta["keys"]["dna"],
+                                                                   dna.embeddings, records)}
     atomic_write_text(library.directory / "index.json", json.dumps(meta, indent=2))
     return ReferenceLibrary.load(directory)
