@@ -66,6 +66,8 @@ def test_library_keeps_its_dna_keys_barcodes_and_calibrated_check(libraries, rec
     # only the DNA keys carry it: the text keys and stacked keys answer by the embedding alone
     assert "species_check" not in checked.key_sets["text"].meta
     assert checked.keys(["dna", "text"]).species_check is None
+    # the folder's barcodes.tsv is the DNA keys': other key sets read none from it
+    assert checked.key_sets["text"].barcodes == [] and checked.keys(["dna", "text"]).barcodes == []
     # species_check=False: the barcodes are kept (as a DNA index keeps them), no check is calibrated
     assert plain.key_sets["dna"].species_check is None and plain.key_sets["dna"].barcodes == keys.barcodes
     assert json.loads((plain.directory / "index.json").read_text())["keys"]["dna"]["species_check"] is False

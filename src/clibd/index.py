@@ -192,9 +192,10 @@ class ReferenceIndex:
 
     @cached_property
     def barcodes(self) -> list[str]:
-        """The reference barcodes of a DNA index in record order ("" where unknown; [] without any)."""
+        """The reference barcodes of a DNA index (or a library's DNA keys) in record order ("" where
+        unknown; [] without any, and for keys of another modality, whose folder may hold a library's)."""
         path = self.directory / BARCODES_FILE
-        if not path.exists():
+        if self.meta.get("modality") != "dna" or not path.exists():
             return []
         table = RecordTable.read(path)
         if table.column("id") != self.labels("id"):
