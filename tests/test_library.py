@@ -79,6 +79,11 @@ def test_photo_queries_against_each_key_set(library, records, library_model_dir)
     assert all(h.id.count(" ") >= 3 and h.modality == "text" for p in to_text for h in p.hits)
     stacked = identifier.identify(photos, keys=["image", "dna"], query="image", top_k=200)
     assert {h.modality for h in stacked[0].hits} == {"image", "dna"}
+    kind_of, images = library.key_modality(["dna", "image"]), len(library.key_sets["image"].records)
+    assert (kind_of(images - 1), kind_of(images)) == ("image", "dna")  # image keys first, then DNA keys
+    for outside in (-1, images + len(library.key_sets["dna"].records)):
+        with pytest.raises(IndexError):
+            kind_of(outside)
     assert len(stacked[0].hits) == len(library.key_sets["image"].records) + len(library.key_sets["dna"].records)
     # the photo's own image key is its nearest image key (a record is in the library): similarity 1
     to_image = identifier.identify(photos, keys=["image"], query="image", top_k=1)

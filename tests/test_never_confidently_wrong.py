@@ -236,6 +236,8 @@ def test_answers_at_a_stated_precision_report_it_per_rank(dna_model, records, tm
     assert strict.meta["precision"] == 0.9 and set(strict.meta["calibration"].values()) <= {
         "precision", "precision unreachable", "below right"}
     predictions = Identifier.load(tmp_path / "strict").identify(records["absent"])
+    assert strict.meta["precision_confidence"] == 0.95 and balanced.meta["precision_confidence"] is None
+    assert "for precision 0.9, borne out at 95% confidence" in Identifier.load(tmp_path / "strict").provenance_line()
     answered = [p for p in predictions if p.answer["order"]]
     assert answered and all(p.precision["order"] >= 0.9 for p in answered)  # the precision it was set for
     assert all(set(p.precision) == {rank for rank in RANKS if p.answer[rank]} for p in predictions)

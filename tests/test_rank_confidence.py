@@ -19,7 +19,7 @@ from clibd.novelty import (
     taxon_margin,
 )
 from clibd.prediction import predict
-from clibd.thresholds import precision_at
+from clibd.thresholds import PRECISION_CONFIDENCE, precision_at
 
 
 def test_taxon_margin_reads_the_first_other_taxon():
@@ -61,6 +61,23 @@ def test_margin_weight_chosen_where_it_separates_right_from_wrong():
     assert choose_margin_weight(flat) == 0.0 and choose_margin_weight(flat, precision=0.9) == 0.0
     assert choose_margin_weight(_answers(RIGHT, [])) == 0.0  # nothing to choose by
     assert MARGIN_WEIGHTS[0] == 0.0
+
+
+def test_a_stated_precision_is_borne_out_at_the_confidence_asked():
+    # 300 right answers above 0.8, 5 wrong among the highest: observed precision 300/305 = 0.984
+    right = [(0.80 + 0.0005 * i, 0.10) for i in range(300)]
+    wrong = [(0.90 + 0.005 * i, 0.10) for i in range(5)]
+    found = {rank: _answers(right, wrong) for rank in RANKS}
+    observed = calibration_from_answers(found, "species", precision=0.98, confidence=0.5)
+    bound = calibration_from_answers(found, "species", precision=0.98)  # PRECISION_CONFIDENCE
+    assert observed.confidence == 0.5 and bound.confidence == PRECISION_CONFIDENCE == 0.95
+    assert observed.thresholds["genus"] == 0.8 and observed.methods["genus"] == "precision"
+    # 0.984 observed is not 0.98 at 95 %: no cut of these answers bears it out, so the rank answers nothing
+    assert bound.methods["genus"] == "precision unreachable" and bound.thresholds["genus"] == math.inf
+    assert any("takes at least 133 right answers" in line for line in bound.warnings())
+    assert calibration_from_answers(found, "species").confidence is None  # no stated precision
+    with pytest.raises(ValueError, match="confidence"):
+        calibration_from_answers(found, "species", precision=0.98, confidence=0.3)
 
 
 def test_predict_compares_thresholds_with_the_confidence():

@@ -305,6 +305,9 @@ class Identifier:
                                for pair_thresholds, _, weights in (library.pair_rule(*pair) for pair in pairs))
         if plan.strategy != "is-du" and library.calibration_sample(plan.query, plan.keys).get("untrained_only"):
             thresholds += " (set on the species the model did not train on)"  # IS+DU's switch holds out any
+        confidence = library.precision_confidence(plan.query, plan.keys) if plan.strategy != "is-du" else None
+        if confidence is not None:
+            thresholds += f" (for precision {library.meta['precision']}, borne out at {confidence:.0%} confidence)"
         held = ", ".join(f"{len(library.key_sets[m].records)} {m}" for m in library.modalities)
         check = library.keys(plan.keys).species_check if plan.keys == ("dna",) == (plan.query,) else None
         if check:

@@ -48,18 +48,39 @@ def _write_index(directory: Path, meta: dict, embeddings: torch.Tensor, records:
             with open(tmp / "skipped.tsv", "w", newline="") as f:
                 f.write("id\treason\n" + "".join(f"{i}\t{' '.join(why.split())}\n" for i, why in skipped))
         save_file({meta["modality"]: embeddings.to(torch.float16).contiguous()}, tmp / "embeddings.safetensors")
-        with open(tmp / "records.tsv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=RECORD_COLUMNS, delimiter="\t", extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows({c: r.get(c, "") for c in RECORD_COLUMNS} for r in records)
-        if meta["modality"] == "dna" and any(r.get("dna") for r in records):
-            with open(tmp / BARCODES_FILE, "w", newline="") as f:
-                writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-                writer.writerow(["id", "dna"])
-                writer.writerows([r["id"], r.get("dna", "")] for r in records)
+        write_records(tmp / "records.tsv", records)
+        if meta["modality"] == "dna":
+            write_barcodes(tmp / BARCODES_FILE, records)
         # a new id for every write of the embeddings: what a persisted faiss file is keyed to
         (tmp / "index.json").write_text(json.dumps({**meta, "count": len(records), "build_id": uuid.uuid4().hex},
                                                    indent=2))
+
+
+def write_records(path: Path, records: Sequence[dict]) -> None:
+    """`records` as a TSV of `RECORD_COLUMNS` (an index's or library's records.tsv, taxa.tsv).
+
+    Usage:
+        write_records(tmp / "records.tsv", records)
+    """
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RECORD_COLUMNS, delimiter="\t", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({c: r.get(c, "") for c in RECORD_COLUMNS} for r in records)
+
+
+def write_barcodes(path: Path, records: Sequence[dict]) -> None:
+    """Each record's id and barcode ("" where unknown) as `BARCODES_FILE`, what the species check
+    aligns with; nothing where no record has one (an index of an older clibd grown by `add`).
+
+    Usage:
+        write_barcodes(tmp / BARCODES_FILE, dna_key_records)
+    """
+    if not any(r.get("dna") for r in records):
+        return
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        writer.writerow(["id", "dna"])
+        writer.writerows([r["id"], r.get("dna", "")] for r in records)
 
 
 def _screen(records: list[dict], modality: str, existing: Sequence[dict], skip: bool
@@ -96,10 +117,9 @@ def _store_calibration(meta: dict, embeddings: torch.Tensor, records: list[dict]
         logger.warning("%s: threshold for %s", directory, line)
     meta = {**meta, "thresholds": calibration.thresholds, "calibration": calibration.methods,
             "precision_curves": calibration.curves, "margin_weights": calibration.margin_weights,
-            "calibration_sample": calibration.sample}
-    asked = meta.get("species_check", {})
-    if meta["modality"] == "dna" and asked is not False:
-        meta["species_check"] = calibrated_options(embeddings, records, parts, directory, asked or {})
+            "calibration_sample": calibration.sample, "precision_confidence": calibration.confidence}
+    if meta["modality"] == "dna":
+        meta["species_check"] = calibrated_options(embeddings, records, parts, directory, meta.get("species_check", {}))
     return meta
 
 

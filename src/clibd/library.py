@@ -90,7 +90,8 @@ def pair_entry(calibration: Calibration) -> dict:
     """
     return {"thresholds": calibration.thresholds, "calibration": calibration.methods,
             "precision_curves": calibration.curves, "margin_weights": calibration.margin_weights,
-            "counts": {rank: list(count) for rank, count in calibration.counts.items()}, "sample": calibration.sample}
+            "counts": {rank: list(count) for rank, count in calibration.counts.items()}, "sample": calibration.sample,
+            "precision_confidence": calibration.confidence}
 
 
 def report_calibration(directory: Path, name: str, query: str, calibration: Calibration) -> None:
@@ -278,7 +279,7 @@ class ReferenceLibrary:
         return torch.cat([self.owners[m] for m in keys_name(keys).split()])
 
     def key_modality(self, keys: Sequence[str]) -> Callable[[int], str]:
-        """Which kind each row of `keys(keys)` is (stacked keys follow `MODALITIES` order): a lookup
+        """Which kind each row of `keys(keys)` is (stacked keys follow `KEY_KINDS` order): a lookup
         made once per key set and called per hit (no key set checks per row).
 
         Usage:
@@ -321,6 +322,18 @@ class ReferenceLibrary:
         """
         return self._rule(query, keys).get("sample", {})
 
+    def precision_confidence(self, query: str, keys: Sequence[str]) -> float | None:
+        """How sure the stated precision of `query` against `keys` was borne out at calibration
+        (`clibd.thresholds.precision_threshold`); None without a stated precision, 0.5 (the observed
+        precision) for a calibration from before the bound was recorded.
+
+        Usage:
+            library.precision_confidence("dna", ["dna"])   # 0.95
+        """
+        if self.meta.get("precision") is None:
+            return None
+        return self._rule(query, keys).get("precision_confidence") or 0.5
+
     def pair_rule(self, query: str, keys: Sequence[str]) -> tuple[dict[str, float], dict[str, list], dict[str, float]]:
         """(thresholds, precision curves, margin weights) for `query` embeddings against `keys`: as
         stored in the folder, else calibrated now on the library (in memory, with a log line:
@@ -342,7 +355,8 @@ class ReferenceLibrary:
         if not self.is_library and query == keys_name(keys):  # a single-modality index's own thresholds
             index = self.key_sets[query]
             return {"thresholds": index.thresholds, "precision_curves": index.precision_curves,
-                    "margin_weights": index.margin_weights, "sample": index.meta.get("calibration_sample", {})}
+                    "margin_weights": index.margin_weights, "sample": index.meta.get("calibration_sample", {}),
+                    "precision_confidence": index.meta.get("precision_confidence")}
         if name not in self._calibrations:
             logger.info("%s: no stored calibration for %s: calibrating it now", self.directory, name)
             self._calibrations[name] = self.calibrate(query, keys, self.meta.get("precision"))

@@ -15,7 +15,6 @@ Usage:
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -32,13 +31,12 @@ from .checked_embedding import embed_checked
 from .constants import MODALITIES, RANKS
 from .index import (
     BARCODES_FILE,
-    RECORD_COLUMNS,
     ReferenceIndex,
     embed_in_shards,
     load_model,
     trained_species_meta,
 )
-from .index_build import _checked_precision, _skip
+from .index_build import _checked_precision, _skip, write_barcodes, write_records
 from .library import ReferenceLibrary, key_meta, keys_name, pair_entry, pair_name, report_calibration
 from .modeling_clibd import CLIBDModel
 from .processing import CLIBDProcessor
@@ -225,8 +223,9 @@ def _in_memory(directory: Path, meta: dict, records: list[dict], keys: dict) -> 
     for modality, (embeddings, rows) in keys.items():
         key_records = rows if modality == "text" else [records[i] for i in rows.tolist()]
         owners[modality] = torch.full((len(rows),), -1) if modality == "text" else rows
-        key_sets[modality] = ReferenceIndex(directory, key_meta(meta, modality, len(key_records)), embeddings,
-                                            key_records, key_name=modality)
+        # no species check in memory: it reads the folder's barcodes.tsv, the keys' before this write
+        own = {k: v for k, v in key_meta(meta, modality, len(key_records)).items() if k != "species_check"}
+        key_sets[modality] = ReferenceIndex(directory, own, embeddings, key_records, key_name=modality)
     return ReferenceLibrary(directory, meta, records, key_sets, owners)
 
 
@@ -283,15 +282,11 @@ def _write_library(directory: Path, meta: dict, records: list[dict], keys: dict,
         tensors = {m: e.to(torch.float16).contiguous() for m, (e, _) in keys.items()}
         tensors |= {f"{m}.rows": rows.contiguous() for m, (_, rows) in keys.items() if m != "text"}
         save_file(tensors, tmp / "embeddings.safetensors")
-        _write_table(tmp / "records.tsv", records)
+        write_records(tmp / "records.tsv", records)
         if "text" in keys:
-            _write_table(tmp / "taxa.tsv", keys["text"][1])
-        dna_records = [records[i] for i in keys["dna"][1].tolist()] if "dna" in keys else []
-        if any(r.get("dna") for r in dna_records):  # as a DNA index: unknown ones ("") from an older library
-            with open(tmp / BARCODES_FILE, "w", newline="") as f:
-                writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-                writer.writerow(["id", "dna"])
-                writer.writerows([r["id"], r.get("dna", "")] for r in dna_records)
+            write_records(tmp / "taxa.tsv", keys["text"][1])
+        if "dna" in keys:  # as a DNA index: unknown ones ("") from an older library
+            write_barcodes(tmp / BARCODES_FILE, [records[i] for i in keys["dna"][1].tolist()])
         (tmp / "index.json").write_text(json.dumps({**meta, "count": len(records), "build_id": uuid.uuid4().hex},
                                                    indent=2))
     shutil.rmtree(directory.with_name(f".{directory.name}.partial"), ignore_errors=True)
@@ -305,18 +300,11 @@ def species_check_entry(directory: Path, entry: dict, embeddings: torch.Tensor, 
     Usage:
         meta["keys"]["dna"] = species_check_entry(Path("refs"), meta["keys"]["dna"], dna_keys, dna_records)
     """
-    asked = entry.get("species_check", {})
-    if asked is False or not records:  # asked for none, or no DNA key to calibrate it on (yet)
+    if not records:  # no DNA key to calibrate it on (yet)
         return entry
     parts = [EmbeddingPart.from_dict(p) for p in entry["parts"]] if "parts" in entry else whole(embeddings.shape[1])
-    return {**entry, "species_check": calibrated_options(embeddings, records, parts, directory, asked or {})}
-
-
-def _write_table(path: Path, records: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RECORD_COLUMNS, delimiter="\t", extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({c: r.get(c, "") for c in RECORD_COLUMNS} for r in records)
+    return {**entry, "species_check": calibrated_options(embeddings, records, parts, directory,
+                                                         entry.get("species_check", {}))}
 
 
 def recalibrate_library(directory: str | os.PathLike, precision: float | None = None) -> ReferenceLibrary:

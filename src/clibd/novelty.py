@@ -67,6 +67,7 @@ import torch
 from .constants import RANKS
 from .thresholds import (
     PRECISION_CONFIDENCE,
+    answers_needed,
     best_cut,
     precision_curve,
     precision_threshold,
@@ -84,7 +85,7 @@ MIN_UNTRAINED_REFERENCES = 200
 METHODS = {
     "separates": "separates right from wrong answers",
     "precision": "the lowest confidence at which answers bear out the asked precision (its lower bound)",
-    "precision unreachable": "no confidence's answers bear out the asked precision: set above every answer",
+    "precision unreachable": "no confidence's answers bear out the asked precision: no answer at this rank or below",
     "above wrong": "only wrong answers to learn from: set above 99 % of them",
     "below right": "only right answers to learn from: set below 99 % of them",
     "none": "nothing to learn from: no answer is given at this rank or below",
@@ -166,6 +167,7 @@ class Calibration:
     precision: float | None = None
     margin_weights: dict[str, float] = field(default_factory=dict)  # rank -> weight (`rank_confidence`)
     sample: dict = field(default_factory=dict)  # what was held out (`CalibrationSample.to_dict`)
+    confidence: float | None = None  # how sure `precision` is borne out (`precision_threshold`); None without one
 
     def sample_warning(self) -> str | None:
         """Where the model's training species are known but the library holds too few others to
@@ -185,7 +187,10 @@ class Calibration:
             method = self.methods[rank]
             if method not in ("separates", "precision"):
                 right, wrong = self.counts.get(rank, (0, 0))
-                lines.append(f"{rank}: {METHODS[method]} ({right} right, {wrong} wrong calibration answers)")
+                need = (f"; stating {self.precision} at {self.confidence:.0%} confidence takes at least "
+                        f"{answers_needed(self.precision, self.confidence)} right answers above a cut, with none "
+                        "wrong, or more with a few wrong" if method == "precision unreachable" else "")
+                lines.append(f"{rank}: {METHODS[method]} ({right} right, {wrong} wrong calibration answers{need})")
         if self.held_out_rank not in (None, "species"):
             lines.append(f"no species names in the library: calibrated by holding out whole {self.held_out_rank}"
                          " taxa; identify names no species and flags every query novel")
@@ -375,7 +380,7 @@ def calibration_from_answers(answers: dict[str, Answers], held_out_rank: str | N
         curves[rank] = precision_curve(confidences(right, weight), confidences(wrong, weight))
         weights[rank] = weight
     return Calibration(thresholds, methods, counts, held_out_rank, curves, precision, weights,
-                       sample.to_dict() if sample is not None else {})
+                       sample.to_dict() if sample is not None else {}, None if precision is None else confidence)
 
 
 def _rank_cut(found: Answers, rank: str, precision: float | None, weight: float,

@@ -376,17 +376,24 @@ def species_check_options(species_check: bool | dict) -> dict | bool:
 
 
 def calibrated_options(embeddings: torch.Tensor, records: list[dict], parts: list[EmbeddingPart],
-                       directory: Path, asked: dict) -> dict:
+                       directory: Path, asked: dict | bool) -> dict | bool:
     """The calibrated species rule as an index stores it in index.json, with the
-    options `asked`; only the options (with a warning) where the library cannot calibrate it (no
-    barcodes, no species with two references), so a later `add` or `recalibrate` can.
+    options `asked` (False: none asked for, kept as is); only the options (with a warning) where
+    the library cannot calibrate it (no barcodes, no species with two references), so a later `add`
+    or `recalibrate` can.
 
     Usage:
         meta["species_check"] = calibrated_options(embeddings, records, parts, Path("refs"), {})
     """
+    if asked is False:
+        return False
+    asked = asked if isinstance(asked, dict) else {}
     options = {k: asked[k] for k in ("identity_cutoff", "candidates", "novel_named", "margin_weight") if k in asked}
-    if not all(r.get("dna") for r in records):
-        logger.warning("%s: no species check: the index does not keep every reference's barcode", directory)
+    missing = sum(not r.get("dna") for r in records)
+    if missing:
+        logger.warning("%s: no species check: %d of %d references have no barcode kept (added to an index or "
+                       "library built by an older clibd, which kept none): rebuild it with `clibd index build` to "
+                       "have the check", directory, missing, len(records))
         return options
     check = calibrate_species_check(embeddings, select_parts(embeddings, parts, "scores_novelty"), records,
                                     **options)  # chunks are made float32 as they are used

@@ -25,12 +25,20 @@ PRECISION_CONFIDENCE = 0.95
 
 
 def best_threshold(known: list[float], novel: list[float]) -> float:
-    """The cut that best separates `known` (>= cut) from `novel` (< cut), by balanced accuracy."""
+    """The cut that best separates `known` (>= cut) from `novel` (< cut), by balanced accuracy.
+
+    Usage:
+        best_threshold([0.9, 0.95], [0.6, 0.7])   # 0.8, midway between 0.7 and 0.9
+    """
     return best_cut(known, novel)[0]
 
 
 def best_cut(known: list[float], novel: list[float]) -> tuple[float, float]:
-    """(cut, balanced accuracy sum) of `best_threshold`; the lowest cut of the best score wins."""
+    """(cut, balanced accuracy sum) of `best_threshold`; the lowest cut of the best score wins.
+
+    Usage:
+        cut, score = best_cut(right_confidences, wrong_confidences)   # score 2.0: perfectly separated
+    """
     if not known or not novel:
         return float("nan"), float("nan")
     known_t, novel_t = torch.tensor(sorted(known), dtype=torch.float64), torch.tensor(sorted(novel), dtype=torch.float64)
@@ -45,7 +53,12 @@ def best_cut(known: list[float], novel: list[float]) -> tuple[float, float]:
 
 
 def rank_threshold(right: list[float], wrong: list[float]) -> tuple[float, str]:
-    """(threshold, method) for one rank from the similarities of its right and wrong answers."""
+    """(threshold, method) for one rank from the similarities of its right and wrong answers: the
+    best separating cut, or one-sided where only one kind exists (`ONE_SIDED_QUANTILE`).
+
+    Usage:
+        threshold, method = rank_threshold(right_similarities, wrong_similarities)   # method "separates"
+    """
     if right and wrong:
         return best_threshold(right, wrong), "separates"
     if wrong:  # just above all but ONE_SIDED_QUANTILE of the wrong answers
@@ -60,16 +73,17 @@ def precision_threshold(right: list[float], wrong: list[float], precision: float
                         confidence: float = PRECISION_CONFIDENCE) -> tuple[float, str]:
     """(threshold, method): the lowest cut at which the answers with similarity >= cut are right
     at least `precision` of the time, at one-sided `confidence` (the Wilson score lower bound of
-    their precision reaches `precision`; confidence 0.5: the observed precision does); above every
-    answer when no cut is ("precision unreachable"), NaN when there are no answers.
+    their precision reaches `precision`; confidence 0.5: the observed precision does); infinite
+    when no cut is ("precision unreachable": the rank answers nothing, as no answer was borne out;
+    it takes at least `answers_needed` answers, all right), NaN when there are no answers.
 
     Usage:
         cut, method = precision_threshold(right_similarities, wrong_similarities, 0.98)
     """
+    z = _z(confidence)
     scored = sorted([(s, 1) for s in right] + [(s, 0) for s in wrong], reverse=True)
     if not scored:
         return float("nan"), "none"
-    z = NormalDist().inv_cdf(confidence)
     cut, n_right = None, 0
     for n, (sim, ok) in enumerate(scored, start=1):
         n_right += ok
@@ -77,8 +91,29 @@ def precision_threshold(right: list[float], wrong: list[float], precision: float
         if at_boundary and wilson_lower_bound(n_right, n, z) >= precision:
             cut = sim
     if cut is None:
-        return math.nextafter(scored[0][0], math.inf), "precision unreachable"
+        return math.inf, "precision unreachable"
     return cut, "precision"
+
+
+def answers_needed(precision: float, confidence: float = PRECISION_CONFIDENCE) -> int:
+    """The fewest calibration answers above a cut, all right, that bear out `precision` at
+    `confidence` (`precision_threshold`): the Wilson lower bound of n of n is n / (n + z^2).
+
+    Usage:
+        answers_needed(0.98)   # 133
+    """
+    if not 0 < precision < 1:
+        raise ValueError(f"precision must be between 0 and 1, got {precision}")
+    z = _z(confidence)
+    return max(1, math.ceil(z * z * precision / (1 - precision)))
+
+
+def _z(confidence: float) -> float:
+    """The standard normal quantile of a one-sided `confidence` in [0.5, 1)."""
+    if not 0.5 <= confidence < 1:
+        raise ValueError(f"a stated precision's confidence must be in [0.5, 1) (0.5: the observed precision), "
+                         f"got {confidence}")
+    return NormalDist().inv_cdf(confidence)
 
 
 def wilson_lower_bound(successes: int, trials: int, z: float) -> float:
@@ -116,6 +151,11 @@ def precision_curve(right: list[float], wrong: list[float], points: int = 128) -
 def precision_at(curve: list[tuple[float, float]], similarity: float) -> float:
     """The calibrated precision of an answer at `similarity`: that of the calibration answers at or
     above it, read at the curve point at or just above it (exact for a curve of every answer);
-    above the curve, its highest point's; NaN without a curve."""
+    above the curve, its highest point's; NaN without a curve. The observed precision, not the
+    lower bound a stated precision's threshold is set on (`precision_threshold`).
+
+    Usage:
+        precision_at(precision_curve(right_similarities, wrong_similarities), 0.91)   # e.g. 0.97
+    """
     above = [precision for sim, precision in curve if sim >= similarity]
     return above[-1] if above else (curve[0][1] if curve else float("nan"))
