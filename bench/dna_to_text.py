@@ -34,14 +34,20 @@ def accuracy(predictions, truths: list[dict], rank: str, where=lambda truth: Tru
     return (sum(a == b for a, b in pairs) / len(pairs) if pairs else float("nan")), len(pairs)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def library_run(description: str, default_out: str) -> tuple[argparse.Namespace, datasets.DatasetDict]:
+    """(arguments, the run's splits) of a bench that builds a library with a training run's model:
+    --model, --splits, --out, --batch-size."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", default="runs/demo/best", help="a DNA + text CLIBD model folder of a training run")
     parser.add_argument("--splits", help="the run's splits folder (default: <model>/../splits)")
-    parser.add_argument("--out", default="dna_text_refs", help="where the library is built")
+    parser.add_argument("--out", default=default_out, help="where the library is built")
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args()
-    splits = datasets.load_from_disk(args.splits or str(Path(args.model).parent / "splits"))
+    return args, datasets.load_from_disk(args.splits or str(Path(args.model).parent / "splits"))
+
+
+def main() -> None:
+    args, splits = library_run(__doc__.splitlines()[0], "dna_text_refs")
     keys = _records(splits["seen_keys"]) + _records(splits["val_unseen_keys"])
     everything = datasets.concatenate_datasets(list(splits.values()))
     names = {(r["order"], r["family"], r["genus"]) for r in everything if r["genus"]}

@@ -15,10 +15,7 @@ cut-off identical: another species under 3 % apart, the alignment tools' own err
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
-import datasets
+from dna_to_text import library_run
 
 from clibd.identify import Identifier
 from clibd.library_build import build_library
@@ -38,13 +35,7 @@ def rates(predictions, known: list[dict], novel: list[dict], cutoff: float) -> d
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="runs/demo/best", help="a DNA + text CLIBD model folder of a training run")
-    parser.add_argument("--splits", help="the run's splits folder (default: <model>/../splits)")
-    parser.add_argument("--out", default="library_check_refs", help="where the library is built")
-    parser.add_argument("--batch-size", type=int, default=256)
-    args = parser.parse_args()
-    splits = datasets.load_from_disk(args.splits or str(Path(args.model).parent / "splits"))
+    args, splits = library_run(__doc__.splitlines()[0], "library_check_refs")
     keys = [dict(r) for name in ("seen_keys", "val_unseen_keys") for r in splits[name]]
     library = build_library(args.model, keys, ["dna", "text"], args.out, batch_size=args.batch_size)
     known, novel = [dict(r) for r in splits["test_seen"]], [dict(r) for r in splits["test_unseen"]]
