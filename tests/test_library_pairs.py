@@ -166,3 +166,20 @@ def test_each_pair_records_what_its_calibration_held_out(library, split, tmp_pat
     assert "species the model did not train on that calibration can hold out" in caplog.text
     text = again.calibration_sample("text", ["text"])  # one taxon key per species
     assert text["new_species_held"] == text["new_references"] == len(species) - 2
+
+
+def test_the_library_tells_a_pair_whether_its_queries_are_taxon_names(library, monkeypatch):
+    """Text queries (one per taxon name) are held out by species count, specimens by references
+    (`calibrate_pair(text_queries=...)`): the library says which, rather than leaving it to be guessed."""
+    import clibd.library
+
+    told, real = {}, clibd.library.calibrate_pair
+
+    def spy(*args, **kwargs):
+        told[kwargs["query_kind"]] = kwargs["text_queries"]
+        return real(*args, **{k: v for k, v in kwargs.items() if k != "query_kind"})
+
+    for query, keys in (("text", ["dna"]), ("image", ["dna"]), ("dna", ["text"])):
+        monkeypatch.setattr(clibd.library, "calibrate_pair", lambda *a, q=query, **k: spy(*a, query_kind=q, **k))
+        library.calibrate(query, keys)
+    assert told == {"text": True, "image": False, "dna": False}
