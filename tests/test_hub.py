@@ -1,6 +1,7 @@
 """Hub publishing with the upload mocked (no network in tests); the card itself: test_model_card.py."""
 
 import json
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,9 @@ class FakeApi:
         FakeApi.calls.append(("create_repo", repo_id, kwargs))
 
     def upload_folder(self, repo_id, folder_path, **kwargs):
-        FakeApi.calls.append(("upload_folder", repo_id, kwargs, sorted(p.name for p in Path(folder_path).iterdir()),
+        ignored = kwargs.get("ignore_patterns") or []  # as the Hub client skips them
+        names = sorted(p.name for p in Path(folder_path).iterdir() if not any(fnmatch(p.name, i) for i in ignored))
+        FakeApi.calls.append(("upload_folder", repo_id, kwargs, names,
                               (Path(folder_path) / "README.md").read_text() if kwargs.get("repo_type") is None else ""))
         return f"https://huggingface.co/{repo_id}/commit/abc"
 
@@ -60,24 +63,27 @@ def test_push_and_pull_index_as_dataset_repo(tmp_path, monkeypatch):
 
     index = tmp_path / "refs"
     index.mkdir()
-    for name in ("index.json", "records.tsv", "embeddings.safetensors"):
+    shipped = ("barcodes.tsv", "embeddings.safetensors", "index.json", "records.tsv", "taxa.tsv")
+    for name in (*shipped, "faiss-ivf.index"):
         (index / name).write_text("{}" if name == "index.json" else "x")
     FakeApi.calls = []
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     assert cli(["index", "push", str(index), "me/refs"]) == 0
     assert FakeApi.calls[0][2]["repo_type"] == "dataset" and FakeApi.calls[1][2]["repo_type"] == "dataset"
-    assert FakeApi.calls[1][3] == ["embeddings.safetensors", "index.json", "records.tsv"]
+    assert FakeApi.calls[1][3] == list(shipped)  # the faiss file is rebuilt where needed: not shipped
 
-    def fake_snapshot(repo_id, repo_type, revision, token, local_dir, allow_patterns):
+    def fake_snapshot(repo_id, repo_type, revision, token, local_dir, ignore_patterns):
+        """The Hub's side: the repo holds what was pushed; download all that the patterns keep."""
         assert repo_type == "dataset" and repo_id == "me/refs"
-        for name in ("index.json", "records.tsv", "embeddings.safetensors"):
-            (Path(local_dir) / name).parent.mkdir(parents=True, exist_ok=True)
-            (Path(local_dir) / name).write_text((index / name).read_text())
+        Path(local_dir).mkdir(parents=True, exist_ok=True)
+        for name in FakeApi.calls[1][3]:
+            if not any(fnmatch(name, pattern) for pattern in ignore_patterns):
+                (Path(local_dir) / name).write_text((index / name).read_text())
         return local_dir
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
     assert cli(["index", "pull", "me/refs", "--out", str(tmp_path / "pulled")]) == 0
-    assert (tmp_path / "pulled" / "index.json").exists()
+    assert sorted(p.name for p in (tmp_path / "pulled").iterdir()) == list(shipped)  # barcodes.tsv, taxa.tsv too
     assert cli(["index", "push", str(tmp_path), "me/refs"]) == 2  # not an index: clear error
 
 

@@ -166,6 +166,11 @@ def test_each_pair_records_what_its_calibration_held_out(library, split, tmp_pat
     assert "species the model did not train on that calibration can hold out" in caplog.text
     text = again.calibration_sample("text", ["text"])  # one taxon key per species
     assert text["new_species_held"] == text["new_references"] == len(species) - 2
+    assert again.precision_confidence("image", ["dna"]) is None  # no stated precision
+    stated = recalibrate_library(folder, precision=0.9)
+    pairs = json.loads((folder / "index.json").read_text())["pairs"]
+    assert {pair["precision_confidence"] for pair in pairs.values()} == {0.95}
+    assert stated.precision_confidence("image", ["dna"]) == 0.95
 
 
 def test_the_library_tells_a_pair_whether_its_queries_are_taxon_names(library, monkeypatch):

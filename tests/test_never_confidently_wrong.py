@@ -21,6 +21,7 @@ from clibd.cli import main as cli
 from clibd.constants import RANKS
 from clibd.identify import Identifier, identify_to_tsv, read_predictions_tsv
 from clibd.index import ReferenceIndex, build_index, load_model, recalibrate_index
+from clibd.thresholds import answers_needed
 
 
 def write_tsv(path, rows, columns):
@@ -248,6 +249,26 @@ def test_answers_at_a_stated_precision_report_it_per_rank(dna_model, records, tm
     assert all(sum(bool(p.answer[rank]) for p in stricter) <= sum(bool(p.answer[rank]) for p in predictions)
                for rank in RANKS)
     assert balanced.thresholds != strict.thresholds
+
+
+def test_a_precision_no_answer_bears_out_leaves_ranks_to_alignment(dna_model, records, tmp_path, caplog):
+    """0.999 at 95 % confidence takes 2,703 right calibration answers: none of this library's ranks
+    bears it out, so its thresholds are infinite (kept through index.json) and the embedding answers
+    no rank; the species check still names the species of a barcode a reference is >= 97 % like."""
+    assert (answers_needed(0.98), answers_needed(0.999), answers_needed(0.98, 0.5)) == (133, 2703, 1)
+    with caplog.at_level("WARNING", logger="clibd"):
+        build_index(dna_model, records["many_each"], "dna", tmp_path / "strict", progress=False, precision=0.999)
+    assert "takes at least 2703 right answers" in caplog.text
+    index = ReferenceIndex.load(tmp_path / "strict")
+    assert index.thresholds == dict.fromkeys(RANKS, math.inf) and index.meta["precision_confidence"] == 0.95
+    identifier = Identifier.load(tmp_path / "strict")
+    assert "with novelty >= inf" in identifier.provenance_line()  # the floor no embedding answer clears
+    queries = records["held"] + records["absent"]
+    predictions = identifier.identify(queries)
+    named = [p for p in predictions if any(p.answer.values())]
+    assert named and all(p.identity >= identifier.index.species_check.identity_cutoff and p.answer["species"]
+                         for p in named)  # alignment's answers, whole lineages; nothing from the embedding
+    assert all(p.novel for p in predictions if p not in named)
 
 
 def test_training_names_the_barcodes_it_truncates_once(records):

@@ -16,6 +16,9 @@ from pathlib import Path
 from .model_card import render_model_card
 
 RUN_FILES = ("config.yaml", "metrics.json", "metrics.md", "splits.md")
+# what an index folder keeps that is not pushed or pulled: the persisted faiss file
+# (`clibd.index_store`, rebuilt where it is needed) and hidden files
+INDEX_IGNORED = ["faiss-ivf*", ".*"]
 
 
 def stage_run(run_dir: str | os.PathLike, staging: Path) -> Path:
@@ -54,18 +57,22 @@ def push_index(index_dir: str | os.PathLike, repo_id: str, token: str | None = N
         raise FileNotFoundError(f"{index_dir}: not a clibd index (no index.json)")
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    # the persisted faiss file (`clibd.index_store`) is rebuilt where it is needed: not shipped
     info = api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=str(index_dir),
-                             commit_message="Upload clibd reference index", ignore_patterns=["faiss-ivf*", ".*"])
+                             commit_message="Upload clibd reference index", ignore_patterns=INDEX_IGNORED)
     return str(info)
 
 
 def pull_index(repo_id: str, out: str | os.PathLike, revision: str | None = None, token: str | None = None) -> Path:
-    """Download a reference index pushed with `push_index` into `out`."""
+    """Download a reference index pushed with `push_index` into `out`: every file it pushed (a DNA
+    index's barcodes.tsv, which its species check aligns with; a library's taxa.tsv; ...).
+
+    Usage:
+        pull_index("me/refs", "refs/")
+    """
     from huggingface_hub import snapshot_download
 
     path = snapshot_download(repo_id=repo_id, repo_type="dataset", revision=revision, token=token, local_dir=str(out),
-                             allow_patterns=["index.json", "records.tsv", "embeddings.safetensors"])
+                             ignore_patterns=INDEX_IGNORED)
     if not (Path(path) / "index.json").exists():
         raise FileNotFoundError(f"{repo_id}: the dataset repo holds no clibd index (no index.json)")
     return Path(path)

@@ -305,15 +305,19 @@ class Identifier:
                                for pair_thresholds, _, weights in (library.pair_rule(*pair) for pair in pairs))
         if plan.strategy != "is-du" and library.calibration_sample(plan.query, plan.keys).get("untrained_only"):
             thresholds += " (set on the species the model did not train on)"  # IS+DU's switch holds out any
-        confidence = library.precision_confidence(plan.query, plan.keys) if plan.strategy != "is-du" else None
-        if confidence is not None:
-            thresholds += f" (for precision {library.meta['precision']}, borne out at {confidence:.0%} confidence)"
+        stated = library.meta.get("precision")
+        if stated is not None and plan.strategy != "is-du":
+            confidence = library.precision_confidence(plan.query, plan.keys)
+            thresholds += (f" (for precision {stated}, borne out at {confidence:.0%} confidence)" if confidence else
+                           f" (for precision {stated}; its confidence not recorded: `clibd index recalibrate`)")
         held = ", ".join(f"{len(library.key_sets[m].records)} {m}" for m in library.modalities)
         check = library.keys(plan.keys).species_check if plan.keys == ("dna",) == (plan.query,) else None
         if check:
+            floor, _, _ = self._checked_thresholds(library.pair_rule(plan.query, plan.keys)[0], {}, check)
             thresholds += (f"; species check: identity >= {check.identity_cutoff} among {check.candidates} "
                            f"candidates, else species={check.embedding_threshold:.4f}"
-                           + (f" (novelty + {check.margin_weight:g} x species margin)" if check.margin_weight else ""))
+                           + (f" (novelty + {check.margin_weight:g} x species margin)" if check.margin_weight else "")
+                           + (f" with novelty >= {floor:.4f}" if floor > -math.inf else ""))
         return (f"{COMMENT}clibd {__version__} identify; model {self.model_dir} "
                 f"(sha256 {library.meta['model_hash'][:16]}); index {library.directory.resolve()} "
                 f"({held} references); {plan.describe()}; thresholds {thresholds}\n")

@@ -69,8 +69,8 @@ def write_records(path: Path, records: Sequence[dict]) -> None:
 
 
 def write_barcodes(path: Path, records: Sequence[dict]) -> None:
-    """Each record's id and barcode ("" where unknown) as `BARCODES_FILE`, what the species check
-    aligns with; nothing where no record has one (an index of an older clibd grown by `add`).
+    """Each record's id and barcode ("" where unknown: records an older clibd kept no barcode of) as
+    `BARCODES_FILE`, what the species check aligns with; no file where no record has one.
 
     Usage:
         write_barcodes(tmp / BARCODES_FILE, dna_key_records)

@@ -324,15 +324,15 @@ class ReferenceLibrary:
 
     def precision_confidence(self, query: str, keys: Sequence[str]) -> float | None:
         """How sure the stated precision of `query` against `keys` was borne out at calibration
-        (`clibd.thresholds.precision_threshold`); None without a stated precision, 0.5 (the observed
-        precision) for a calibration from before the bound was recorded.
+        (`clibd.thresholds.precision_threshold`); None without a stated precision, or where the
+        calibration did not record it (made by an earlier clibd: `clibd index recalibrate` records it).
 
         Usage:
             library.precision_confidence("dna", ["dna"])   # 0.95
         """
         if self.meta.get("precision") is None:
             return None
-        return self._rule(query, keys).get("precision_confidence") or 0.5
+        return self._rule(query, keys).get("precision_confidence")
 
     def pair_rule(self, query: str, keys: Sequence[str]) -> tuple[dict[str, float], dict[str, list], dict[str, float]]:
         """(thresholds, precision curves, margin weights) for `query` embeddings against `keys`: as

@@ -350,7 +350,8 @@ def calibrate(embeddings: torch.Tensor, records: list[dict], max_queries: int = 
     taxa = [r.get(held_out_rank, "") if held_out_rank else "" for r in records]
     sample = calibration_sample(taxa, max_queries, seed, trained_species if held_out_rank == "species" else None)
     if len(records) < 2 or not sample.rows:
-        return Calibration(dict.fromkeys(RANKS, float("nan")), dict.fromkeys(RANKS, "none"), {}, held_out_rank)
+        return Calibration(dict.fromkeys(RANKS, float("nan")), dict.fromkeys(RANKS, "none"), {}, held_out_rank,
+                           precision=precision, confidence=None if precision is None else confidence)
     queries = sample.rows
     placing = nearest_held_out(embeddings, taxa, queries, k=MARGIN_DEPTH)  # deep: the margins look through them
     apart = novelty_embeddings is not None and novelty_embeddings is not embeddings

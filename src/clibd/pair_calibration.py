@@ -42,6 +42,7 @@ from .novelty import (
     calibration_from_answers,
     new_species_pool,
 )
+from .thresholds import PRECISION_CONFIDENCE
 
 NO_KEY = -2.0  # the similarity given to removed keys
 
@@ -103,6 +104,13 @@ def _sample(query_taxa: torch.Tensor, query_owner: torch.Tensor, key_taxa: torch
     return CalibrationSample(queries, {i for i in queries if i in shared_set}, **new)
 
 
+def _nothing_to_learn(rank: str | None, precision: float | None) -> Calibration:
+    """The calibration of a pair with no answers to learn from: NaN thresholds ("none"), no answer
+    at any rank; the stated precision kept."""
+    return Calibration(dict.fromkeys(RANKS, float("nan")), dict.fromkeys(RANKS, "none"), {}, rank,
+                       precision=precision, confidence=None if precision is None else PRECISION_CONFIDENCE)
+
+
 def calibrate_pair(queries: torch.Tensor, query_records: Sequence[dict], query_owner: Sequence[int],
                    keys: torch.Tensor, key_records: Sequence[dict], key_owner: Sequence[int],
                    max_queries: int = 2000, seed: int = 0, precision: float | None = None,
@@ -118,7 +126,7 @@ def calibrate_pair(queries: torch.Tensor, query_records: Sequence[dict], query_o
     """
     rank = held_out_rank(key_records)
     if rank is None or len(key_records) == 0 or len(query_records) == 0:
-        return Calibration(dict.fromkeys(RANKS, float("nan")), dict.fromkeys(RANKS, "none"), {}, rank)
+        return _nothing_to_learn(rank, precision)
     vocabulary: dict[str, int] = {}
     key_taxa = _ids([r.get(rank, "") for r in key_records], vocabulary)
     query_taxa = _ids([r.get(rank, "") for r in query_records], vocabulary)
@@ -128,7 +136,7 @@ def calibrate_pair(queries: torch.Tensor, query_records: Sequence[dict], query_o
                      [r.get("species", "") for r in query_records], trained_species if rank == "species" else None,
                      text_queries=text_queries)
     if not sample.rows:
-        return Calibration(dict.fromkeys(RANKS, float("nan")), dict.fromkeys(RANKS, "none"), {}, rank)
+        return _nothing_to_learn(rank, precision)
     chosen, index = sample.rows, torch.tensor(sample.rows)
     matches = nearest_pair(queries[index], query_owner_t[index], query_taxa[index], keys, key_owner_t, key_taxa)
     answers = {level: answers_at(query_records, level, chosen, sample.shared, matches, key_records) for level in RANKS}
