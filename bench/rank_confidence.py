@@ -60,7 +60,7 @@ def settings_for_split(identifier: Identifier, novel: list[dict], key_taxa: dict
                 calibration = calibrate(index.embeddings, index.records, precision=precision, margin_weights=weights,
                                         novelty_embeddings=select_parts(index.embeddings, index.parts, "scores_novelty"),
                                         trained_species=trained,
-                                        confidence=PRECISION_CONFIDENCE if confidence is None else confidence)
+                                        confidence_level=PRECISION_CONFIDENCE if confidence is None else confidence)
                 index.meta.update(thresholds=calibration.thresholds, precision_curves=calibration.curves,
                                   margin_weights=calibration.margin_weights)  # this setting's, in memory
                 stated = "balanced" if precision is None else f"precision {precision} at confidence {confidence}"

@@ -68,16 +68,16 @@ def test_a_stated_precision_is_borne_out_at_the_confidence_asked():
     right = [(0.80 + 0.0005 * i, 0.10) for i in range(300)]
     wrong = [(0.90 + 0.005 * i, 0.10) for i in range(5)]
     found = {rank: _answers(right, wrong) for rank in RANKS}
-    observed = calibration_from_answers(found, "species", precision=0.98, confidence=0.5)
+    observed = calibration_from_answers(found, "species", precision=0.98, confidence_level=0.5)
     bound = calibration_from_answers(found, "species", precision=0.98)  # PRECISION_CONFIDENCE
-    assert observed.confidence == 0.5 and bound.confidence == PRECISION_CONFIDENCE == 0.95
+    assert observed.confidence_level == 0.5 and bound.confidence_level == PRECISION_CONFIDENCE == 0.95
     assert observed.thresholds["genus"] == 0.8 and observed.methods["genus"] == "precision"
     # 0.984 observed is not 0.98 at 95 %: no cut of these answers bears it out, so the rank answers nothing
     assert bound.methods["genus"] == "precision unreachable" and bound.thresholds["genus"] == math.inf
     assert any("takes at least 133 right answers" in line for line in bound.warnings())
-    assert calibration_from_answers(found, "species").confidence is None  # no stated precision
+    assert calibration_from_answers(found, "species").confidence_level is None  # no stated precision
     with pytest.raises(ValueError, match="confidence"):
-        calibration_from_answers(found, "species", precision=0.98, confidence=0.3)
+        calibration_from_answers(found, "species", precision=0.98, confidence_level=0.3)
 
 
 def test_predict_compares_thresholds_with_the_confidence():

@@ -170,9 +170,14 @@ class Identifier:
         species threshold (on `SpeciesCheck.confidence`), and where the index was built for a stated
         precision, its species threshold as a floor the novelty similarity must also clear; no
         species precision curve (the stored one was learnt on every query, not on these)."""
-        floor = thresholds.get("species", -math.inf) if self.library.meta.get("precision") is not None else -math.inf
+        floor = self._precision_floor(thresholds)
         return floor, {**thresholds, "species": check.embedding_threshold}, {r: c for r, c in curves.items()
                                                                              if r != "species"}
+
+    def _precision_floor(self, thresholds: dict) -> float:
+        """The novelty similarity a species the embedding names must clear: the stated precision's
+        species threshold, where the index was built for one (-inf otherwise)."""
+        return thresholds.get("species", -math.inf) if self.library.meta.get("precision") is not None else -math.inf
 
     def _check_species(self, predictions: list[Prediction], keys: ReferenceIndex, barcodes: Sequence[str],
                        rows: torch.Tensor, check: SpeciesCheck) -> list[Prediction]:
@@ -301,8 +306,8 @@ class Identifier:
         plan = plan or self._first_plan()
         library = self.library
         pairs = [("image", ["image"]), ("image", ["dna"])] if plan.strategy == "is-du" else [(plan.query, plan.keys)]
-        thresholds = "; ".join(_thresholds_line(pair_thresholds, weights)
-                               for pair_thresholds, _, weights in (library.pair_rule(*pair) for pair in pairs))
+        rules = [library.pair_rule(*pair) for pair in pairs]
+        thresholds = "; ".join(_thresholds_line(pair_thresholds, weights) for pair_thresholds, _, weights in rules)
         if plan.strategy != "is-du" and library.calibration_sample(plan.query, plan.keys).get("untrained_only"):
             thresholds += " (set on the species the model did not train on)"  # IS+DU's switch holds out any
         stated = library.meta.get("precision")
@@ -313,7 +318,7 @@ class Identifier:
         held = ", ".join(f"{len(library.key_sets[m].records)} {m}" for m in library.modalities)
         check = library.keys(plan.keys).species_check if plan.keys == ("dna",) == (plan.query,) else None
         if check:
-            floor, _, _ = self._checked_thresholds(library.pair_rule(plan.query, plan.keys)[0], {}, check)
+            floor = self._precision_floor(rules[0][0])
             thresholds += (f"; species check: identity >= {check.identity_cutoff} among {check.candidates} "
                            f"candidates, else species={check.embedding_threshold:.4f}"
                            + (f" (novelty + {check.margin_weight:g} x species margin)" if check.margin_weight else "")

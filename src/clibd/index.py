@@ -202,10 +202,16 @@ class ReferenceIndex:
             raise ValueError(f"{path}: its ids are not the index's records: the index is damaged")
         return table.column("dna")
 
-    def records_with_barcodes(self) -> list[dict[str, str]]:
-        """The records as dicts, each with its `dna` where the index keeps the barcodes."""
-        barcodes = self.barcodes or [""] * len(self.records)
-        return [{**record, "dna": dna} for record, dna in zip(self.records, barcodes, strict=True)]
+    def records_with_barcodes(self) -> Sequence[dict[str, str]]:
+        """The records as dicts, each with its `dna`, where the index keeps the barcodes; else the
+        records as they are (no dict per record for an image index, or an older DNA index).
+
+        Usage:
+            check = calibrate_species_check(index.embeddings, novelty, index.records_with_barcodes())
+        """
+        if not self.barcodes:
+            return self.records
+        return [{**record, "dna": dna} for record, dna in zip(self.records, self.barcodes, strict=True)]
 
     def labels(self, rank: str) -> list[str]:
         """Every reference's label at `rank` (any column: "id", "genus", ...), in key order, ""

@@ -117,7 +117,7 @@ def _store_calibration(meta: dict, embeddings: torch.Tensor, records: list[dict]
         logger.warning("%s: threshold for %s", directory, line)
     meta = {**meta, "thresholds": calibration.thresholds, "calibration": calibration.methods,
             "precision_curves": calibration.curves, "margin_weights": calibration.margin_weights,
-            "calibration_sample": calibration.sample, "precision_confidence": calibration.confidence}
+            "calibration_sample": calibration.sample, "precision_confidence": calibration.confidence_level}
     if meta["modality"] == "dna":
         meta["species_check"] = calibrated_options(embeddings, records, parts, directory, meta.get("species_check", {}))
     return meta
@@ -213,7 +213,7 @@ def add_to_index(directory: str | os.PathLike, records: list[dict], replace: boo
 
         return add_to_library(directory, records, replace, batch_size, recalibrate, progress, on_bad_input)
     index, skip = ReferenceIndex.load(directory), _skip(on_bad_input)
-    kept_records, kept = index.records_with_barcodes() if index.barcodes else index.records, index.embeddings
+    kept_records, kept = index.records_with_barcodes(), index.embeddings
     if replace:
         incoming = {r["id"] for r in records}
         mask = torch.tensor([r["id"] not in incoming for r in index.records], dtype=torch.bool)
@@ -247,7 +247,7 @@ def recalibrate_index(directory: str | os.PathLike, precision: float | None = No
     index = ReferenceIndex.load(directory)
     meta = {k: v for k, v in index.meta.items() if k != "novelty_dim"}
     meta["precision"] = _checked_precision(precision) if precision is not None else meta.get("precision")
-    records = index.records_with_barcodes() if index.barcodes else index.records
+    records = index.records_with_barcodes()
     meta = _store_calibration(meta, index.embeddings, records, index.parts, index.directory)
     meta["parts"] = [part.to_dict() for part in index.parts]
     atomic_write_text(index.directory / "index.json", json.dumps(meta, indent=2))

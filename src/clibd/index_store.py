@@ -34,7 +34,7 @@ import pyarrow.csv as pa_csv
 import torch
 from safetensors import safe_open
 
-from .atomic import atomic_write
+from .atomic import atomic_write, atomic_write_text
 from .retrieval import APPROXIMATE_RECIPE, approximate_faiss_index
 
 logger = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def _read_persisted(path: Path, key: dict):
         return None
     if saved["embeddings"] != current:
         try:  # so that the next process need not hash the embeddings again
-            atomic_write(key_path, lambda tmp: tmp.write_text(json.dumps({**saved, "embeddings": current}, indent=2)))
+            atomic_write_text(key_path, json.dumps({**saved, "embeddings": current}, indent=2))
         except OSError as error:
             logger.info("%s could not be refreshed (%s): the embeddings are hashed again next time", key_path, error)
     return index
@@ -215,7 +215,7 @@ def persisted_ivf(directory: Path, name: str, keys: Callable[[], torch.Tensor], 
     try:
         # the index before its key: a key is never newer than the file it describes
         atomic_write(path, lambda tmp: faiss.write_index(index, str(tmp)))
-        atomic_write(path.with_name(path.name + ".json"), lambda tmp: tmp.write_text(json.dumps(saved, indent=2)))
+        atomic_write_text(path.with_name(path.name + ".json"), json.dumps(saved, indent=2))
     except (OSError, RuntimeError) as error:  # faiss reports a file it cannot open as a RuntimeError
         logger.warning("%s could not be written (%s): the faiss-ivf index is kept in memory only", path, error)
     return index

@@ -91,7 +91,7 @@ def pair_entry(calibration: Calibration) -> dict:
     return {"thresholds": calibration.thresholds, "calibration": calibration.methods,
             "precision_curves": calibration.curves, "margin_weights": calibration.margin_weights,
             "counts": {rank: list(count) for rank, count in calibration.counts.items()}, "sample": calibration.sample,
-            "precision_confidence": calibration.confidence}
+            "precision_confidence": calibration.confidence_level}
 
 
 def report_calibration(directory: Path, name: str, query: str, calibration: Calibration) -> None:

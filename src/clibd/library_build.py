@@ -321,8 +321,7 @@ def recalibrate_library(directory: str | os.PathLike, precision: float | None = 
     meta |= calibrate_library(library, meta["precision"])
     dna = library.key_sets.get("dna")
     if dna is not None:  # a library from before barcodes were kept: calibrated_options warns, stores no check
-        records = dna.records_with_barcodes() if dna.barcodes else list(dna.records)
         meta["keys"] = {**meta["keys"], "dna": species_check_entry(library.directory, meta["keys"]["dna"],
-                                                                   dna.embeddings, records)}
+                                                                   dna.embeddings, list(dna.records_with_barcodes()))}
     atomic_write_text(library.directory / "index.json", json.dumps(meta, indent=2))
     return ReferenceLibrary.load(directory)

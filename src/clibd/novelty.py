@@ -125,8 +125,8 @@ def rank_confidence(similarities: Sequence[float], labels: Mapping[str, Sequence
     Usage:
         rank_confidence(sims, {"genus": [index.labels("genus")[j] for j in rows]}, {"genus": 0.5})
     """
-    return {rank: confidences([(similarities[0], taxon_margin(similarities[:MARGIN_DEPTH],
-                                                              labels[rank][:MARGIN_DEPTH]))], weight)[0]
+    near = similarities[:MARGIN_DEPTH]
+    return {rank: answer_confidence(similarities[0], taxon_margin(near, labels[rank][:MARGIN_DEPTH]), weight)
             for rank, weight in weights.items() if weight}
 
 
@@ -167,7 +167,7 @@ class Calibration:
     precision: float | None = None
     margin_weights: dict[str, float] = field(default_factory=dict)  # rank -> weight (`rank_confidence`)
     sample: dict = field(default_factory=dict)  # what was held out (`CalibrationSample.to_dict`)
-    confidence: float | None = None  # how sure `precision` is borne out (`precision_threshold`); None without one
+    confidence_level: float | None = None  # how sure `precision` is borne out (`precision_threshold`); None without one
 
     def sample_warning(self) -> str | None:
         """Where the model's training species are known but the library holds too few others to
@@ -187,8 +187,8 @@ class Calibration:
             method = self.methods[rank]
             if method not in ("separates", "precision"):
                 right, wrong = self.counts.get(rank, (0, 0))
-                need = (f"; stating {self.precision} at {self.confidence:.0%} confidence takes at least "
-                        f"{answers_needed(self.precision, self.confidence)} right answers above a cut, with none "
+                need = (f"; stating {self.precision} at {self.confidence_level:.0%} confidence takes at least "
+                        f"{answers_needed(self.precision, self.confidence_level)} right answers above a cut, with none "
                         "wrong, or more with a few wrong" if method == "precision unreachable" else "")
                 lines.append(f"{rank}: {METHODS[method]} ({right} right, {wrong} wrong calibration answers{need})")
         if self.held_out_rank not in (None, "species"):
@@ -280,14 +280,23 @@ class Answers:
         return (self.right, self.wrong) if rank == "species" else (self.held_right, self.held_wrong)
 
 
+def answer_confidence(similarity: float, margin: float, weight: float) -> float:
+    """An answer's confidence: its similarity plus `weight` times its taxon margin (what a rank's
+    threshold is compared with, module doc).
+
+    Usage:
+        answer_confidence(0.9, 0.05, 2.0)   # 1.0
+    """
+    return similarity + weight * margin
+
+
 def confidences(answers: Sequence[tuple[float, float]], weight: float) -> list[float]:
-    """Each (similarity, margin) answer's confidence at `weight`: the similarity plus `weight`
-    times the margin (`rank_confidence` for one query).
+    """Each (similarity, margin) answer's `answer_confidence` at `weight`.
 
     Usage:
         confidences([(0.9, 0.05), (0.8, 0.0)], 2.0)   # [1.0, 0.8]
     """
-    return [similarity + weight * margin for similarity, margin in answers]
+    return [answer_confidence(similarity, margin, weight) for similarity, margin in answers]
 
 
 def labels_of(records: Sequence[dict], rank: str) -> list[str]:
@@ -335,13 +344,13 @@ def calibrate(embeddings: torch.Tensor, records: list[dict], max_queries: int = 
               novelty_embeddings: torch.Tensor | None = None, precision: float | None = None,
               margin_weights: Sequence[float] = MARGIN_WEIGHTS,
               trained_species: Collection[str] | None = None,
-              confidence: float = PRECISION_CONFIDENCE) -> Calibration:
+              confidence_level: float = PRECISION_CONFIDENCE) -> Calibration:
     """Per-rank thresholds of a library (see the module doc). The species threshold is on the
     cosine of `novelty_embeddings` (unit vectors, one per record; `embeddings` when None).
     `precision`: thresholds set for that precision instead of balanced accuracy (`precision_threshold`);
     `margin_weights`: those tried (`choose_margin_weight`; (0.0,): the similarity alone);
     `trained_species`: the species the model trained on, None where unknown (`calibration_sample`);
-    `confidence`: how sure a stated precision must be borne out (`precision_threshold`).
+    `confidence_level`: how sure a stated precision must be borne out (`precision_threshold`).
 
     Usage:
         calibration = calibrate(embeddings, records, trained_species=model.config.trained_species)
@@ -351,21 +360,21 @@ def calibrate(embeddings: torch.Tensor, records: list[dict], max_queries: int = 
     sample = calibration_sample(taxa, max_queries, seed, trained_species if held_out_rank == "species" else None)
     if len(records) < 2 or not sample.rows:
         return Calibration(dict.fromkeys(RANKS, float("nan")), dict.fromkeys(RANKS, "none"), {}, held_out_rank,
-                           precision=precision, confidence=None if precision is None else confidence)
+                           precision=precision, confidence_level=None if precision is None else confidence_level)
     queries = sample.rows
     placing = nearest_held_out(embeddings, taxa, queries, k=MARGIN_DEPTH)  # deep: the margins look through them
     apart = novelty_embeddings is not None and novelty_embeddings is not embeddings
     novelty = nearest_held_out(novelty_embeddings, taxa, queries) if apart else placing
     answers = {rank: answers_at(records, rank, queries, sample.shared, novelty if rank == "species" else placing)
                for rank in RANKS}
-    return calibration_from_answers(answers, held_out_rank, precision, margin_weights, sample, confidence)
+    return calibration_from_answers(answers, held_out_rank, precision, margin_weights, sample, confidence_level)
 
 
 def calibration_from_answers(answers: dict[str, Answers], held_out_rank: str | None,
                              precision: float | None = None, margin_weights: Sequence[float] = MARGIN_WEIGHTS,
                              sample: CalibrationSample | None = None,
-                             confidence: float = PRECISION_CONFIDENCE) -> Calibration:
-    """Per-rank thresholds (balanced, or for `precision` at `confidence`), methods, counts, precision
+                             confidence_level: float = PRECISION_CONFIDENCE) -> Calibration:
+    """Per-rank thresholds (balanced, or for `precision` at `confidence_level`), methods, counts, precision
     curves and margin weights (`choose_margin_weight`) from each rank's right and wrong calibration
     answers; `sample`: the references they came from, kept as `Calibration.sample` ({} where None).
 
@@ -375,26 +384,26 @@ def calibration_from_answers(answers: dict[str, Answers], held_out_rank: str | N
     thresholds, methods, counts, curves, weights = {}, {}, {}, {}, {}
     for rank, found in answers.items():
         right, wrong = found.decided(rank)
-        weight = 0.0 if rank == "species" else choose_margin_weight(found, precision, margin_weights, confidence)
-        thresholds[rank], methods[rank] = _rank_cut(found, rank, precision, weight, confidence)
+        weight = 0.0 if rank == "species" else choose_margin_weight(found, precision, margin_weights, confidence_level)
+        thresholds[rank], methods[rank] = _rank_cut(found, rank, precision, weight, confidence_level)
         counts[rank] = (len(found.right), len(found.wrong))
         curves[rank] = precision_curve(confidences(right, weight), confidences(wrong, weight))
         weights[rank] = weight
     return Calibration(thresholds, methods, counts, held_out_rank, curves, precision, weights,
-                       sample.to_dict() if sample is not None else {}, None if precision is None else confidence)
+                       sample.to_dict() if sample is not None else {}, None if precision is None else confidence_level)
 
 
 def _rank_cut(found: Answers, rank: str, precision: float | None, weight: float,
-              confidence: float = PRECISION_CONFIDENCE) -> tuple[float, str]:
+              confidence_level: float = PRECISION_CONFIDENCE) -> tuple[float, str]:
     """(threshold, method) of one rank on the confidences at `weight`."""
     if precision is None:
         return rank_threshold(confidences(found.right, weight), confidences(found.wrong, weight))
     right, wrong = found.decided(rank)
-    return precision_threshold(confidences(right, weight), confidences(wrong, weight), precision, confidence)
+    return precision_threshold(confidences(right, weight), confidences(wrong, weight), precision, confidence_level)
 
 
 def choose_margin_weight(found: Answers, precision: float | None = None,
-                         weights: Sequence[float] = MARGIN_WEIGHTS, confidence: float = PRECISION_CONFIDENCE) -> float:
+                         weights: Sequence[float] = MARGIN_WEIGHTS, confidence_level: float = PRECISION_CONFIDENCE) -> float:
     """The weight among `weights` whose threshold does best on a placing rank's answers:
     the highest balanced accuracy, or with `precision` the most held-out answers given at it; 0
     (the similarity alone) where there is nothing to choose by or on a tie.
@@ -408,7 +417,7 @@ def choose_margin_weight(found: Answers, precision: float | None = None,
             value = best_cut(confidences(found.right, weight), confidences(found.wrong, weight))[1]
         else:
             right, wrong = confidences(found.held_right, weight), confidences(found.held_wrong, weight)
-            cut, method = precision_threshold(right, wrong, precision, confidence)
+            cut, method = precision_threshold(right, wrong, precision, confidence_level)
             value = sum(score >= cut for score in right + wrong) if method == "precision" else math.nan
         if value > best_value:  # NaN (nothing to choose by) never is
             best_weight, best_value = weight, value

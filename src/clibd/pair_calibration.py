@@ -108,7 +108,7 @@ def _nothing_to_learn(rank: str | None, precision: float | None) -> Calibration:
     """The calibration of a pair with no answers to learn from: NaN thresholds ("none"), no answer
     at any rank; the stated precision kept."""
     return Calibration(dict.fromkeys(RANKS, float("nan")), dict.fromkeys(RANKS, "none"), {}, rank,
-                       precision=precision, confidence=None if precision is None else PRECISION_CONFIDENCE)
+                       precision=precision, confidence_level=None if precision is None else PRECISION_CONFIDENCE)
 
 
 def calibrate_pair(queries: torch.Tensor, query_records: Sequence[dict], query_owner: Sequence[int],

@@ -85,9 +85,9 @@ def predict(query_id: str, hits: Sequence[Hit], thresholds: Mapping[str, float],
     and its novelty similarity (the best similarity when None). The answer is filled from order
     down and stops at the first rank whose threshold is not cleared, each by its `confidence`
     where given (`clibd.novelty.rank_confidence`; for species, `SpeciesCheck.confidence`), else
-    by the novelty similarity for species and the best similarity above it. A rank whose threshold could not be calibrated (NaN) stops it too: no answer
-    is better than an unchecked one; an absent threshold (an index built with
-    `calibrate=False`) does not stop it.
+    by the novelty similarity for species and the best similarity above it. A rank whose
+    threshold could not be calibrated (NaN) stops it too: no answer is better than an unchecked
+    one; an absent threshold (an index built with `calibrate=False`) does not stop it.
 
     Usage:
         predict("q1", [Hit("k1", 0.95, {"order": "Diptera", ...}), ...], index.thresholds)

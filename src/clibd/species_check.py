@@ -47,7 +47,14 @@ from pathlib import Path
 
 import torch
 
-from .novelty import MARGIN_DEPTH, calibration_sample, confidences, nearest_held_out, taxon_margin
+from .novelty import (
+    MARGIN_DEPTH,
+    answer_confidence,
+    calibration_sample,
+    confidences,
+    nearest_held_out,
+    taxon_margin,
+)
 from .processing.barcodes import normalise_barcode
 from .towers.parts import EmbeddingPart, select_parts
 
@@ -245,7 +252,7 @@ class SpeciesCheck:
         """
         if not self.margin_weight:
             return novelty_similarity
-        return confidences([(novelty_similarity, taxon_margin(similarities, species))], self.margin_weight)[0]
+        return answer_confidence(novelty_similarity, taxon_margin(similarities, species), self.margin_weight)
 
     def to_dict(self) -> dict:
         """As index.json stores it: inf and NaN as null."""

@@ -70,17 +70,17 @@ def rank_threshold(right: list[float], wrong: list[float]) -> tuple[float, str]:
 
 
 def precision_threshold(right: list[float], wrong: list[float], precision: float,
-                        confidence: float = PRECISION_CONFIDENCE) -> tuple[float, str]:
+                        confidence_level: float = PRECISION_CONFIDENCE) -> tuple[float, str]:
     """(threshold, method): the lowest cut at which the answers with similarity >= cut are right
-    at least `precision` of the time, at one-sided `confidence` (the Wilson score lower bound of
-    their precision reaches `precision`; confidence 0.5: the observed precision does); infinite
+    at least `precision` of the time, at one-sided `confidence_level` (the Wilson score lower bound of
+    their precision reaches `precision`; confidence_level 0.5: the observed precision does); infinite
     when no cut is ("precision unreachable": the rank answers nothing, as no answer was borne out;
     it takes at least `answers_needed` answers, all right), NaN when there are no answers.
 
     Usage:
         cut, method = precision_threshold(right_similarities, wrong_similarities, 0.98)
     """
-    z = _z(confidence)
+    z = _z(confidence_level)
     scored = sorted([(s, 1) for s in right] + [(s, 0) for s in wrong], reverse=True)
     if not scored:
         return float("nan"), "none"
@@ -95,25 +95,25 @@ def precision_threshold(right: list[float], wrong: list[float], precision: float
     return cut, "precision"
 
 
-def answers_needed(precision: float, confidence: float = PRECISION_CONFIDENCE) -> int:
+def answers_needed(precision: float, confidence_level: float = PRECISION_CONFIDENCE) -> int:
     """The fewest calibration answers above a cut, all right, that bear out `precision` at
-    `confidence` (`precision_threshold`): the Wilson lower bound of n of n is n / (n + z^2).
+    `confidence_level` (`precision_threshold`): the Wilson lower bound of n of n is n / (n + z^2).
 
     Usage:
         answers_needed(0.98)   # 133
     """
     if not 0 < precision < 1:
         raise ValueError(f"precision must be between 0 and 1, got {precision}")
-    z = _z(confidence)
+    z = _z(confidence_level)
     return max(1, math.ceil(z * z * precision / (1 - precision)))
 
 
-def _z(confidence: float) -> float:
-    """The standard normal quantile of a one-sided `confidence` in [0.5, 1)."""
-    if not 0.5 <= confidence < 1:
+def _z(confidence_level: float) -> float:
+    """The standard normal quantile of a one-sided `confidence_level` in [0.5, 1)."""
+    if not 0.5 <= confidence_level < 1:
         raise ValueError(f"a stated precision's confidence must be in [0.5, 1) (0.5: the observed precision), "
-                         f"got {confidence}")
-    return NormalDist().inv_cdf(confidence)
+                         f"got {confidence_level}")
+    return NormalDist().inv_cdf(confidence_level)
 
 
 def wilson_lower_bound(successes: int, trials: int, z: float) -> float:

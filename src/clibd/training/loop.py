@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -230,7 +231,7 @@ def save_splits(splits: datasets.DatasetDict, target: Path) -> None:
         datasets.DatasetDict({name: part for name, part in splits.items() if len(part)}).save_to_disk(str(tmp))
 
 
-def trained_species(train_set: datasets.Dataset, started_from: list[str] | None = ()) -> list[str] | None:
+def trained_species(train_set: datasets.Dataset, started_from: Collection[str] | None = ()) -> list[str] | None:
     """The species the model will have been trained on, sorted (saved in its config: index
     calibration holds the others out, `clibd.novelty.calibration_sample`): those of the training
     records and `started_from`, the ones of the model training starts from (`model.init_from`).
