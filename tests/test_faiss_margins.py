@@ -8,7 +8,7 @@ import pytest
 from clibd import identify as identify_module
 from clibd.identify import Identifier
 from clibd.index import build_index
-from clibd.novelty import MARGIN_DEPTH, rank_confidence, taxon_margin
+from clibd.novelty import MARGIN_DEPTH, rank_confidences, taxon_margin
 
 pytest.importorskip("faiss", reason="the faiss backend needs faiss (pip install 'clibd[faiss]')")
 
@@ -22,11 +22,12 @@ def _identified(index_dir, backend: str, queries: list[dict], monkeypatch) -> tu
     seen: list[tuple[int, dict]] = []
 
     def spy(similarities, labels, weights):
-        confidence = rank_confidence(similarities, labels, weights)
-        seen.append((min(len(similarities), *(len(column) for column in labels.values())), confidence))
-        return confidence
+        confidences = rank_confidences(similarities, labels, weights)
+        depth = min(similarities.shape[1], *(column.shape[1] for column in labels.values()))
+        seen.extend((depth, confidence) for confidence in confidences)
+        return confidences
 
-    monkeypatch.setattr(identify_module, "rank_confidence", spy)
+    monkeypatch.setattr(identify_module, "rank_confidences", spy)
     identifier = Identifier.load(index_dir, backend=backend)
     identifier.index.meta["margin_weights"] = WEIGHTS
     return identifier.identify(queries, top_k=5), seen

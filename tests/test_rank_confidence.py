@@ -3,8 +3,10 @@ nearer the nearest reference is than the nearest one of another taxon at that ra
 
 import json
 import math
+import random
 
 import pytest
+import torch
 
 from clibd.constants import RANKS
 from clibd.identify import Hit, Identifier
@@ -16,10 +18,12 @@ from clibd.novelty import (
     calibration_from_answers,
     choose_margin_weight,
     rank_confidence,
+    rank_confidences,
     taxon_margin,
+    taxon_margins,
 )
 from clibd.prediction import predict
-from clibd.thresholds import PRECISION_CONFIDENCE, precision_at
+from clibd.thresholds import PRECISION_CONFIDENCE, precision_at, precision_curve
 
 
 def test_taxon_margin_reads_the_first_other_taxon():
@@ -30,6 +34,59 @@ def test_taxon_margin_reads_the_first_other_taxon():
     labels = {"genus": ["A", "B", "B"], "family": ["F", "F", "G"]}  # no order labels: its weight is 0
     confidence = rank_confidence([0.9, 0.8, 0.7], labels, {"genus": 2.0, "family": 1.0, "order": 0.0})
     assert confidence == pytest.approx({"genus": 0.9 + 2 * 0.1, "family": 0.9 + 0.2})  # weight 0: left as it was
+
+
+def _margin_one_by_one(similarities: list[float], labels: list[int]) -> float:
+    """The taxon margin as its docstring words it, one neighbour at a time."""
+    top = last = similarities[0]
+    for similarity, label in zip(similarities, labels, strict=True):
+        if similarity <= -2.0:
+            break
+        if label != labels[0]:
+            return top - similarity
+        last = similarity
+    return top - last
+
+
+def test_taxon_margins_of_a_batch_are_each_querys_own_to_the_last_bit():
+    generator = torch.Generator().manual_seed(0)
+    sims = torch.rand(300, 12, generator=generator).sort(dim=1, descending=True).values
+    ends = torch.randint(0, 13, (300,), generator=generator)  # -2.0 from here on: nothing left
+    for row, end in enumerate(ends.tolist()):
+        sims[row, end:] = -2.0
+    labels = torch.randint(0, 3, (300, 12), generator=generator)
+    labels[:50] = 7  # one taxon throughout: the margin to the last one kept
+    margins = taxon_margins(sims, labels)
+    assert margins.dtype == torch.float64
+    expected = [_margin_one_by_one(ss, ls) for ss, ls in zip(sims.tolist(), labels.tolist(), strict=True)]
+    assert margins.tolist() == expected  # exactly: identify's answers must not move by a rounding
+    assert len(set(expected)) > 100 and 0.0 in expected  # varied, and rows that start with -2.0
+
+
+def test_rank_confidences_of_a_batch_are_rank_confidence_of_each_query():
+    generator = torch.Generator().manual_seed(1)
+    sims = torch.rand(40, 8, generator=generator).sort(dim=1, descending=True).values
+    genus, family = torch.randint(0, 4, (40, 8), generator=generator), torch.randint(0, 2, (40, 8), generator=generator)
+    weights = {"genus": 2.0, "family": 0.5, "order": 0.0}
+    batch = rank_confidences(sims, {"genus": genus, "family": family}, weights)
+    for n, confidence in enumerate(batch):
+        one = rank_confidence(sims[n].tolist(), {"genus": [f"g{i}" for i in genus[n].tolist()],
+                                                 "family": [f"f{i}" for i in family[n].tolist()]}, weights)
+        assert confidence == one and set(confidence) == {"genus", "family"}
+    with pytest.raises(ValueError, match="3 similarities"):
+        rank_confidence([0.9, 0.8, 0.7], {"genus": ["A", "B"]}, {"genus": 1.0})
+
+
+def test_precision_at_reads_the_lowest_curve_point_at_or_above():
+    rng = random.Random(0)
+    for _ in range(100):
+        right = [round(rng.random(), rng.choice([1, 2, 6])) for _ in range(rng.randint(1, 200))]
+        wrong = [round(rng.random(), rng.choice([1, 2, 6])) for _ in range(rng.randint(0, 200))]
+        curve = precision_curve(right, wrong, rng.choice([2, 5, 128]))  # ties where rounded to 1 or 2 decimals
+        for similarity in [rng.random() for _ in range(20)] + [s for s, _ in curve] + [-math.inf, math.inf, 2.0]:
+            at_or_above = [precision for sim, precision in curve if sim >= similarity]
+            assert precision_at(curve, similarity) == (at_or_above[-1] if at_or_above else curve[0][1])
+    assert precision_at([(0.9, 1.0), (0.5, 0.5)], math.nan) == 1.0  # at or above no point: the highest's
 
 
 def _answers(right, wrong):

@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from clibd import species_check
 from clibd.data import read_records
@@ -327,3 +328,16 @@ def test_the_embeddings_species_is_judged_with_the_species_margin(libraries, dna
         named[weight] = {p.query_id for p in predictions if not p.novel and not p.identity >= check.identity_cutoff}
     assert named[0.0] == {p.query_id for p in unsettled if p.novelty_similarity >= cut}
     assert named[0.0] < named[4.0]  # the margin only adds to the novelty similarity
+
+
+def test_species_check_confidences_of_a_batch_are_each_querys_confidence():
+    check = SpeciesCheck(0.9, margin_weight=2.0)
+    sims = torch.tensor([[0.91, 0.90, 0.84], [0.95, 0.80, 0.70], [0.88, 0.87, 0.86]])
+    species = torch.tensor([[0, 0, 1], [2, 3, 3], [4, 4, 4]])
+    novelty = torch.tensor([0.86, 0.93, 0.80])
+    batch = check.confidences(novelty, sims, species)
+    names = [[f"s{i}" for i in row] for row in species.tolist()]
+    assert batch == [check.confidence(value, row, labels)
+                     for value, row, labels in zip(novelty.tolist(), sims.tolist(), names, strict=True)]
+    assert batch[0] == pytest.approx(0.86 + 2 * 0.07) and batch[2] == pytest.approx(0.80 + 2 * 0.02)
+    assert SpeciesCheck(0.9).confidences(novelty, sims, species) == novelty.double().tolist()  # weight 0: novelty

@@ -51,7 +51,7 @@ from .constants import RANKS
 from .index import ReferenceIndex, unusable
 from .library import ReferenceLibrary
 from .modeling_clibd import CLIBDModel
-from .novelty import MARGIN_DEPTH, rank_confidence
+from .novelty import MARGIN_DEPTH, rank_confidences
 from .prediction import COMMENT, Hit, Prediction, failed, predict
 from .predictions_tsv import identify_to_tsv, prediction_columns, read_predictions_tsv, write_predictions_tsv
 from .processing import CLIBDProcessor
@@ -150,17 +150,16 @@ class Identifier:
             if len(barcodes) != len(query_ids):
                 raise ValueError(f"{len(barcodes)} barcodes for {len(query_ids)} queries")
             floor, thresholds, curves = self._checked_thresholds(thresholds, curves, check)
-        predictions, labels, hit = [], _margin_labels(keys, weights), self._hit_reader(keys, plan.keys)
-        species = keys.labels("species") if check and check.margin_weight else None
-        for query_id, ss, js, novelty_sim in zip(query_ids, similarities.tolist(), rows.tolist(), novelty.tolist(),
-                                                 strict=True):
+        predictions, hit = [], self._hit_reader(keys, plan.keys)
+        confidences = _confidences(keys, similarities, rows, weights)
+        if check:  # the embedding's species: by the check's confidence, never below a stated precision's floor
+            near = rows[:, :MARGIN_DEPTH]  # as deep as calibration looked
+            species = check.confidences(novelty, similarities[:, :MARGIN_DEPTH], keys.label_ids("species")[near])
+            for confidence, value, novelty_sim in zip(confidences, species, novelty.tolist(), strict=True):
+                confidence["species"] = value if novelty_sim >= floor else -math.inf
+        for query_id, ss, js, novelty_sim, confidence in zip(query_ids, similarities.tolist(), rows.tolist(),
+                                                             novelty.tolist(), confidences, strict=True):
             hits = [hit(j, s) for j, s in zip(js[:top_k], ss[:top_k], strict=True)]
-            confidence = _confidence(ss, js, labels, weights)
-            if check:  # the embedding's species: by the check's confidence, never below a stated precision's floor
-                near = js[:MARGIN_DEPTH]  # as deep as calibration looked
-                confidence["species"] = (check.confidence(novelty_sim, ss[:MARGIN_DEPTH],
-                                                          [species[j] for j in near] if species else [])
-                                         if novelty_sim >= floor else -math.inf)
             predictions.append(replace(predict(query_id, hits, thresholds, novelty_sim, curves, confidence),
                                        route=hits[0].modality))
         return self._check_species(predictions, keys, barcodes, rows, check) if check else predictions
@@ -216,16 +215,16 @@ class Identifier:
         for modality in ("image", "dna"):
             keys = self.library.keys([modality])
             thresholds, curves, weights = self.library.pair_rule("image", [modality])
-            routes[modality] = (keys, *self._search(keys, embeddings, _depth(top_k, weights)), weights,
-                                _margin_labels(keys, weights), thresholds, curves, self._hit_reader(keys, [modality]))
+            similarities, rows = self._search(keys, embeddings, _depth(top_k, weights))
+            routes[modality] = (similarities, rows, _confidences(keys, similarities, rows, weights), thresholds,
+                                curves, self._hit_reader(keys, [modality]))
         predictions = []
         for n, query_id in enumerate(query_ids):
-            route = "image" if float(routes["image"][1][n, 0]) > threshold else "dna"
-            keys, similarities, rows, weights, labels, thresholds, curves, hit = routes[route]
+            route = "image" if float(routes["image"][0][n, 0]) > threshold else "dna"
+            similarities, rows, confidences, thresholds, curves, hit = routes[route]
             ss, js = similarities[n].tolist(), rows[n].tolist()
             hits = [hit(j, s) for j, s in zip(js[:top_k], ss[:top_k], strict=True)]
-            confidence = _confidence(ss, js, labels, weights)
-            predictions.append(replace(predict(query_id, hits, thresholds, None, curves, confidence), route=route))
+            predictions.append(replace(predict(query_id, hits, thresholds, None, curves, confidences[n]), route=route))
         return predictions
 
     def _search(self, keys: ReferenceIndex, embeddings: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,16 +349,12 @@ def _thresholds_line(thresholds: dict[str, float], margin_weights: dict[str, flo
                      for rank, value in thresholds.items())
 
 
-def _margin_labels(keys: ReferenceIndex, margin_weights: dict[str, float]) -> dict[str, list[str]]:
-    """The keys' labels at each rank whose margin counts (`clibd.novelty.rank_confidence`)."""
-    return {rank: keys.labels(rank) for rank, weight in margin_weights.items() if weight}
-
-
-def _confidence(similarities: list[float], rows: list[int], labels: dict[str, list[str]],
-                margin_weights: dict[str, float]) -> dict[str, float]:
-    """One query's `rank_confidence` from its nearest keys' rows and the keys' `_margin_labels`."""
-    return rank_confidence(similarities, {rank: [column[j] for j in rows[:MARGIN_DEPTH]]
-                                          for rank, column in labels.items()}, margin_weights)
+def _confidences(keys: ReferenceIndex, similarities: torch.Tensor, rows: torch.Tensor,
+                 margin_weights: dict[str, float]) -> list[dict[str, float]]:
+    """Each query's `rank_confidences` from its nearest keys (`rows`, with their `similarities`)."""
+    near = rows[:, :MARGIN_DEPTH]
+    return rank_confidences(similarities, {rank: keys.label_ids(rank)[near] for rank, weight in margin_weights.items()
+                                           if weight}, margin_weights)
 
 
 def _depth(top_k: int, margin_weights: dict[str, float], check: SpeciesCheck | None = None) -> int:

@@ -35,7 +35,7 @@ from .checked_embedding import NOT_FINITE, check_finite_weights, embed_checked, 
 from .constants import RANKS
 from .index_store import RecordTable, map_embeddings, persisted_ivf
 from .modeling_clibd import CLIBDModel
-from .novelty import Calibration, calibrate, labels_of
+from .novelty import Calibration, calibrate, label_ids, labels_of
 from .processing import CLIBDProcessor
 from .retrieval import active_processes, embedding_processes, faiss_search, search
 from .species_check import SpeciesCheck
@@ -223,6 +223,17 @@ class ReferenceIndex:
         if rank not in self._labels:
             self._labels[rank] = labels_of(self.records, rank)
         return self._labels[rank]
+
+    def label_ids(self, rank: str) -> torch.Tensor:
+        """[N] integers standing for `labels(rank)` (`clibd.novelty.label_ids`), made once per index:
+        what identify's margins compare.
+
+        Usage:
+            index.label_ids("genus")[rows]   # [Q, K] labels of each query's nearest references
+        """
+        if (rank, "ids") not in self._labels:
+            self._labels[rank, "ids"] = label_ids(self.labels(rank))
+        return self._labels[rank, "ids"]
 
     def load_model(self, model_dir: str | os.PathLike | None = None) -> tuple[CLIBDModel, CLIBDProcessor]:
         """The model and processor that built this index: from `model_dir` (e.g. an index pulled

@@ -92,42 +92,82 @@ METHODS = {
 }
 
 
+def label_ids(labels: Sequence[str]) -> torch.Tensor:
+    """[N] integers standing for `labels`, equal where the labels are equal ("" is a label like
+    any other): what `taxon_margins` compares.
+
+    Usage:
+        genus_ids = label_ids(index.labels("genus")); taxon_margins(sims, genus_ids[rows])
+    """
+    ids: dict[str, int] = {}
+    return torch.tensor([ids.setdefault(label, len(ids)) for label in labels], dtype=torch.long)
+
+
+def taxon_margins(similarities: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How much nearer each query's nearest reference is than its nearest one whose label differs
+    from the nearest one's; where all share it, than the last one (a lower bound); 0 for one
+    reference. `similarities`: [Q, K], nearest first, -2.0 (nothing left: `nearest_held_out`)
+    ending a row; `labels`: [Q, K] integer labels of those references (`label_ids`). [Q] float64,
+    the difference Python's floats give.
+
+    Usage:
+        taxon_margins(torch.tensor([[0.91, 0.90, 0.84]]), torch.tensor([[3, 3, 5]]))   # tensor([0.07])
+    """
+    sims = similarities.double()
+    kept = (sims > -2.0).int().cumprod(dim=1).bool()  # up to the first -2.0
+    differs = (labels != labels[:, :1]) & kept
+    first_other = differs.int().argmax(dim=1, keepdim=True)  # the first position: argmax's tie rule
+    last_kept = (kept.sum(dim=1, keepdim=True) - 1).clamp(min=0)
+    other = torch.where(differs.any(dim=1), sims.gather(1, first_other)[:, 0], sims.gather(1, last_kept)[:, 0])
+    return sims[:, 0] - other
+
+
 def taxon_margin(similarities: Sequence[float], labels: Sequence[str]) -> float:
-    """How much nearer the nearest reference is than the nearest one whose label differs from its
-    own (`similarities`, nearest first, and each reference's `labels` at one rank); where all share
-    it, than the last one (a lower bound); 0 for one reference. A similarity of -2.0 (nothing left:
-    `nearest_held_out`) ends the list.
+    """`taxon_margins` of one query: `similarities`, nearest first, and each reference's `labels`
+    at one rank.
 
     Usage:
         taxon_margin([0.91, 0.90, 0.84], ["Aedes", "Aedes", "Culex"])   # 0.07
     """
-    top = last = similarities[0]
-    for similarity, label in zip(similarities, labels, strict=True):
-        if similarity <= -2.0:
-            break
-        if label != labels[0]:
-            return top - similarity
-        last = similarity
-    return top - last
+    if len(similarities) != len(labels):
+        raise ValueError(f"{len(similarities)} similarities for {len(labels)} labels")
+    return float(taxon_margins(torch.tensor([similarities], dtype=torch.float64), label_ids(labels)[None])[0])
 
 
-def rank_confidence(similarities: Sequence[float], labels: Mapping[str, Sequence[str]],
-                    weights: Mapping[str, float]) -> dict[str, float]:
-    """Per rank with a weight: the confidence its threshold is compared with, the nearest
-    similarity plus `weights[rank]` times its `taxon_margin` (`labels[rank]`: the references'
-    labels at that rank in the order of `similarities`, nearest first, needed where the weight is
-    not 0; the deeper, the truer the margin: `MARGIN_DEPTH`).
+def rank_confidences(similarities: torch.Tensor, labels: Mapping[str, torch.Tensor],
+                     weights: Mapping[str, float]) -> list[dict[str, float]]:
+    """Per query, per rank with a weight: the confidence its threshold is compared with, the
+    nearest similarity plus `weights[rank]` times its taxon margin (`taxon_margins`). `similarities`:
+    [Q, K], nearest first; `labels[rank]`: [Q, K] integer labels (`label_ids`) of those references,
+    needed where the weight is not 0 (the deeper, the truer the margin: `MARGIN_DEPTH`).
 
     Ranks of weight 0 are left out: their threshold is compared with what it always was (the
     similarity; for species, the novelty similarity). The margin looks through the `MARGIN_DEPTH`
     nearest at most, as calibration did.
 
     Usage:
+        rank_confidences(sims, {"genus": genus_ids[rows]}, {"genus": 0.5})[0]["genus"]
+    """
+    near = similarities[:, :MARGIN_DEPTH]
+    margins = {rank: (weight, taxon_margins(near, labels[rank][:, :MARGIN_DEPTH]).tolist())
+               for rank, weight in weights.items() if weight}
+    return [{rank: answer_confidence(top, margin[n], weight) for rank, (weight, margin) in margins.items()}
+            for n, top in enumerate(similarities[:, 0].double().tolist())]
+
+
+def rank_confidence(similarities: Sequence[float], labels: Mapping[str, Sequence[str]],
+                    weights: Mapping[str, float]) -> dict[str, float]:
+    """`rank_confidences` of one query: `similarities`, nearest first, and `labels[rank]` the
+    references' labels at that rank in the same order.
+
+    Usage:
         rank_confidence(sims, {"genus": [index.labels("genus")[j] for j in rows]}, {"genus": 0.5})
     """
-    near = similarities[:MARGIN_DEPTH]
-    return {rank: answer_confidence(similarities[0], taxon_margin(near, labels[rank][:MARGIN_DEPTH]), weight)
-            for rank, weight in weights.items() if weight}
+    near = list(similarities[:MARGIN_DEPTH])
+    ids = {rank: label_ids(labels[rank][:MARGIN_DEPTH])[None] for rank, weight in weights.items() if weight}
+    if any(row.shape[1] != len(near) for row in ids.values()):
+        raise ValueError(f"{len(near)} similarities for labels of another length: {labels}")
+    return rank_confidences(torch.tensor([near], dtype=torch.float64), ids, weights)[0]
 
 
 def nearest_held_out(embeddings: torch.Tensor, taxa: list[str], queries: list[int], chunk_size: int = 512,
@@ -324,19 +364,23 @@ def answers_at(records: Sequence[dict], rank: str, queries: list[int], shared: s
     """
     key_records = records if key_records is None else key_records
     key_labels = labels_of(key_records, rank)  # once, not a record per neighbour
-    loo_sims, loo_idx, out_sims, out_idx = (m.tolist() for m in matches)
+    columns = [m if m.dim() == 2 else m[:, None] for m in matches]  # k = 1: one column, margins 0
+    ids = label_ids(key_labels)
+    margins = [taxon_margins(sims, ids[rows]).tolist() if rank != "species" else [0.0] * len(queries)
+               for sims, rows in (columns[2:], columns[:2])]  # held out, then only itself removed
+    out_sims, out_rows, loo_sims, loo_rows = (column[:, 0].tolist() for column in columns[2:] + columns[:2])
     answers = Answers()
     for n, query in enumerate(queries):
         truth = records[query].get(rank, "")
         if not truth:
             continue
-        cases = [("held", out_sims[n], out_idx[n])] + ([("own", loo_sims[n], loo_idx[n])] if query in shared else [])
-        for case, sims, rows in cases:
-            sims, rows = (sims, rows) if isinstance(sims, list) else ([sims], [rows])
-            if sims[0] > -2.0:  # -2: nothing left once the taxon was removed
-                kind = "right" if key_labels[rows[0]] == truth else "wrong"
-                margin = taxon_margin(sims, [key_labels[j] for j in rows]) if rank != "species" else 0.0
-                getattr(answers, f"{case}_{kind}").append((sims[0], margin))
+        cases = [("held", out_sims[n], out_rows[n], margins[0][n])]
+        if query in shared:
+            cases.append(("own", loo_sims[n], loo_rows[n], margins[1][n]))
+        for case, similarity, row, margin in cases:
+            if similarity > -2.0:  # -2: nothing left once the taxon was removed
+                kind = "right" if key_labels[row] == truth else "wrong"
+                getattr(answers, f"{case}_{kind}").append((similarity, margin))
     return answers
 
 

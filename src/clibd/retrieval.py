@@ -161,8 +161,8 @@ def topk_search(queries: torch.Tensor, keys: torch.Tensor, k: int, query_chunk: 
                 key_block: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k inner products [Q, k] (values, indices), in query chunks x key blocks with a
     running top-k, so memory stays at the keys plus one key block and one score block whatever the
-    library size. Half precision keys are widened block by block: CPUs multiply fp32 several times
-    faster. k is capped at the number of keys.
+    library size. Half precision keys are widened block by block, each block once for every query
+    chunk: CPUs multiply fp32 several times faster. k is capped at the number of keys.
 
     Usage:
         similarities, indices = topk_search(queries, keys, k=5)
@@ -170,23 +170,21 @@ def topk_search(queries: torch.Tensor, keys: torch.Tensor, k: int, query_chunk: 
     k = min(k, keys.shape[0])
     compute = torch.float32 if keys.device.type == "cpu" else keys.dtype
     queries = queries.to(compute)
-    all_values, all_indices = [], []
-    for q0 in range(0, queries.shape[0], query_chunk):
-        chunk = queries[q0 : q0 + query_chunk]
-        best_values = torch.full((chunk.shape[0], 0), float("-inf"))
-        best_indices = torch.empty((chunk.shape[0], 0), dtype=torch.long)
-        for k0 in range(0, keys.shape[0], key_block):
-            scores = (chunk @ keys[k0 : k0 + key_block].to(compute).T).float()
-            top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
-            values = torch.cat([best_values, top.values], dim=1)
-            indices = torch.cat([best_indices, top.indices + k0], dim=1)
-            keep = torch.topk(values, min(k, values.shape[1]), dim=1)
-            best_values, best_indices = keep.values, indices.gather(1, keep.indices)
-        all_values.append(best_values)
-        all_indices.append(best_indices)
-    if not all_values:
+    chunks = [queries[q0 : q0 + query_chunk] for q0 in range(0, queries.shape[0], query_chunk)]
+    if not chunks:
         return torch.empty(0, k), torch.empty(0, k, dtype=torch.long)
-    return torch.cat(all_values), torch.cat(all_indices)
+    best = [(torch.full((len(chunk), 0), float("-inf")), torch.empty((len(chunk), 0), dtype=torch.long))
+            for chunk in chunks]
+    for k0 in range(0, keys.shape[0], key_block):
+        block = keys[k0 : k0 + key_block].to(compute).T  # widened once for every query chunk
+        for n, chunk in enumerate(chunks):
+            scores = (chunk @ block).float()
+            top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+            values = torch.cat([best[n][0], top.values], dim=1)
+            indices = torch.cat([best[n][1], top.indices + k0], dim=1)
+            keep = torch.topk(values, min(k, values.shape[1]), dim=1)
+            best[n] = keep.values, indices.gather(1, keep.indices)
+    return torch.cat([values for values, _ in best]), torch.cat([indices for _, indices in best])
 
 
 def topk_indices(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk_size: int = 256) -> torch.Tensor:

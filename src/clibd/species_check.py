@@ -52,8 +52,9 @@ from .novelty import (
     answer_confidence,
     calibration_sample,
     confidences,
+    label_ids,
     nearest_held_out,
-    taxon_margin,
+    taxon_margins,
 )
 from .processing.barcodes import normalise_barcode
 from .towers.parts import EmbeddingPart, select_parts
@@ -250,9 +251,22 @@ class SpeciesCheck:
         Usage:
             check.confidence(0.86, [0.91, 0.90, 0.84], ["A b", "A b", "A c"])   # 0.86 + margin_weight * 0.07
         """
+        return self.confidences(torch.tensor([novelty_similarity], dtype=torch.float64),
+                                torch.tensor([list(similarities)], dtype=torch.float64), label_ids(species)[None])[0]
+
+    def confidences(self, novelty_similarities: torch.Tensor, similarities: torch.Tensor,
+                    species: torch.Tensor) -> list[float]:
+        """`confidence` of many queries: [Q] novelty similarities, [Q, K] similarities of their
+        nearest references and those references' [Q, K] integer species (`clibd.novelty.label_ids`).
+
+        Usage:
+            check.confidences(novelty, sims[:, :MARGIN_DEPTH], species_ids[rows[:, :MARGIN_DEPTH]])
+        """
+        novelty = novelty_similarities.double().tolist()
         if not self.margin_weight:
-            return novelty_similarity
-        return answer_confidence(novelty_similarity, taxon_margin(similarities, species), self.margin_weight)
+            return novelty
+        return [answer_confidence(similarity, margin, self.margin_weight)
+                for similarity, margin in zip(novelty, taxon_margins(similarities, species).tolist(), strict=True)]
 
     def to_dict(self) -> dict:
         """As index.json stores it: inf and NaN as null."""
@@ -284,8 +298,10 @@ def _nearest(embeddings: torch.Tensor, novelty: torch.Tensor, species: list[str]
         return [[j for j, s in zip(js[:k], ss[:k], strict=True) if s > -2.0]
                 for js, ss in zip(near.tolist(), sims.tolist(), strict=True)]
 
+    ids = label_ids(species)
+
     def margins(sims: torch.Tensor, near: torch.Tensor) -> list[float]:
-        return [taxon_margin(ss, [species[j] for j in js]) for js, ss in zip(near.tolist(), sims.tolist(), strict=True)]
+        return taxon_margins(sims, ids[near]).tolist()
 
     return ((kept(loo_sims, loo_rows), loo_best.tolist(), margins(*loo_deep)),
             (kept(out_sims, out_rows), out_best.tolist(), margins(*out_deep)))

@@ -11,6 +11,7 @@ Usage:
 
 from __future__ import annotations
 
+import bisect
 import math
 from statistics import NormalDist
 
@@ -157,5 +158,9 @@ def precision_at(curve: list[tuple[float, float]], similarity: float) -> float:
     Usage:
         precision_at(precision_curve(right_similarities, wrong_similarities), 0.91)   # e.g. 0.97
     """
-    above = [precision for sim, precision in curve if sim >= similarity]
-    return above[-1] if above else (curve[0][1] if curve else float("nan"))
+    if not curve:
+        return float("nan")
+    if math.isnan(similarity):  # at or above no point
+        return curve[0][1]
+    above = bisect.bisect_right(curve, -similarity, key=lambda point: -point[0])  # points at or above it
+    return curve[above - 1][1] if above else curve[0][1]
