@@ -66,7 +66,11 @@ def test_first_candidate_clearing_the_cutoff_wins_and_stops_the_alignments(monke
     assert choose_candidate(BARCODE, [close, closer, closer], cutoff=0.97) == (0, pytest.approx(588 / 600))
     assert len(calls) == 1
     far = mutate(BARCODE, range(0, 600, 10))  # 90 %
-    assert choose_candidate(BARCODE, [far, close], cutoff=0.99) == (-1, pytest.approx(588 / 600))
+    # none clears: the most identical one (its identity under the cut-off: nothing named)
+    assert choose_candidate(BARCODE, [far, close, far], cutoff=0.99) == (1, pytest.approx(588 / 600))
+    assert choose_candidate(BARCODE, [close, close], cutoff=0.99) == (0, pytest.approx(588 / 600))  # first of equals
+    assert choose_candidate(BARCODE, [BARCODE[:90]], cutoff=0.97) == (0, 0.0)  # too short to call: identity 0
+    assert choose_candidate(BARCODE, [], cutoff=0.97) == (-1, 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +94,8 @@ def real_batch(data_dir):
 def test_batch_equals_the_sequential_choice_on_real_barcodes(real_batch, monkeypatch):
     queries, candidates, query_ids, names = real_batch
     sequential = [choose_candidate(q, c, 0.97, n, cn) for q, c, n, cn in zip(*real_batch, strict=True)]
-    assert {position for position, _ in sequential} >= {-1, 0, 1}  # the batch covers every outcome
+    named = {position for position, best in sequential if best >= 0.97}
+    assert named >= {0, 1} and any(best < 0.97 for _, best in sequential)  # the batch covers every outcome
     monkeypatch.setattr(species_check, "CHUNK", 4)  # several chunks, so the pool shares them out
     assert choose_candidates(queries, candidates, 0.97, query_ids, names, threads=2) == sequential
     assert choose_candidates(queries, candidates, 0.97, query_ids, names, threads=1) == sequential
@@ -119,7 +124,7 @@ def test_a_bad_barcode_fails_only_its_query_and_is_named():
     outcomes = choose_candidates([BARCODE, "ACGT-XYZ", BARCODE, BARCODE], [good, good, [BARCODE, "NOT A BARCODE"], good],
                                  1.01, ["q0", "q1", "q2", "q3"], [["r1", "r2"], ["r1", "r2"], ["r1", "r9"], ["r1", "r2"]],
                                  threads=2)
-    assert outcomes[0] == outcomes[3] == (-1, 1.0)
+    assert outcomes[0] == outcomes[3] == (0, 1.0)  # cut-off 1.01: nothing named, the identical one nearest
     assert isinstance(outcomes[1], ValueError) and "q1" in str(outcomes[1])
     assert isinstance(outcomes[2], ValueError) and "reference r9" in str(outcomes[2])
     with pytest.raises(ValueError, match="3 candidate lists for 2 queries"):
@@ -202,6 +207,11 @@ def test_alignment_names_held_species_the_embedding_alone_misses(libraries, dna_
     assert with_rate > without_rate + 0.1
     settled = [p for p in predictions if p.identity >= checked.species_check.identity_cutoff]
     assert settled and all(not p.novel and p.answer["species"] for p in settled)
+    # the reference the identity is to: for a settled query, one of the species it names
+    species_of = dict(zip(checked.labels("id"), checked.labels("species"), strict=True))
+    assert all(species_of[p.identity_reference] == p.answer["species"] for p in settled)
+    unsettled = [p for p in predictions if p.identity < checked.species_check.identity_cutoff]
+    assert unsettled and all(p.identity_reference in {hit.id for hit in p.hits} for p in unsettled)
     assert all(p.precision["species"] == pytest.approx(checked.species_check.precision) for p in settled)
 
 
@@ -215,18 +225,20 @@ def test_absent_species_are_named_only_by_alignment_or_above_the_checks_threshol
     assert sum(p.novel for p in predictions) >= 0.8 * len(predictions)
 
 
-def test_identity_column_round_trips_and_old_files_read_without_it(libraries, dna_model, records, tmp_path):
+def test_identity_columns_round_trip_and_old_files_read_without_them(libraries, dna_model, records, tmp_path):
     checked, _ = libraries
     predictions = Identifier.load(checked.directory, model_dir=dna_model).identify(records["held"][:5])
     with open(tmp_path / "p.tsv", "w") as f:
         write_predictions_tsv(predictions, f, top_k=5)
     back = read_predictions_tsv(tmp_path / "p.tsv")
     assert [p.identity for p in back] == pytest.approx([round(p.identity, 4) for p in predictions])
+    assert [p.identity_reference for p in back] == [p.identity_reference for p in predictions]
+    assert all(p.identity_reference for p in back)
     lines = (tmp_path / "p.tsv").read_text().splitlines()
-    column = lines[0].split("\t").index("identity")
-    old = ["\t".join(c for i, c in enumerate(line.split("\t")) if i != column) for line in lines]
+    columns = {lines[0].split("\t").index(name) for name in ("identity", "identity_reference")}
+    old = ["\t".join(c for i, c in enumerate(line.split("\t")) if i not in columns) for line in lines]
     (tmp_path / "old.tsv").write_text("\n".join(old) + "\n")
-    assert all(math.isnan(p.identity) for p in read_predictions_tsv(tmp_path / "old.tsv"))
+    assert all(math.isnan(p.identity) and p.identity_reference == "" for p in read_predictions_tsv(tmp_path / "old.tsv"))
 
 
 def test_add_and_recalibrate_keep_the_barcodes_and_the_check(dna_model, records, tmp_path):

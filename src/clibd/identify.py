@@ -181,7 +181,7 @@ class Identifier:
     def _check_species(self, predictions: list[Prediction], keys: ReferenceIndex, barcodes: Sequence[str],
                        rows: torch.Tensor, check: SpeciesCheck) -> list[Prediction]:
         """`predictions` with their species settled by alignment where a candidate clears the cut-off
-        (`identity`: that reference's; else the best among the candidates), the batch's alignments
+        (`identity` and `identity_reference`: that reference's; else the most identical candidate's), the batch's alignments
         on every core the model may use (`choose_candidates`). A barcode that cannot be aligned
         follows `on_bad_input`: "error" raises the first such query's error (in order), "skip"
         gives that query alone a `failed` row."""
@@ -200,11 +200,13 @@ class Identifier:
                 raise outcome
             return failed(prediction.query_id, f"species check: {outcome}")
         position, best = outcome
-        if position < 0:
-            return replace(prediction, identity=best)
+        aligned = replace(prediction, identity=best,
+                          identity_reference=keys.labels("id")[candidates[position]] if position >= 0 else "")
+        if best < check.identity_cutoff:  # nothing named: the embedding's answer stands
+            return aligned
         record = keys.records[candidates[position]]
         named = {rank: check.precision for rank in RANKS if not math.isnan(check.precision)}
-        return replace(prediction, answer={rank: record[rank] for rank in RANKS}, novel=False, identity=best,
+        return replace(aligned, answer={rank: record[rank] for rank in RANKS}, novel=False,
                        precision={**named, **{r: v for r, v in prediction.precision.items() if r != "species"}})
 
     def _route_is_du(self, embeddings: torch.Tensor, query_ids: Sequence[str], top_k: int,

@@ -48,7 +48,8 @@ class Prediction:
     "dna" for unseen; stacked keys: the nearest key's), "" where not known (older TSVs, error rows);
     `identity`: the alignment identity of the reference that named the species
     (`clibd.species_check`; it may not be `hits[0]`, whose support and precision the other ranks
-    keep), else the best among the nearest references; NaN where the index has no species check.
+    keep), else the best among the nearest references aligned; NaN where the index has no species
+    check; `identity_reference`: the id of that reference ("" where there is no identity).
 
     Usage:
         prediction.answer["genus"], prediction.novel, prediction.hits[0].id
@@ -65,6 +66,7 @@ class Prediction:
     precision: dict[str, float] = field(default_factory=dict)
     route: str = ""
     identity: float = math.nan
+    identity_reference: str = ""
 
     @property
     def deepest_rank(self) -> str | None:

@@ -39,7 +39,8 @@ def prediction_columns(top_k: int) -> list[str]:
     """
     hits = [f"hit{i}_{field}" for i in range(1, top_k + 1) for field in ("id", "species", "similarity")]
     return ["query_id", *RANKS, "similarity", "novel", *(f"{rank}_support" for rank in RANKS),
-            "novelty_similarity", *(f"{rank}_precision" for rank in RANKS), "identity", "error", "route", *hits]
+            "novelty_similarity", *(f"{rank}_precision" for rank in RANKS), "identity", "identity_reference",
+            "error", "route", *hits]
 
 
 def _row(prediction: Prediction) -> dict[str, str]:
@@ -50,7 +51,8 @@ def _row(prediction: Prediction) -> dict[str, str]:
            **{f"{rank}_support": f"{prediction.support[rank]:.2f}" for rank in RANKS},
            "novelty_similarity": f"{prediction.novelty_similarity:.4f}",
            **{f"{rank}_precision": _number(prediction.precision.get(rank, math.nan), 3) for rank in RANKS},
-           "identity": _number(prediction.identity, 4), "route": prediction.route}
+           "identity": _number(prediction.identity, 4), "identity_reference": prediction.identity_reference,
+           "route": prediction.route}
     for i, hit in enumerate(prediction.hits, start=1):
         row |= {f"hit{i}_id": hit.id, f"hit{i}_species": hit.taxonomy.get("species", ""),
                 f"hit{i}_similarity": f"{hit.similarity:.4f}"}
@@ -75,7 +77,8 @@ def _prediction(row: dict[str, str]) -> Prediction:
                       precision={rank: float(row[f"{rank}_precision"]) for rank in RANKS
                                  if row.get(f"{rank}_precision")},
                       route=row.get("route") or "",  # files written before the route column: ""
-                      identity=float(row["identity"]) if row.get("identity") else math.nan)
+                      identity=float(row["identity"]) if row.get("identity") else math.nan,
+                      identity_reference=row.get("identity_reference") or "")  # older files: ""
 
 
 def write_predictions_tsv(predictions: Iterable[Prediction], stream: TextIO, top_k: int, header: bool = True) -> None:

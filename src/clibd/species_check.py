@@ -33,6 +33,7 @@ Usage:
     identity(query_barcode, reference_barcode)                         # e.g. 0.9848
     check = calibrate_species_check(embeddings, novelty_embeddings, records)
     position, best = choose_candidate(query_barcode, [r["dna"] for r in hit_records], check.identity_cutoff)
+    named = hit_records[position]["species"] if best >= check.identity_cutoff else ""
 """
 
 from __future__ import annotations
@@ -146,23 +147,27 @@ def _counts_with_unknowns(query: str, reference: str) -> tuple[int, int]:
 def choose_candidate(query: str, candidates: Sequence[str], cutoff: float = IDENTITY_CUTOFF,
                      query_name: str = "query", candidate_names: Sequence[str] | None = None) -> tuple[int, float]:
     """(position, identity) of the first candidate (search order) at least `cutoff` identical to
-    `query`; where none is, (-1, the best identity among them). Stops aligning at the first that
-    clears the cut-off, so a known species usually costs one alignment. A bad barcode is a
-    `ValueError` naming it (`query_name`, `candidate_names`: the references' ids).
+    `query`, which names the species; where none is, of the most identical one (the first of
+    equals): the identity is then under `cutoff`, nothing is named; (-1, 0.0) for no candidates.
+    Stops aligning at the first that clears the cut-off, so a known species usually costs one
+    alignment. A bad barcode is a `ValueError` naming it (`query_name`, `candidate_names`: the
+    references' ids).
 
     Usage:
         position, best = choose_candidate(barcode, [r["dna"] for r in hit_records], 0.97, "q1",
                                           [r["id"] for r in hit_records])
+        named = hit_records[position]["species"] if best >= 0.97 else ""
     """
-    best = 0.0
+    best, nearest = -1.0, -1
     names = candidate_names or [f"candidate {i + 1} of {query_name}" for i in range(len(candidates))]
     query = normalise_barcode(query, query_name).strip("N")  # once, not per candidate
     for position, (candidate, name) in enumerate(zip(candidates, names, strict=True)):
         value = _identity(query, normalise_barcode(candidate, f"reference {name}").strip("N"))
         if value >= cutoff:
             return position, value
-        best = max(best, value)
-    return -1, best
+        if value > best:
+            best, nearest = value, position
+    return nearest, max(best, 0.0)
 
 
 def choose_candidates(queries: Sequence[str], candidates: Sequence[Sequence[str]], cutoff: float = IDENTITY_CUTOFF,
@@ -319,9 +324,9 @@ def _settle(records: Sequence[dict], rows: list[int], neighbours: list[list[int]
     for row, near, outcome in zip(rows, neighbours, outcomes, strict=True):
         if isinstance(outcome, ValueError):
             raise outcome
-        position, _ = outcome
-        named = records[near[position]]["species"] if position >= 0 else ""
-        out.append((position >= 0, named == records[row]["species"]))
+        position, best = outcome
+        settled = best >= cutoff
+        out.append((settled, settled and records[near[position]]["species"] == records[row]["species"]))
     return out
 
 
