@@ -15,7 +15,7 @@ from clibd import CLIBDModel
 from clibd.cli import main as cli
 from clibd.constants import RANKS
 from clibd.identify import Identifier, read_predictions_tsv
-from clibd.index import ReferenceIndex, add_to_index, build_index
+from clibd.index import ReferenceIndex, add_to_index, build_index, recalibrate_index
 from clibd.library import ReferenceLibrary
 from clibd.library_build import build_library, taxon_keys
 
@@ -187,6 +187,22 @@ def test_add_grows_every_key_set_and_single_modality_folders_still_load(library,
     [prediction] = Identifier.load(single.directory).identify([{"id": "p", "image": photo["image"]}], keys=["dna"],
                                                               query="image", top_k=2)
     assert len(prediction.hits) == 2 and prediction.deepest_rank is None and prediction.route == "dna"
+
+
+def test_add_without_recalibrating_keeps_every_calibration_until_recalibrated(library_model_dir, records, tmp_path):
+    first = build_library(library_model_dir, records[:30], ["image", "dna", "text"], tmp_path / "lib", progress=False)
+    kept = add_to_index(first.directory, records[30:], recalibrate=False, progress=False)
+    assert len(kept.records) == len(records)
+    for entry in ("pairs", "is_du"):
+        assert kept.meta[entry] == first.meta[entry]  # learnt on the first 30, stored as they were
+    assert kept.meta["keys"]["dna"]["species_check"] == first.meta["keys"]["dna"]["species_check"]
+    again = recalibrate_index(first.directory)
+    assert again.meta["pairs"]["dna->dna"]["counts"] != first.meta["pairs"]["dna->dna"]["counts"]  # more to learn from
+    single = build_index(library_model_dir, [r for r in records[:30] if r["dna"]], "dna", tmp_path / "one", progress=False)
+    before = single.thresholds, single.species_check  # read before the folder is rewritten
+    grown = add_to_index(single.directory, [r for r in records[30:] if r["dna"]], recalibrate=False, progress=False)
+    assert (grown.thresholds, grown.species_check) == before and before[1] is not None
+    assert len(grown.records) > len(single.records)
 
 
 def test_cli_builds_a_library_and_identifies_photos_with_routes(library_model_dir, records, tmp_path, capsys):

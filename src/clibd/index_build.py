@@ -203,7 +203,9 @@ def add_to_index(directory: str | os.PathLike, records: list[dict], replace: boo
                  on_bad_input: str = "error") -> ReferenceIndex:
     """Embed new labelled records with the index's own model and add them (new species included).
     An index written before parts were stored is rewritten with the model's parts.
-    `on_bad_input` as in `build_index`.
+    `recalibrate=False` keeps every calibration as it was (thresholds, a library's pairs, the
+    species check), learnt without the new records, until `recalibrate_index` (e.g. after adding
+    in several batches); `on_bad_input` as in `build_index`.
 
     Usage:
         index = add_to_index("refs/", read_records("new_species.fasta"))

@@ -267,9 +267,9 @@ def _finish(directory: Path, meta: dict, records: list[dict], keys: dict, skippe
 
 def _write_library(directory: Path, meta: dict, records: list[dict], keys: dict, skipped: list,
                    calibrate: bool) -> None:
-    meta = {k: v for k, v in meta.items() if k not in ("pairs", "is_du")}
     meta["keys"] = {m: {**meta["keys"].get(m, {}), "count": len(rows)} for m, (_, rows) in keys.items()}
-    if calibrate:
+    if calibrate:  # else the calibrations stay as they were, as a single index's do, until recalibrated
+        meta = {k: v for k, v in meta.items() if k not in ("pairs", "is_du")}
         meta |= calibrate_library(_in_memory(directory, meta, records, keys), meta.get("precision"))
         if "dna" in keys:
             dna, rows = keys["dna"]
