@@ -1,5 +1,6 @@
 import itertools
 import logging
+import random
 
 import pytest
 import torch
@@ -73,6 +74,24 @@ def test_bad_barcodes_name_the_record(sequence, message):
     assert message in str(error.value)
     with pytest.raises(ValueError, match="barcode #1"):
         tok(["ACGTACGT", sequence])
+
+
+def _outcome(sequence: str) -> str:
+    try:
+        return normalise_barcode(sequence, "r1")
+    except ValueError as error:
+        return f"error: {error}"
+
+
+def test_a_barcode_already_normalised_reads_as_any_other():
+    # an upper-case A/C/G/T/N barcode skips the regexes; a trailing space forces them: same outcome
+    rng = random.Random(0)
+    for _ in range(5000):
+        letters = "ACGTN" if rng.random() < 0.5 else "ACGTNacgtnRYk-X"
+        sequence = "".join(rng.choice(letters) for _ in range(rng.randint(0, 10)))
+        assert _outcome(sequence) == _outcome(sequence + " "), sequence
+    assert normalise_barcode("ACGTN") == "ACGTN" and _outcome("NNN").startswith("error: r1: holds only N")
+    assert _outcome("").startswith("error: r1: is empty")
 
 
 def test_non_string_barcode_is_an_error():

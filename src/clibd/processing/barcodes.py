@@ -28,6 +28,7 @@ IUPAC_AMBIGUITY = "RYSWKMBDHVN"
 _REMOVED = re.compile(r"[\s\-]")
 _NOT_NUCLEOTIDE = re.compile(f"[^{BASES}{IUPAC_AMBIGUITY}]")
 _AMBIGUOUS = re.compile(f"[{IUPAC_AMBIGUITY}]")
+_NORMAL_BASES = str.maketrans("", "", BASES + "N")  # deletes what a normalised barcode is made of
 
 
 def normalise_barcode(sequence: str, record: str = "record") -> str:
@@ -38,15 +39,18 @@ def normalise_barcode(sequence: str, record: str = "record") -> str:
     """
     if not isinstance(sequence, str):
         raise ValueError(f"{record}: must be a string, got {type(sequence).__name__}")
-    cleaned = _REMOVED.sub("", sequence.upper())
-    bad = sorted(set(_NOT_NUCLEOTIDE.findall(cleaned)))
-    if bad:
-        raise ValueError(
-            f"{record}: holds characters that are not nucleotides or IUPAC codes: {''.join(bad)!r}"
-        )
-    if not cleaned:
-        raise ValueError(f"{record}: is empty (after removing gaps and whitespace)")
-    cleaned = _AMBIGUOUS.sub("N", cleaned)
+    if sequence and not sequence.translate(_NORMAL_BASES):  # already upper-case A, C, G, T, N only
+        cleaned = sequence  # the common case (stored references, aligned each query): no regexes
+    else:
+        cleaned = _REMOVED.sub("", sequence.upper())
+        bad = sorted(set(_NOT_NUCLEOTIDE.findall(cleaned)))
+        if bad:
+            raise ValueError(
+                f"{record}: holds characters that are not nucleotides or IUPAC codes: {''.join(bad)!r}"
+            )
+        if not cleaned:
+            raise ValueError(f"{record}: is empty (after removing gaps and whitespace)")
+        cleaned = _AMBIGUOUS.sub("N", cleaned)
     if cleaned.count("N") == len(cleaned):
         raise ValueError(f"{record}: holds only N (no A, C, G or T)")
     return cleaned
