@@ -10,7 +10,7 @@ with the species check) and embeds the queries (test-unseen + seen test records)
 as identify's margins look (`MARGIN_DEPTH` nearest keys), the species check's alignments of each
 query's candidates (`clibd.species_check.choose_candidates`, on the threads torch may use) and
 the whole `Identifier.identify_embeddings` (search, alignments, margins, thresholds and
-answers), on 2 threads and on 1. Prints the median and the fastest pass of each step, queries/s
+answers), on torch's threads (the machine's cores: 2 here) and on 1. Prints the median and the fastest pass of each step, queries/s
 at the median, what identify spends besides its search and alignments (the medians' difference)
 and the 1-minute load average before and after (other work on this shared machine slows every
 step: compare commits pass by pass, on an idle machine), then cProfile's cumulative top of one

@@ -56,11 +56,16 @@ def test_taxon_margins_of_a_batch_are_each_querys_own_to_the_last_bit():
         sims[row, end:] = -2.0
     labels = torch.randint(0, 3, (300, 12), generator=generator)
     labels[:50] = 7  # one taxon throughout: the margin to the last one kept
+    sims[50:60, 2] = math.nan  # not an end: only a value <= -2.0 ends a row
     margins = taxon_margins(sims, labels)
     assert margins.dtype == torch.float64
     expected = [_margin_one_by_one(ss, ls) for ss, ls in zip(sims.tolist(), labels.tolist(), strict=True)]
-    assert margins.tolist() == expected  # exactly: identify's answers must not move by a rounding
+    same = [a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(margins.tolist(), expected, strict=True)]
+    assert all(same)  # exactly: identify's answers must not move by a rounding
+    assert any(math.isnan(m) for m in expected) and all(math.isfinite(m) for m in expected[:50])
     assert len(set(expected)) > 100 and 0.0 in expected  # varied, and rows that start with -2.0
+    with pytest.raises(ValueError, match="differ in shape"):
+        taxon_margins(sims[:, :3], labels[:, :1])
 
 
 def test_rank_confidences_of_a_batch_are_rank_confidence_of_each_query():
@@ -70,9 +75,12 @@ def test_rank_confidences_of_a_batch_are_rank_confidence_of_each_query():
     weights = {"genus": 2.0, "family": 0.5, "order": 0.0}
     batch = rank_confidences(sims, {"genus": genus, "family": family}, weights)
     for n, confidence in enumerate(batch):
-        one = rank_confidence(sims[n].tolist(), {"genus": [f"g{i}" for i in genus[n].tolist()],
-                                                 "family": [f"f{i}" for i in family[n].tolist()]}, weights)
-        assert confidence == one and set(confidence) == {"genus", "family"}
+        ss = sims[n].tolist()
+        assert confidence == {"genus": ss[0] + 2.0 * _margin_one_by_one(ss, genus[n].tolist()),
+                              "family": ss[0] + 0.5 * _margin_one_by_one(ss, family[n].tolist())}
+        one = rank_confidence(ss, {"genus": [f"g{i}" for i in genus[n].tolist()],
+                                   "family": [f"f{i}" for i in family[n].tolist()]}, weights)
+        assert one == confidence  # the one-query form: labels as names
     with pytest.raises(ValueError, match="3 similarities"):
         rank_confidence([0.9, 0.8, 0.7], {"genus": ["A", "B"]}, {"genus": 1.0})
 

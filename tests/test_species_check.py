@@ -69,7 +69,7 @@ def test_first_candidate_clearing_the_cutoff_wins_and_stops_the_alignments(monke
     # none clears: the most identical one (its identity under the cut-off: nothing named)
     assert choose_candidate(BARCODE, [far, close, far], cutoff=0.99) == (1, pytest.approx(588 / 600))
     assert choose_candidate(BARCODE, [close, close], cutoff=0.99) == (0, pytest.approx(588 / 600))  # first of equals
-    assert choose_candidate(BARCODE, [BARCODE[:90]], cutoff=0.97) == (0, 0.0)  # too short to call: identity 0
+    assert choose_candidate(BARCODE, [BARCODE[:90]], cutoff=0.97) == (-1, 0.0)  # too short to compare: no reference
     assert choose_candidate(BARCODE, [], cutoff=0.97) == (-1, 0.0)
 
 
@@ -348,6 +348,11 @@ def test_species_check_confidences_of_a_batch_are_each_querys_confidence():
     species = torch.tensor([[0, 0, 1], [2, 3, 3], [4, 4, 4]])
     novelty = torch.tensor([0.86, 0.93, 0.80])
     batch = check.confidences(novelty, sims, species)
+    # by hand: the nearest of another species is at position 2, 1 and (none: the last) 2
+    nov = novelty.tolist()
+    assert batch == [nov[0] + 2.0 * (sims[0, 0].item() - sims[0, 2].item()),
+                     nov[1] + 2.0 * (sims[1, 0].item() - sims[1, 1].item()),
+                     nov[2] + 2.0 * (sims[2, 0].item() - sims[2, 2].item())]
     names = [[f"s{i}" for i in row] for row in species.tolist()]
     assert batch == [check.confidence(value, row, labels)
                      for value, row, labels in zip(novelty.tolist(), sims.tolist(), names, strict=True)]

@@ -17,7 +17,7 @@ nearest one at that rank, like SINTAX's per-rank bootstrap), novelty_similarity,
 ... species_precision (the calibrated precision of the answer at that rank, empty where none is
 given), identity (where the index has a species check, `clibd.species_check`: the alignment
 identity of the reference that named the species, else the best among the nearest references),
-error (why a query could not be identified; its other
+identity_reference (that reference's id), error (why a query could not be identified; its other
 columns are then empty), route (the key modality that answered: see `Prediction.route`), then
 hit1_id, hit1_species, hit1_similarity, ... for the top-k references. The TSV functions live in
 `clibd.predictions_tsv` (importable from here too).
@@ -202,7 +202,7 @@ class Identifier:
         position, best = outcome
         aligned = replace(prediction, identity=best,
                           identity_reference=keys.labels("id")[candidates[position]] if position >= 0 else "")
-        if best < check.identity_cutoff:  # nothing named: the embedding's answer stands
+        if position < 0 or best < check.identity_cutoff:  # nothing named: the embedding's answer stands
             return aligned
         record = keys.records[candidates[position]]
         named = {rank: check.precision for rank in RANKS if not math.isnan(check.precision)}

@@ -62,6 +62,7 @@ from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .constants import RANKS
@@ -106,20 +107,24 @@ def label_ids(labels: Sequence[str]) -> torch.Tensor:
 def taxon_margins(similarities: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """How much nearer each query's nearest reference is than its nearest one whose label differs
     from the nearest one's; where all share it, than the last one (a lower bound); 0 for one
-    reference. `similarities`: [Q, K], nearest first, -2.0 (nothing left: `nearest_held_out`)
-    ending a row; `labels`: [Q, K] integer labels of those references (`label_ids`). [Q] float64,
-    the difference Python's floats give.
+    reference. `similarities`: [Q, K], nearest first, a value <= -2.0 (nothing left:
+    `nearest_held_out`) ending a row; `labels`: [Q, K] integer labels of those references
+    (`label_ids`). [Q] float64, the difference Python's floats give. In numpy: a few small
+    array operations, which torch's thread pool slows when other work holds the cores.
 
     Usage:
         taxon_margins(torch.tensor([[0.91, 0.90, 0.84]]), torch.tensor([[3, 3, 5]]))   # tensor([0.07])
     """
-    sims = similarities.double()
-    kept = (sims > -2.0).int().cumprod(dim=1).bool()  # up to the first -2.0
-    differs = (labels != labels[:, :1]) & kept
-    first_other = differs.int().argmax(dim=1, keepdim=True)  # the first position: argmax's tie rule
-    last_kept = (kept.sum(dim=1, keepdim=True) - 1).clamp(min=0)
-    other = torch.where(differs.any(dim=1), sims.gather(1, first_other)[:, 0], sims.gather(1, last_kept)[:, 0])
-    return sims[:, 0] - other
+    if similarities.shape != labels.shape:
+        raise ValueError(f"similarities {tuple(similarities.shape)} and labels {tuple(labels.shape)} differ in shape")
+    sims, ids = similarities.detach().cpu().double().numpy(), labels.cpu().numpy()
+    kept = np.logical_and.accumulate(~(sims <= -2.0), axis=1)  # up to the first end (NaN does not end a row)
+    differs = (ids != ids[:, :1]) & kept
+    first_other = differs.argmax(axis=1)  # the first position where there is one
+    last_kept = np.maximum(kept.sum(axis=1) - 1, 0)
+    rows = np.arange(len(sims))
+    other = np.where(differs.any(axis=1), sims[rows, first_other], sims[rows, last_kept])
+    return torch.from_numpy(sims[:, 0] - other)
 
 
 def taxon_margin(similarities: Sequence[float], labels: Sequence[str]) -> float:

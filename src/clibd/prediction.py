@@ -49,7 +49,7 @@ class Prediction:
     `identity`: the alignment identity of the reference that named the species
     (`clibd.species_check`; it may not be `hits[0]`, whose support and precision the other ranks
     keep), else the best among the nearest references aligned; NaN where the index has no species
-    check; `identity_reference`: the id of that reference ("" where there is no identity).
+    check; `identity_reference`: the id of that reference ("" where none could be compared).
 
     Usage:
         prediction.answer["genus"], prediction.novel, prediction.hits[0].id

@@ -33,7 +33,7 @@ Usage:
     identity(query_barcode, reference_barcode)                         # e.g. 0.9848
     check = calibrate_species_check(embeddings, novelty_embeddings, records)
     position, best = choose_candidate(query_barcode, [r["dna"] for r in hit_records], check.identity_cutoff)
-    named = hit_records[position]["species"] if best >= check.identity_cutoff else ""
+    named = hit_records[position]["species"] if position >= 0 and best >= check.identity_cutoff else ""
 """
 
 from __future__ import annotations
@@ -148,7 +148,8 @@ def choose_candidate(query: str, candidates: Sequence[str], cutoff: float = IDEN
                      query_name: str = "query", candidate_names: Sequence[str] | None = None) -> tuple[int, float]:
     """(position, identity) of the first candidate (search order) at least `cutoff` identical to
     `query`, which names the species; where none is, of the most identical one (the first of
-    equals): the identity is then under `cutoff`, nothing is named; (-1, 0.0) for no candidates.
+    equals): the identity is then under `cutoff`, nothing is named; (-1, 0.0) where no candidate
+    could be compared (none given, or none over `MIN_COLUMNS` compared columns).
     Stops aligning at the first that clears the cut-off, so a known species usually costs one
     alignment. A bad barcode is a `ValueError` naming it (`query_name`, `candidate_names`: the
     references' ids).
@@ -156,9 +157,9 @@ def choose_candidate(query: str, candidates: Sequence[str], cutoff: float = IDEN
     Usage:
         position, best = choose_candidate(barcode, [r["dna"] for r in hit_records], 0.97, "q1",
                                           [r["id"] for r in hit_records])
-        named = hit_records[position]["species"] if best >= 0.97 else ""
+        named = hit_records[position]["species"] if position >= 0 and best >= 0.97 else ""
     """
-    best, nearest = -1.0, -1
+    best, nearest = 0.0, -1
     names = candidate_names or [f"candidate {i + 1} of {query_name}" for i in range(len(candidates))]
     query = normalise_barcode(query, query_name).strip("N")  # once, not per candidate
     for position, (candidate, name) in enumerate(zip(candidates, names, strict=True)):
@@ -167,7 +168,7 @@ def choose_candidate(query: str, candidates: Sequence[str], cutoff: float = IDEN
             return position, value
         if value > best:
             best, nearest = value, position
-    return nearest, max(best, 0.0)
+    return nearest, best
 
 
 def choose_candidates(queries: Sequence[str], candidates: Sequence[Sequence[str]], cutoff: float = IDENTITY_CUTOFF,
@@ -325,7 +326,7 @@ def _settle(records: Sequence[dict], rows: list[int], neighbours: list[list[int]
         if isinstance(outcome, ValueError):
             raise outcome
         position, best = outcome
-        settled = best >= cutoff
+        settled = position >= 0 and best >= cutoff
         out.append((settled, settled and records[near[position]]["species"] == records[row]["species"]))
     return out
 
