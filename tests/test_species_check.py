@@ -241,6 +241,28 @@ def test_identity_columns_round_trip_and_old_files_read_without_them(libraries, 
     assert all(math.isnan(p.identity) and p.identity_reference == "" for p in read_predictions_tsv(tmp_path / "old.tsv"))
 
 
+def test_identify_command_sums_up_what_its_table_says(libraries, dna_model, records, tmp_path, capsys):
+    from clibd.cli import main as cli
+
+    checked, _ = libraries
+    queries = records["held"][:12] + records["absent"][:12]
+    fasta = tmp_path / "q.fasta"
+    fasta.write_text("".join(f">{q['id']}\n{q['dna']}\n" for q in queries) + ">broken\nACGTXXXX\n")
+    out = tmp_path / "preds.tsv"
+    assert cli(["identify", "--index", str(checked.directory), "--model", str(dna_model), "--fasta", str(fasta),
+                "--out", str(out)]) == 0
+    predictions, cutoff = read_predictions_tsv(out), checked.species_check.identity_cutoff
+    named = [p for p in predictions if p.answer["species"]]
+    by_alignment = sum(p.identity >= cutoff for p in named)
+    assert 0 < by_alignment < len(named) + 1 and sum(p.novel for p in predictions) > 0
+    deepest = [p.deepest_rank or "none" for p in predictions if not p.error]
+    ranks = ", ".join(f"{rank} {deepest.count(rank)}" for rank in ("species", "genus", "family", "order", "none"))
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"clibd identify: {out}: 25 queries: a species for {len(named)} ({by_alignment} by an alignment at least "
+        f"{cutoff:.0%} identical), {sum(p.novel for p in predictions)} flagged novel; deepest rank answered: {ranks}; "
+        "1 could not be identified")
+
+
 def test_add_and_recalibrate_keep_the_barcodes_and_the_check(dna_model, records, tmp_path):
     half = len(records["many_each"]) // 2
     build_index(dna_model, records["many_each"][:half], "dna", tmp_path / "refs", progress=False)

@@ -130,14 +130,19 @@ def _read_queries(args: argparse.Namespace) -> list[dict[str, str]]:
 
 def _identify(args: argparse.Namespace) -> int:
     from .identify import Identifier, identify_to_tsv
+    from .predictions_tsv import prediction_summary, read_predictions_tsv
 
     queries = _read_queries(args)
     if not queries:
         raise ValueError("no queries: give --records, --fasta, --dna or --image")
     identifier = Identifier.load(args.index, model_dir=args.model, backend=args.search, batch_size=args.batch_size,
                                  progress=True, on_bad_input=args.on_bad_input, device=args.device)
-    identify_to_tsv(identifier, queries, args.out, top_k=args.top_k, keys=args.keys, query=args.query,
-                    strategy=args.strategy, is_du_threshold=args.is_du_threshold)
+    plan = {"keys": args.keys, "query": args.query, "strategy": args.strategy, "is_du_threshold": args.is_du_threshold}
+    identify_to_tsv(identifier, queries, args.out, top_k=args.top_k, **plan)
+    if args.out:  # the whole file, rows of an earlier interrupted run included
+        check = identifier.species_check(identifier.plan_for(queries, **plan))
+        summary = prediction_summary(read_predictions_tsv(args.out), check.identity_cutoff if check else None)
+        print(f"clibd identify: {args.out}: {summary}", file=sys.stderr)
     return 0
 
 

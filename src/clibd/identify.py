@@ -140,7 +140,7 @@ class Identifier:
         if plan.strategy == "is-du":
             return self._route_is_du(embeddings, query_ids, top_k, plan.threshold)
         keys = self.library.keys(plan.keys)
-        check = keys.species_check if barcodes is not None and plan.keys == ("dna",) == (plan.query,) else None
+        check = self.species_check(plan) if barcodes is not None else None
         thresholds, curves, weights = self.library.pair_rule(plan.query, plan.keys)
         similarities, rows = self._search(keys, embeddings, _depth(top_k, weights, check))
         own = plan.keys == (plan.query,) and keys.scores_novelty_apart  # novelty parts: one tower's own
@@ -317,7 +317,7 @@ class Identifier:
             thresholds += (f" (for precision {stated}, borne out at {confidence:.0%} confidence)" if confidence else
                            f" (for precision {stated}; its confidence not recorded: `clibd index recalibrate`)")
         held = ", ".join(f"{len(library.key_sets[m].records)} {m}" for m in library.modalities)
-        check = library.keys(plan.keys).species_check if plan.keys == ("dna",) == (plan.query,) else None
+        check = self.species_check(plan)
         if check:
             floor = self._precision_floor(rules[0][0])
             thresholds += (f"; species check: identity >= {check.identity_cutoff} among {check.candidates} "
@@ -327,6 +327,16 @@ class Identifier:
         return (f"{COMMENT}clibd {__version__} identify; model {self.model_dir} "
                 f"(sha256 {library.meta['model_hash'][:16]}); index {library.directory.resolve()} "
                 f"({held} references); {plan.describe()}; thresholds {thresholds}\n")
+
+    def species_check(self, plan: QueryPlan | None = None) -> SpeciesCheck | None:
+        """The species check that barcode queries of `plan` get: the DNA keys' own, for DNA queries
+        against the DNA keys alone; None for any other plan, or keys without a check.
+
+        Usage:
+            check = identifier.species_check(identifier.plan_for(records))
+        """
+        plan = plan or self._first_plan()
+        return self.library.keys(plan.keys).species_check if plan.keys == ("dna",) == (plan.query,) else None
 
     def _first_plan(self) -> QueryPlan:
         """The plan of callers that give none: the first image / dna key set's own modality."""

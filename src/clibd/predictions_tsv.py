@@ -111,6 +111,24 @@ def read_predictions_tsv(path: str | os.PathLike) -> list[Prediction]:
         return [_prediction(row) for row in _table(f)]
 
 
+def prediction_summary(predictions: Sequence[Prediction], identity_cutoff: float | None = None) -> str:
+    """One line on what predictions say: how many queries, how many got a species (of them, with
+    an `identity_cutoff`, how many by an alignment at least that identical), how many are flagged
+    novel, the deepest rank answered, and how many could not be identified.
+
+    Usage:
+        print(prediction_summary(read_predictions_tsv("preds.tsv"), 0.97), file=sys.stderr)
+    """
+    done = [p for p in predictions if not p.error]
+    deepest = Counter(p.deepest_rank or "none" for p in done)
+    aligned = ("" if identity_cutoff is None else
+               f" ({sum(bool(p.answer['species']) and p.identity >= identity_cutoff for p in done)} by an "
+               f"alignment at least {identity_cutoff:.0%} identical)")
+    ranks = ", ".join(f"{rank} {deepest[rank]}" for rank in (*reversed(RANKS), "none"))
+    return (f"{len(predictions)} queries: a species for {deepest['species']}{aligned}, {sum(p.novel for p in done)} "
+            f"flagged novel; deepest rank answered: {ranks}; {len(predictions) - len(done)} could not be identified")
+
+
 def _run_of(provenance: str) -> tuple[str, ...] | None:
     """What must agree for a file to be resumed: model hash, index (path, size), thresholds."""
     match = re.search(r"\(sha256 (\w+)\); index (.*); thresholds (.*)$", provenance.strip())
