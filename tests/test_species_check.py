@@ -241,26 +241,46 @@ def test_identity_columns_round_trip_and_old_files_read_without_them(libraries, 
     assert all(math.isnan(p.identity) and p.identity_reference == "" for p in read_predictions_tsv(tmp_path / "old.tsv"))
 
 
-def test_identify_command_sums_up_what_its_table_says(libraries, dna_model, records, tmp_path, capsys):
+def test_identify_command_sums_up_what_it_identified(libraries, dna_model, records, tmp_path, capsys):
     from clibd.cli import main as cli
 
     checked, _ = libraries
     queries = records["held"][:12] + records["absent"][:12]
     fasta = tmp_path / "q.fasta"
     fasta.write_text("".join(f">{q['id']}\n{q['dna']}\n" for q in queries) + ">broken\nACGTXXXX\n")
-    out = tmp_path / "preds.tsv"
-    assert cli(["identify", "--index", str(checked.directory), "--model", str(dna_model), "--fasta", str(fasta),
-                "--out", str(out)]) == 0
-    predictions, cutoff = read_predictions_tsv(out), checked.species_check.identity_cutoff
-    named = [p for p in predictions if p.answer["species"]]
+    out, cutoff = tmp_path / "preds.tsv", checked.species_check.identity_cutoff
+    command = ["identify", "--index", str(checked.directory), "--model", str(dna_model), "--out", str(out)]
+    (tmp_path / "first.fasta").write_text("".join(f">{q['id']}\n{q['dna']}\n" for q in queries[:5]))
+    assert cli([*command, "--fasta", str(tmp_path / "first.fasta")]) == 0  # then resumed with the rest
+    capsys.readouterr()
+    assert cli([*command, "--fasta", str(fasta)]) == 0
+    summary = capsys.readouterr().err.strip().splitlines()[-1]
+    # this run: the 19 barcodes not written before and the broken one; identify in memory (identity unrounded)
+    expected = Identifier.load(checked.directory, model_dir=dna_model).identify(queries[5:])
+    named = [p for p in expected if p.answer["species"]]
     by_alignment = sum(p.identity >= cutoff for p in named)
-    assert 0 < by_alignment < len(named) + 1 and sum(p.novel for p in predictions) > 0
-    deepest = [p.deepest_rank or "none" for p in predictions if not p.error]
-    ranks = ", ".join(f"{rank} {deepest.count(rank)}" for rank in ("species", "genus", "family", "order", "none"))
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"clibd identify: {out}: 25 queries: a species for {len(named)} ({by_alignment} by an alignment at least "
-        f"{cutoff:.0%} identical), {sum(p.novel for p in predictions)} flagged novel; deepest rank answered: {ranks}; "
+    assert 0 < by_alignment <= len(named) and sum(p.novel for p in expected) > 0
+    ranks = ", ".join(f"{rank} {[p.deepest_rank or 'none' for p in expected].count(rank)}"
+                      for rank in ("species", "genus", "family", "order", "none"))
+    assert summary == (
+        f"clibd identify: {out}: this run, 20 queries: a species for {len(named)} ({by_alignment} by an alignment "
+        f"at least 97% identical), {sum(p.novel for p in expected)} flagged novel; deepest rank answered: {ranks}; "
         "1 could not be identified")
+    assert len(read_predictions_tsv(out)) == 25
+    assert cli([*command[:-1], str(tmp_path), "--fasta", str(fasta)]) == 2  # a folder (or a pipe) is no file
+
+
+def test_tally_counts_the_unrounded_identity():
+    from clibd.prediction import Hit, predict
+    from clibd.predictions_tsv import PredictionTally
+
+    hit = Hit("r1", 0.99, {"order": "O", "family": "F", "genus": "G", "species": "G s"})
+    named = predict("q1", [hit], {"species": 0.5})  # named by the embedding
+    tally = PredictionTally(0.97)
+    tally.add([dataclasses.replace(named, identity=646 / 666), dataclasses.replace(named, identity=0.97)])
+    assert f"{646 / 666:.4f}" == "0.9700"  # what the TSV would hold
+    assert "a species for 2 (1 by an alignment at least 97% identical)" in tally.line()
+    assert "at least 97.5% identical" in PredictionTally(0.975).line()
 
 
 def test_add_and_recalibrate_keep_the_barcodes_and_the_check(dna_model, records, tmp_path):

@@ -130,7 +130,7 @@ def _read_queries(args: argparse.Namespace) -> list[dict[str, str]]:
 
 def _identify(args: argparse.Namespace) -> int:
     from .identify import Identifier, identify_to_tsv
-    from .predictions_tsv import prediction_summary, read_predictions_tsv
+    from .predictions_tsv import PredictionTally
 
     queries = _read_queries(args)
     if not queries:
@@ -138,11 +138,11 @@ def _identify(args: argparse.Namespace) -> int:
     identifier = Identifier.load(args.index, model_dir=args.model, backend=args.search, batch_size=args.batch_size,
                                  progress=True, on_bad_input=args.on_bad_input, device=args.device)
     plan = {"keys": args.keys, "query": args.query, "strategy": args.strategy, "is_du_threshold": args.is_du_threshold}
-    identify_to_tsv(identifier, queries, args.out, top_k=args.top_k, **plan)
-    if args.out:  # the whole file, rows of an earlier interrupted run included
-        check = identifier.species_check(identifier.plan_for(queries, **plan))
-        summary = prediction_summary(read_predictions_tsv(args.out), check.identity_cutoff if check else None)
-        print(f"clibd identify: {args.out}: {summary}", file=sys.stderr)
+    check = identifier.species_check(identifier.plan_for(queries, **plan))
+    tally = PredictionTally(check.identity_cutoff if check else None)
+    identify_to_tsv(identifier, queries, args.out, top_k=args.top_k, on_batch=tally.add, **plan)
+    if args.out:  # on stdout the table is all there is; rows an earlier, interrupted run wrote are not counted
+        print(f"clibd identify: {args.out}: this run, {tally.line()}", file=sys.stderr)
     return 0
 
 

@@ -19,7 +19,7 @@ import os
 import re
 import sys
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -111,22 +111,41 @@ def read_predictions_tsv(path: str | os.PathLike) -> list[Prediction]:
         return [_prediction(row) for row in _table(f)]
 
 
-def prediction_summary(predictions: Sequence[Prediction], identity_cutoff: float | None = None) -> str:
-    """One line on what predictions say: how many queries, how many got a species (of them, with
-    an `identity_cutoff`, how many by an alignment at least that identical), how many are flagged
+class PredictionTally:
+    """What predictions say, counted batch by batch as they are written (a few counters, whatever
+    the run's size): queries, how many got a species (of them, with an `identity_cutoff`, how
+    many by an alignment at least that identical: the unrounded identity), how many are flagged
     novel, the deepest rank answered, and how many could not be identified.
 
     Usage:
-        print(prediction_summary(read_predictions_tsv("preds.tsv"), 0.97), file=sys.stderr)
+        tally = PredictionTally(0.97); identify_to_tsv(identifier, records, "preds.tsv", on_batch=tally.add)
+        print(tally.line(), file=sys.stderr)
     """
-    done = [p for p in predictions if not p.error]
-    deepest = Counter(p.deepest_rank or "none" for p in done)
-    aligned = ("" if identity_cutoff is None else
-               f" ({sum(bool(p.answer['species']) and p.identity >= identity_cutoff for p in done)} by an "
-               f"alignment at least {identity_cutoff:.0%} identical)")
-    ranks = ", ".join(f"{rank} {deepest[rank]}" for rank in (*reversed(RANKS), "none"))
-    return (f"{len(predictions)} queries: a species for {deepest['species']}{aligned}, {sum(p.novel for p in done)} "
-            f"flagged novel; deepest rank answered: {ranks}; {len(predictions) - len(done)} could not be identified")
+
+    def __init__(self, identity_cutoff: float | None = None):
+        self.identity_cutoff = identity_cutoff
+        self.queries = self.failed = self.novel = self.aligned = 0
+        self.deepest: Counter[str] = Counter()
+
+    def add(self, predictions: Iterable[Prediction]) -> None:
+        """Count one batch."""
+        for prediction in predictions:
+            self.queries += 1
+            if prediction.error:
+                self.failed += 1
+                continue
+            self.novel += prediction.novel
+            self.deepest[prediction.deepest_rank or "none"] += 1
+            cutoff = self.identity_cutoff
+            self.aligned += cutoff is not None and bool(prediction.answer["species"]) and prediction.identity >= cutoff
+
+    def line(self) -> str:
+        """The counts in one line."""
+        aligned = ("" if self.identity_cutoff is None else
+                   f" ({self.aligned} by an alignment at least {100 * self.identity_cutoff:g}% identical)")
+        ranks = ", ".join(f"{rank} {self.deepest[rank]}" for rank in (*reversed(RANKS), "none"))
+        return (f"{self.queries} queries: a species for {self.deepest['species']}{aligned}, {self.novel} flagged "
+                f"novel; deepest rank answered: {ranks}; {self.failed} could not be identified")
 
 
 def _run_of(provenance: str) -> tuple[str, ...] | None:
@@ -178,18 +197,22 @@ def _still_to_do(records: Sequence[dict[str, str]], done: list[str]) -> list[dic
 
 
 def identify_to_tsv(identifier: Identifier, records: Sequence[dict[str, str]],
-                    out: str | os.PathLike | None = None, top_k: int = 5, **plan) -> int:
+                    out: str | os.PathLike | None = None, top_k: int = 5,
+                    on_batch: Callable[[list[Prediction]], None] | None = None, **plan) -> int:
     """Stream predictions for `records` as TSV to `out` (stdout when None); return rows written.
 
     The provenance line and header are written at once (the file exists with both or not at all);
     rows are appended batch by batch and flushed, so an interrupted run, started again with the
     same `out`, skips the queries already written (the file's provenance and columns must match
-    this run: model, index, query, keys, strategy, thresholds). `plan`: keys, query, strategy,
+    this run: model, index, query, keys, strategy, thresholds). `on_batch`: called with each
+    batch of predictions written (e.g. `PredictionTally.add`). `plan`: keys, query, strategy,
     is_du_threshold (`Identifier.plan_for`).
 
     Usage:
         identify_to_tsv(Identifier.load("refs/", progress=True), records, "preds.tsv", top_k=5)
     """
+    if out is not None and Path(out).exists() and not Path(out).is_file():  # e.g. /dev/stdout: no resuming a pipe
+        raise ValueError(f"{out}: not a regular file; leave the output out to write to stdout")
     plan = identifier.plan_for(records, **plan)
     top_k, provenance = min(top_k, identifier.key_count(plan)), identifier.provenance_line(plan)
     done = _resume(Path(out), provenance, prediction_columns(top_k)) if out is not None else None
@@ -208,6 +231,8 @@ def identify_to_tsv(identifier: Identifier, records: Sequence[dict[str, str]],
             write_predictions_tsv(batch, stream, top_k, header=False)
             stream.flush()
             written += len(batch)
+            if on_batch is not None:
+                on_batch(batch)
     finally:
         if out is not None:
             stream.close()
