@@ -82,7 +82,7 @@ def precision_threshold(right: list[float], wrong: list[float], precision: float
         cut, method = precision_threshold(right_similarities, wrong_similarities, 0.98)
     """
     z = _z(confidence_level)
-    scored = sorted([(s, 1) for s in right] + [(s, 0) for s in wrong], reverse=True)
+    scored = _scored(right, wrong)
     if not scored:
         return float("nan"), "none"
     cut, n_right = None, 0
@@ -94,6 +94,12 @@ def precision_threshold(right: list[float], wrong: list[float], precision: float
     if cut is None:
         return math.inf, "precision unreachable"
     return cut, "precision"
+
+
+def _scored(right: list[float], wrong: list[float]) -> list[tuple[float, int]]:
+    """Every answer as (score, 1 right / 0 wrong), highest score first (a right one before a wrong
+    one of equal score): what a cut from the top sweeps through."""
+    return sorted([(s, 1) for s in right] + [(s, 0) for s in wrong], reverse=True)
 
 
 def answers_needed(precision: float, confidence_level: float = PRECISION_CONFIDENCE) -> int:
@@ -137,7 +143,7 @@ def precision_curve(right: list[float], wrong: list[float], points: int = 128) -
     Usage:
         curve = precision_curve(right, wrong); precision_at(curve, 0.91)
     """
-    scored = sorted([(s, 1) for s in right] + [(s, 0) for s in wrong], reverse=True)
+    scored = _scored(right, wrong)
     if not scored:
         return []
     keep = sorted({round(i * (len(scored) - 1) / max(points - 1, 1)) for i in range(points)})
