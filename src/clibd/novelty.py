@@ -185,8 +185,7 @@ def nearest_held_out(embeddings: torch.Tensor, taxa: list[str], queries: list[in
     Usage:
         loo_sims, loo_rows, held_sims, held_rows = nearest_held_out(embeddings, species, sample)
     """
-    label_ids = {label: i for i, label in enumerate(sorted(set(taxa)))}
-    key_taxa = torch.tensor([label_ids[label] for label in taxa])
+    key_taxa = label_ids(taxa)
     parts: list[tuple[torch.Tensor, ...]] = []
     for start in range(0, len(queries), chunk_size):
         rows = torch.tensor(queries[start : start + chunk_size])
