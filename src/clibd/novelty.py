@@ -134,8 +134,6 @@ def taxon_margin(similarities: Sequence[float], labels: Sequence[str]) -> float:
     Usage:
         taxon_margin([0.91, 0.90, 0.84], ["Aedes", "Aedes", "Culex"])   # 0.07
     """
-    if len(similarities) != len(labels):
-        raise ValueError(f"{len(similarities)} similarities for {len(labels)} labels")
     return float(taxon_margins(torch.tensor([similarities], dtype=torch.float64), label_ids(labels)[None])[0])
 
 
