@@ -17,7 +17,14 @@ from clibd import species_check
 from clibd.data import read_records
 from clibd.identify import Identifier, read_predictions_tsv, write_predictions_tsv
 from clibd.index import ReferenceIndex, add_to_index, build_index, recalibrate_index
-from clibd.species_check import SpeciesCheck, choose_candidate, choose_candidates, identity, naming_threshold
+from clibd.species_check import (
+    SpeciesCheck,
+    choose_candidate,
+    choose_candidates,
+    identity,
+    named_position,
+    naming_threshold,
+)
 
 random.seed(0)
 BARCODE = "".join(random.choice("ACGT") for _ in range(600))
@@ -71,6 +78,8 @@ def test_first_candidate_clearing_the_cutoff_wins_and_stops_the_alignments(monke
     assert choose_candidate(BARCODE, [close, close], cutoff=0.99) == (0, pytest.approx(588 / 600))  # first of equals
     assert choose_candidate(BARCODE, [BARCODE[:90]], cutoff=0.97) == (-1, 0.0)  # too short to compare: no reference
     assert choose_candidate(BARCODE, [], cutoff=0.97) == (-1, 0.0)
+    assert named_position((1, 0.98), 0.97) == 1 and named_position((1, 588 / 600), 0.99) is None
+    assert named_position((-1, 0.0), 0.0) is None  # nothing compared names nothing, whatever the cut-off
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,7 @@ from .predictions_tsv import identify_to_tsv, prediction_columns, read_predictio
 from .processing import CLIBDProcessor
 from .query_plan import QueryPlan, embed_queries, query_problems, resolve_plan
 from .retrieval import SEARCH_BACKENDS
-from .species_check import SpeciesCheck, choose_candidates
+from .species_check import SpeciesCheck, choose_candidates, named_position
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 ON_BAD_INPUT = ("error", "skip")
@@ -202,7 +202,7 @@ class Identifier:
         position, best = outcome
         aligned = replace(prediction, identity=best,
                           identity_reference=keys.labels("id")[candidates[position]] if position >= 0 else "")
-        if position < 0 or best < check.identity_cutoff:  # nothing named: the embedding's answer stands
+        if named_position(outcome, check.identity_cutoff) is None:  # the embedding's answer stands
             return aligned
         record = keys.records[candidates[position]]
         named = {rank: check.precision for rank in RANKS if not math.isnan(check.precision)}

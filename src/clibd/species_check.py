@@ -32,8 +32,8 @@ flagging more known ones: choose with `clibd index build --novel-named` and `--s
 Usage:
     identity(query_barcode, reference_barcode)                         # e.g. 0.9848
     check = calibrate_species_check(embeddings, novelty_embeddings, records)
-    position, best = choose_candidate(query_barcode, [r["dna"] for r in hit_records], check.identity_cutoff)
-    named = hit_records[position]["species"] if position >= 0 and best >= check.identity_cutoff else ""
+    outcome = choose_candidate(query_barcode, [r["dna"] for r in hit_records], check.identity_cutoff)
+    at = named_position(outcome, check.identity_cutoff)   # the candidate that names the species, or None
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def choose_candidate(query: str, candidates: Sequence[str], cutoff: float = IDEN
     Usage:
         position, best = choose_candidate(barcode, [r["dna"] for r in hit_records], 0.97, "q1",
                                           [r["id"] for r in hit_records])
-        named = hit_records[position]["species"] if position >= 0 and best >= 0.97 else ""
+        named_position((position, best), 0.97)   # position where it names the species, else None
     """
     best, nearest = 0.0, -1
     names = candidate_names or [f"candidate {i + 1} of {query_name}" for i in range(len(candidates))]
@@ -169,6 +169,17 @@ def choose_candidate(query: str, candidates: Sequence[str], cutoff: float = IDEN
         if value > best:
             best, nearest = value, position
     return nearest, best
+
+
+def named_position(outcome: tuple[int, float], cutoff: float = IDENTITY_CUTOFF) -> int | None:
+    """The position of the candidate that names the species in a `choose_candidate` outcome
+    (position, identity): the one given where its identity clears `cutoff`, else None.
+
+    Usage:
+        at = named_position(choose_candidate(barcode, candidates, 0.97), 0.97)   # None: nothing named
+    """
+    position, identity = outcome
+    return position if position >= 0 and identity >= cutoff else None
 
 
 def choose_candidates(queries: Sequence[str], candidates: Sequence[Sequence[str]], cutoff: float = IDENTITY_CUTOFF,
@@ -325,9 +336,8 @@ def _settle(records: Sequence[dict], rows: list[int], neighbours: list[list[int]
     for row, near, outcome in zip(rows, neighbours, outcomes, strict=True):
         if isinstance(outcome, ValueError):
             raise outcome
-        position, best = outcome
-        settled = position >= 0 and best >= cutoff
-        out.append((settled, settled and records[near[position]]["species"] == records[row]["species"]))
+        at = named_position(outcome, cutoff)
+        out.append((at is not None, at is not None and records[near[at]]["species"] == records[row]["species"]))
     return out
 
 
