@@ -28,7 +28,7 @@ import torch
 
 from clibd.data import read_records, shared_data_dir
 from clibd.processing.barcodes import normalise_barcode
-from clibd.species_check import IDENTITY_CUTOFF, choose_candidates
+from clibd.species_check import IDENTITY_CUTOFF, choose_candidates, named_position
 
 K = 5  # k-mer size of the profiles
 
@@ -106,7 +106,7 @@ def main() -> None:
             expected = expected or outcomes
             assert outcomes == expected, f"threads={threads} gave other results than threads=1"
             best[threads] = min(best.get(threads, (float("inf"), 0.0)), (seconds, cores))
-    named = [identity >= IDENTITY_CUTOFF for _, identity in expected]  # else the position is the nearest's
+    named = [named_position(outcome, IDENTITY_CUTOFF) is not None for outcome in expected]
     alignments = sum(o[0] + 1 if hit else len(c) for o, c, hit in zip(expected, candidates, named, strict=True))
     settled = sum(named)
     print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; "
