@@ -18,6 +18,11 @@ and rank, the mean over the splits of: coverage (answered, of all novel queries,
 taxon at that rank the references hold), precision of the answers and strict accuracy (right
 answers, of the queries whose taxon the references hold), each split's family and genus precision,
 and the weights each split's calibration chose. Test species are never looked at.
+
+Each stated precision also gets a "ceiling" row: the cut (and margin weight) chosen on the
+validation queries themselves, the most any threshold on the confidence could answer at that
+precision (observed), and so what no calibration can exceed; its "strict" is at most the top
+hit's, given as "top hit right".
 """
 
 from __future__ import annotations
@@ -27,8 +32,15 @@ from species_check import over_val_splits, split_parser
 from clibd.evaluation.novel_species import reference_taxa
 from clibd.evaluation.tool_comparison import PLACED, answer_rates, prediction_answer
 from clibd.identify import Identifier
-from clibd.novelty import MARGIN_WEIGHTS, calibrate
-from clibd.thresholds import PRECISION_CONFIDENCE
+from clibd.novelty import (
+    MARGIN_DEPTH,
+    MARGIN_WEIGHTS,
+    answers_at,
+    calibrate,
+    choose_margin_weight,
+    confidences,
+)
+from clibd.thresholds import PRECISION_CONFIDENCE, precision_threshold
 from clibd.towers.parts import select_parts
 
 
@@ -40,6 +52,28 @@ def scores(identifier: Identifier, embeddings, novel: list[dict], key_taxa: dict
     answered = {rank: sum(bool(a.answer[rank]) for a in answers) for rank in PLACED}
     return {rank: {"coverage": coverage[rank], "coverage of held taxa": answered[rank] / held[rank],
                    "precision": precision[rank], "strict": strict[rank]} for rank in PLACED}
+
+
+def ceiling(identifier: Identifier, embeddings, novel: list[dict], key_taxa: dict,
+            precision: float) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """`scores`' figures, and the weights, of the best cut for `precision` on these queries' own
+    answers (the top hit's label at each rank, its confidence as calibration reads it)."""
+    index = identifier.index
+    sims, rows = (embeddings.float() @ index.embeddings.float().T).topk(MARGIN_DEPTH, dim=1)
+    out, weights = {}, {}
+    for rank in PLACED:
+        found = answers_at(novel, rank, list(range(len(novel))), set(), (sims, rows, sims, rows),
+                           key_records=index.records)
+        weights[rank] = choose_margin_weight(found, precision, MARGIN_WEIGHTS, confidence_level=0.5)
+        right, wrong = confidences(found.held_right, weights[rank]), confidences(found.held_wrong, weights[rank])
+        cut, _ = precision_threshold(right, wrong, precision, confidence_level=0.5)
+        n_right, n_wrong = sum(c >= cut for c in right), sum(c >= cut for c in wrong)
+        held = sum(q[rank] in key_taxa[rank] for q in novel)
+        answered = n_right + n_wrong
+        out[rank] = {"coverage": answered / len(novel), "coverage of held taxa": answered / held,
+                     "precision": n_right / answered if answered else float("nan"), "strict": n_right / held,
+                     "top hit right": len(right) / held}
+    return out, weights
 
 
 def settings_for_split(identifier: Identifier, novel: list[dict], key_taxa: dict, precisions: list[float | None],
@@ -65,6 +99,9 @@ def settings_for_split(identifier: Identifier, novel: list[dict], key_taxa: dict
                                   margin_weights=calibration.margin_weights)  # this setting's, in memory
                 stated = "balanced" if precision is None else f"precision {precision} at confidence {confidence}"
                 out[f"{stated}, {name}"] = (scores(identifier, embeddings, novel, key_taxa), calibration.margin_weights)
+        if precision is not None:
+            out[f"precision {precision}, ceiling: the best cut on these queries"] = ceiling(
+                identifier, embeddings, novel, key_taxa, precision)
     return out
 
 
@@ -80,13 +117,13 @@ def main() -> None:
         species_check=False)
     print(f"\nvalidation-unseen species, mean over splits {' '.join(map(str, args.splits))} (%); "
           "o / f / g = order / family / genus\n")
-    columns = list(per_split[0][next(iter(per_split[0]))][0]["genus"])
+    columns = list(per_split[0][next(iter(per_split[0]))][0]["genus"]) + ["top hit right"]
     print("| setting | " + " | ".join(f"{c} o / f / g" for c in columns)
           + " | precision f / g, per split | weights chosen o / f / g, per split |")
     print("|---|" + "---|" * (len(columns) + 2))
     for setting in per_split[0]:
         cells = [" / ".join(f"{100 * sum(s[setting][0][rank][c] for s in per_split) / len(per_split):.1f}"
-                            for rank in PLACED) for c in columns]
+                            for rank in PLACED) if c in per_split[0][setting][0]["genus"] else "" for c in columns]
         weights = "; ".join(" / ".join(f"{s[setting][1][rank]:g}" for rank in PLACED) for s in per_split)
         each = "; ".join(" / ".join(f"{100 * s[setting][0][rank]['precision']:.1f}" for rank in ("family", "genus"))
                          for s in per_split)
