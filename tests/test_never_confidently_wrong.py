@@ -287,3 +287,21 @@ def test_training_names_the_barcodes_it_truncates_once(records):
     long = [r["id"] for r in rows if len(r["dna"]) > 660]  # the two made long, and any already so
     assert {rows[0]["id"], "LONG-2"} <= set(long)
     assert printed == [f"{len(long)} of 6 training barcodes are longer than 660 bp and are truncated: {', '.join(long)}"]
+
+
+def test_index_build_never_replaces_what_is_not_an_index(dna_model, records, tmp_path, capsys):
+    table = write_tsv(tmp_path / "refs.tsv", records["many_each"], ["id", *RANKS, "dna"])
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "keep.jpg").write_bytes(b"precious")
+    for out in (table, photos):  # a mistyped --out: the records themselves, a folder of the user's
+        before = {p: p.read_bytes() for p in [out, *out.glob("*")] if p.is_file()}
+        assert cli(["index", "build", "--model", str(dna_model), "--records", str(table), "--out", str(out)]) == 2
+        assert "would replace it" in capsys.readouterr().err
+        assert {p: p.read_bytes() for p in [out, *out.glob("*")] if p.is_file()} == before
+    with pytest.raises(ValueError, match="would replace it"):
+        build_index(dna_model, records["many_each"], ["dna", "text"], photos, progress=False)
+    (tmp_path / "empty").mkdir()
+    build_index(dna_model, records["many_each"][:6], "dna", tmp_path / "empty", progress=False, calibrate=False)
+    build_index(dna_model, records["many_each"][:8], "dna", tmp_path / "empty", progress=False, calibrate=False)
+    assert ReferenceIndex.load(tmp_path / "empty").meta["count"] == 8  # an index is rebuilt in place

@@ -161,6 +161,7 @@ def build_index(model_dir: str | os.PathLike, records: list[dict], modality: str
     Usage:
         index = build_index("runs/demo/best", read_records("refs.tsv"), "dna", "refs/")
     """
+    check_index_out(out)  # before the model is loaded or anything embedded
     if not isinstance(modality, str):  # several key modalities (or text): a multi-modal library
         if len(modality) != 1 or modality[0] == "text":
             from .library_build import build_library
@@ -184,6 +185,21 @@ def build_index(model_dir: str | os.PathLike, records: list[dict], modality: str
             "species_check": species_check_options(species_check), **trained_species_meta(model)}
     return _finish(out, meta, model.embedding_parts(modality), embeddings, records, calibrate, work_dir, skipped,
                    processes)
+
+
+def check_index_out(out: str | os.PathLike) -> None:
+    """A `ValueError` when `out` holds anything but a clibd index: a build replaces its `out` whole
+    (`atomic_directory`), so a mistyped `--out` (the records file, a folder of photos) would be lost.
+    An absent path, an empty folder and an index (rebuilt) are fine.
+
+    Usage:
+        check_index_out("refs/")
+    """
+    out = Path(out)
+    if out.exists() and not (out / "index.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+        what = "a folder that is not a clibd index (no index.json)" if out.is_dir() else "a file"
+        raise ValueError(f"{out}: is {what}; building an index there would replace it: give a new or empty "
+                         "folder (or an index to rebuild)")
 
 
 def _checked_precision(precision: float | None) -> float | None:

@@ -36,7 +36,7 @@ from .index import (
     load_model,
     trained_species_meta,
 )
-from .index_build import _checked_precision, _skip, write_barcodes, write_records
+from .index_build import _checked_precision, _skip, check_index_out, write_barcodes, write_records
 from .library import ReferenceLibrary, key_meta, keys_name, pair_entry, pair_name, report_calibration
 from .modeling_clibd import CLIBDModel
 from .processing import CLIBDProcessor
@@ -131,6 +131,7 @@ def build_library(model_dir: str | os.PathLike, records: list[dict], modalities:
     Usage:
         library = build_library("runs/tiny", read_records("refs.tsv"), ["image", "dna", "text"], "refs/")
     """
+    check_index_out(out)
     model, processor, digest = load_model(model_dir)
     modalities = keys_name(modalities).split()
     _check_towers(model, modalities)
