@@ -102,6 +102,31 @@ def test_without_bad_rows_the_policy_is_as_before(tmp_path):
         read_records(fasta, on_bad_row="error")
 
 
+def test_stray_quote_in_a_tsv_never_swallows_rows_silently(tmp_path):
+    table = tmp_path / "bold.tsv"
+    table.write_text(HEADER.replace("\n", "\tnotes\n") + ROW.format("A1", 1).replace("\n", '\t"holotype\n')
+                     + ROW.format("A2", 2).replace("\n", "\tx\n") + ROW.format("A3", 3).replace("\n", '\tsaid "hi"\n')
+                     + ROW.format("A4", 4).replace("\n", '\t"ok"\n') + ROW.format("A5", 5).replace("\n", "\t\n"))
+    bad = BadRows()
+    records = read_records(table, bad_rows=bad)
+    # before: A1 was kept with A2 and A3 inside its notes, which vanished without a word
+    assert [r["id"] for r in records] == ["A4", "A5"]  # a quoted field on one line is still read
+    assert [(row.line, row.id) for row in bad.rows] == [(2, "A1")]
+    assert "lines 2-4 were read as one row" in bad.rows[0].reason and "double quote" in bad.rows[0].reason
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".csv"])
+def test_ids_with_tabs_or_line_breaks_are_bad_rows(tmp_path, suffix):
+    table = tmp_path / f"queries{suffix}"
+    sep = "," if suffix == ".csv" else "\t"
+    table.write_text(f"id{sep}dna\n" + f'"Q1\tx"{sep}ACGT\n' + f"Q2{sep}ACGT\n"
+                     + (f'"Q3\r\nx"{sep}ACGT\n' if suffix == ".csv" else ""))
+    bad = BadRows()
+    assert [r["id"] for r in read_records(table, bad_rows=bad)] == ["Q2"]
+    assert [row.reason for row in bad.rows][:1] == ["id holds a tab or a line break"]
+    assert len(bad.rows) == (2 if suffix == ".csv" else 1)
+
+
 # --- oversized images ---------------------------------------------------------------------------
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))

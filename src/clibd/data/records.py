@@ -122,6 +122,8 @@ def _check_record(record: dict[str, str], require_dna: bool) -> str | None:
     """The reason a record is unusable, or None."""
     if not record["id"]:
         return "empty id"
+    if any(c in record["id"] for c in "\t\r\n"):  # it would break every TSV it is written to
+        return "id holds a tab or a line break"
     if record["dna"]:
         try:
             normalise_barcode(record["dna"], "barcode")
@@ -172,8 +174,16 @@ def _table_records(
     if columns["id"] is None and columns["image"] is None:
         raise ValueError(f"{path}: no id column (one of {COLUMN_ALIASES['id']}) in header {header}")
     records: list[dict[str, str]] = []
+    tabs = reader.reader.dialect.delimiter == "\t"
     for row in reader:
         line = reader.line_num
+        if tabs and (breaks := sum(v.count("\n") for v in row.values() if isinstance(v, str))):
+            # BOLD's exports are not quoted: a field that starts with '"' would silently swallow the
+            # rows up to the next '"' into one field; a quoted TSV field across lines is never a record
+            bad.report(path, line - breaks, f"lines {line - breaks}-{line} were read as one row: a field starting "
+                       "with a double quote (\") is not closed on its line (remove the quote; TSV needs none)",
+                       _clean(row.get(columns["id"])) if columns["id"] else "")
+            continue
         if None in row or any(v is None for v in row.values()):
             bad.report(path, line, f"expected {len(header)} fields", _clean(row.get(columns["id"])))
             continue
