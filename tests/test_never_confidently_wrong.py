@@ -305,3 +305,22 @@ def test_index_build_never_replaces_what_is_not_an_index(dna_model, records, tmp
     build_index(dna_model, records["many_each"][:6], "dna", tmp_path / "empty", progress=False, calibrate=False)
     build_index(dna_model, records["many_each"][:8], "dna", tmp_path / "empty", progress=False, calibrate=False)
     assert ReferenceIndex.load(tmp_path / "empty").meta["count"] == 8  # an index is rebuilt in place
+
+
+def test_damaged_index_files_are_named_not_a_traceback(dna_model, records, tmp_path, capsys):
+    build_index(dna_model, records["many_each"], "dna", tmp_path / "refs", progress=False)
+    queries = write_tsv(tmp_path / "q.tsv", records["held"][:3], ["id", "dna"])
+    intact = {p.name: p.read_bytes() for p in (tmp_path / "refs").iterdir()}
+    damages = {"embeddings.safetensors": [b"", intact["embeddings.safetensors"][:-100]],  # empty; cut short
+               "index.json": [intact["index.json"][:200], b'{"clibd_version": "0.1.0"}']}  # cut; edited by hand
+    for name, versions in damages.items():
+        for damaged in versions:
+            (tmp_path / "refs" / name).write_bytes(damaged)
+            for command in (["identify", "--index", str(tmp_path / "refs"), "--records", str(queries)],
+                            ["index", "recalibrate", str(tmp_path / "refs")]):
+                assert cli(command) == 2  # before: struct.error's traceback, or numpy's / json's words alone
+                assert f"{tmp_path / 'refs' / name}: " in capsys.readouterr().err
+        (tmp_path / "refs" / name).write_bytes(intact[name])
+    (tmp_path / "refs" / "barcodes.tsv").unlink()  # before: identified without the species check, silently
+    with pytest.raises(ValueError, match="barcodes.tsv: missing, yet the index's species check"):
+        Identifier.load(tmp_path / "refs").identify(records["held"][:3])

@@ -16,7 +16,6 @@ Usage:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -33,7 +32,7 @@ from tqdm.auto import tqdm
 from .atomic import atomic_write
 from .checked_embedding import NOT_FINITE, check_finite_weights, embed_checked, not_finite_rows
 from .constants import RANKS
-from .index_store import RecordTable, map_embeddings, persisted_ivf
+from .index_store import RecordTable, map_embeddings, persisted_ivf, read_index_meta
 from .modeling_clibd import CLIBDModel
 from .novelty import Calibration, calibrate, label_ids, labels_of
 from .processing import CLIBDProcessor
@@ -113,10 +112,7 @@ class ReferenceIndex:
         embeddings memory-mapped (read when searched, shared between processes), the records as
         columns (`clibd.index_store`), so a million references open in seconds."""
         directory = Path(directory)
-        meta_path = directory / "index.json"
-        if not meta_path.exists():
-            raise FileNotFoundError(f"{directory}: not a clibd index (no index.json)")
-        meta = json.loads(meta_path.read_text())
+        meta = read_index_meta(directory)
         if "modalities" in meta:  # a multi-modal library: its first key set (`clibd.library` reads all)
             from .library import ReferenceLibrary
 
@@ -195,7 +191,13 @@ class ReferenceIndex:
         """The reference barcodes of a DNA index (or a library's DNA keys) in record order ("" where
         unknown; [] without any, and for keys of another modality, whose folder may hold a library's)."""
         path = self.directory / BARCODES_FILE
-        if self.meta.get("modality") != "dna" or not path.exists():
+        if self.meta.get("modality") != "dna":
+            return []
+        if not path.exists():
+            stored = self.meta.get("species_check")
+            if isinstance(stored, dict) and "embedding_threshold" in stored:  # written with it: not an older index
+                raise ValueError(f"{path}: missing, yet the index's species check aligns queries with these "
+                                 "barcodes: the index is damaged; rebuild it")
             return []
         table = RecordTable.read(path)
         if table.column("id") != self.labels("id"):

@@ -31,6 +31,7 @@ from .index import (
     trained_species_meta,
     unusable,
 )
+from .index_store import read_index_meta
 from .retrieval import launched_processes
 from .species_check import calibrated_options, species_check_options
 from .towers.parts import EmbeddingPart
@@ -226,7 +227,7 @@ def add_to_index(directory: str | os.PathLike, records: list[dict], replace: boo
     Usage:
         index = add_to_index("refs/", read_records("new_species.fasta"))
     """
-    if "modalities" in json.loads((Path(directory) / "index.json").read_text()):  # a multi-modal library
+    if "modalities" in read_index_meta(Path(directory)):  # a multi-modal library
         from .library_build import add_to_library
 
         return add_to_library(directory, records, replace, batch_size, recalibrate, progress, on_bad_input)
@@ -258,7 +259,7 @@ def recalibrate_index(directory: str | os.PathLike, precision: float | None = No
     Usage:
         index = recalibrate_index("refs/")
     """
-    if "modalities" in json.loads((Path(directory) / "index.json").read_text()):  # a multi-modal library
+    if "modalities" in read_index_meta(Path(directory)):  # a multi-modal library
         from .library_build import recalibrate_library
 
         return recalibrate_library(directory, precision)

@@ -52,9 +52,7 @@ def map_embeddings(path: Path, name: str) -> torch.Tensor:
     Usage:
         embeddings = map_embeddings(Path("refs/embeddings.safetensors"), "dna")
     """
-    with open(path, "rb") as f:
-        header_size = struct.unpack("<Q", f.read(8))[0]
-        entry = json.loads(f.read(header_size))[name]
+    entry, data_start = _tensor_entry(path, name)
     if entry["dtype"] not in _NUMPY_DTYPES:
         with safe_open(path, framework="pt") as f:
             return f.get_tensor(name)
@@ -62,9 +60,54 @@ def map_embeddings(path: Path, name: str) -> torch.Tensor:
     if begin == end:  # numpy cannot map zero bytes
         return torch.empty(entry["shape"], dtype=torch.float16 if entry["dtype"] == "F16" else torch.float32)
     # the safetensors layout: 8 bytes of header size, the JSON header, then the raw tensors
-    array = np.memmap(path, dtype=_NUMPY_DTYPES[entry["dtype"]], mode="c", offset=8 + header_size + begin,
+    array = np.memmap(path, dtype=_NUMPY_DTYPES[entry["dtype"]], mode="c", offset=data_start + begin,
                       shape=tuple(entry["shape"]))
     return torch.from_numpy(array)
+
+
+def _tensor_entry(path: Path, name: str) -> tuple[dict, int]:
+    """Tensor `name`'s header entry in a safetensors file and where its data start; a `ValueError`
+    naming the file when it is not one, lacks `name` or is cut short (rather than numpy's or
+    struct's message from deep inside the mapping)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            header_size = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(header_size)) if header_size <= size - 8 else None
+    except (struct.error, ValueError) as error:  # too short for its header size; header not JSON
+        raise ValueError(f"{path}: not a safetensors file ({error}): the index is damaged; rebuild it") from error
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (cut short: {size} bytes): the index is damaged; rebuild it")
+    entry = header.get(name)
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path}: holds no {name!r} embeddings (it has {sorted(k for k in header if k != '__metadata__')})"
+                         ": the index is damaged; rebuild it")
+    end = 8 + header_size + entry["data_offsets"][1]
+    if end > size:
+        raise ValueError(f"{path}: cut short ({size} bytes; its {name!r} embeddings end at byte {end}): the index "
+                         "is damaged; rebuild it")
+    return entry, 8 + header_size
+
+
+def read_index_meta(directory: Path) -> dict:
+    """An index folder's `index.json`; a `FileNotFoundError` where there is none, a `ValueError`
+    naming the file where it is not an index's (damaged, cut short, edited by hand).
+
+    Usage:
+        meta = read_index_meta(Path("refs"))
+    """
+    path = directory / "index.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{directory}: not a clibd index (no index.json)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:  # JSON and UTF-8 decoding errors alike
+        raise ValueError(f"{path}: not valid JSON ({error}): the index is damaged; rebuild it") from error
+    needed = ("count", "modalities" if isinstance(meta, dict) and "modalities" in meta else "modality")
+    lacking = [key for key in needed if not isinstance(meta, dict) or key not in meta]
+    if lacking:
+        raise ValueError(f"{path}: not a clibd index's (no {', '.join(lacking)}): the index is damaged; rebuild it")
+    return meta
 
 
 class RecordTable(Sequence):

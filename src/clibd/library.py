@@ -24,7 +24,6 @@ Usage:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from bisect import bisect_right
@@ -39,7 +38,7 @@ from safetensors import safe_open
 
 from .constants import KEY_KINDS, MODALITIES
 from .index import ReferenceIndex, _calibrate
-from .index_store import RecordTable, map_embeddings
+from .index_store import RecordTable, map_embeddings, read_index_meta
 from .novelty import Calibration
 from .pair_calibration import calibrate_is_du, calibrate_pair
 from .towers.parts import EmbeddingPart, whole
@@ -142,10 +141,7 @@ class ReferenceLibrary:
             library = ReferenceLibrary.load("refs/")
         """
         directory = Path(directory)
-        meta_path = directory / "index.json"
-        if not meta_path.exists():
-            raise FileNotFoundError(f"{directory}: not a clibd index (no index.json)")
-        meta = json.loads(meta_path.read_text())
+        meta = read_index_meta(directory)
         if "modalities" not in meta:
             return cls.of_index(ReferenceIndex.load(directory))
         records = RecordTable.read(directory / "records.tsv")
