@@ -324,3 +324,27 @@ def test_damaged_index_files_are_named_not_a_traceback(dna_model, records, tmp_p
     (tmp_path / "refs" / "barcodes.tsv").unlink()  # before: identified without the species check, silently
     with pytest.raises(ValueError, match="barcodes.tsv: missing, yet the index's species check"):
         Identifier.load(tmp_path / "refs").identify(records["held"][:3])
+
+
+def test_ctrl_c_in_identify_says_how_to_resume_and_resumes(dna_model, records, tmp_path, monkeypatch, capsys):
+    build_index(dna_model, records["many_each"], "dna", tmp_path / "refs", progress=False)
+    queries = write_tsv(tmp_path / "q.tsv", records["held"], ["id", "dna"])
+    out = tmp_path / "preds.tsv"
+    command = ["identify", "--index", str(tmp_path / "refs"), "--records", str(queries), "--out", str(out),
+               "--batch-size", "4"]
+    real = Identifier.iter_identify
+
+    def interrupted_after_two_batches(self, *args, **kwargs):
+        for n, batch in enumerate(real(self, *args, **kwargs)):
+            if n == 2:
+                raise KeyboardInterrupt
+            yield batch
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Identifier, "iter_identify", interrupted_after_two_batches)
+        assert cli(command) == 130  # before: KeyboardInterrupt's traceback
+    err = capsys.readouterr().err
+    assert f"interrupted; the rows written so far are kept in {out}" in err and "Traceback" not in err
+    assert len(read_predictions_tsv(out)) == 8
+    assert cli(command) == 0
+    assert [p.query_id for p in read_predictions_tsv(out)] == [r["id"] for r in records["held"]]

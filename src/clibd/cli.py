@@ -410,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="clibd: %(levelname)s: %(message)s")
     try:
         return args.run(args)
+    except KeyboardInterrupt:  # Ctrl-C: what was kept and how to go on, not a traceback from wherever it stopped
+        print(f"clibd {args.command}: interrupted{_after_interrupt(args)}", file=sys.stderr)
+        return 130
     except Exception as error:
         if _is_network_error(error):
             print(f"clibd {args.command}: error: cannot reach the Hugging Face Hub or the download site "
@@ -420,6 +423,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise
         return 2
+
+
+def _after_interrupt(args: argparse.Namespace) -> str:
+    """What an interrupted command left, and how to go on (identify and index build/add resume)."""
+    if args.command == "identify" and args.out:
+        return f"; the rows written so far are kept in {args.out}: run the same command again to go on from there"
+    if args.command == "index" and args.index_command in ("build", "add"):
+        target = args.out if args.index_command == "build" else args.index
+        return (f"; {target} is as it was; the embeddings already computed are kept and reused when the same "
+                "command runs again")
+    return ""
 
 
 def _is_network_error(error: Exception) -> bool:
