@@ -348,3 +348,13 @@ def test_ctrl_c_in_identify_says_how_to_resume_and_resumes(dna_model, records, t
     assert len(read_predictions_tsv(out)) == 8
     assert cli(command) == 0
     assert [p.query_id for p in read_predictions_tsv(out)] == [r["id"] for r in records["held"]]
+
+
+def test_identify_out_in_a_missing_folder_or_a_folder_is_named(dna_model, records, tmp_path, capsys):
+    build_index(dna_model, records["many_each"][:8], "dna", tmp_path / "refs", progress=False, calibrate=False)
+    queries = write_tsv(tmp_path / "q.tsv", records["held"][:2], ["id", "dna"])
+    command = ["identify", "--index", str(tmp_path / "refs"), "--records", str(queries), "--out"]
+    assert cli([*command, str(tmp_path / "nowhere" / "preds.tsv")]) == 2
+    assert f"preds.tsv: its folder {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err  # not .tmp-
+    assert cli([*command, str(tmp_path)]) == 2
+    assert f"{tmp_path}: is a folder; give the predictions file's name" in capsys.readouterr().err

@@ -92,7 +92,7 @@ def _screen(records: list[dict], modality: str, existing: Sequence[dict], skip: 
     skipped = [(records[i]["id"], why) for i, why in found.items()]
     if skipped and not skip:
         shown = "; ".join(f"{i}: {why}" for i, why in skipped[:10])
-        raise ValueError(f"{len(skipped)} records cannot be indexed: {shown} (or skip them: on_bad_input='skip')")
+        raise ValueError(f"{len(skipped)} records cannot be indexed: {shown} (or skip them: --on-bad-input skip, on_bad_input='skip')")
     return [{**r, "source": r.get("source", "")} for i, r in enumerate(records) if i not in found], skipped
 
 

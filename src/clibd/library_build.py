@@ -94,7 +94,7 @@ def _screen(records: list[dict], modalities: list[str], known_ids: set[str], ski
             kept.append({**record, "source": record.get("source", "")})
     if skipped and not skip:
         shown = "; ".join(f"{i}: {why}" for i, why in skipped[:10])
-        raise ValueError(f"{len(skipped)} records cannot be indexed: {shown} (or skip them: on_bad_input='skip')")
+        raise ValueError(f"{len(skipped)} records cannot be indexed: {shown} (or skip them: --on-bad-input skip, on_bad_input='skip')")
     return kept, skipped
 
 

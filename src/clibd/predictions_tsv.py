@@ -211,8 +211,12 @@ def identify_to_tsv(identifier: Identifier, records: Sequence[dict[str, str]],
     Usage:
         identify_to_tsv(Identifier.load("refs/", progress=True), records, "preds.tsv", top_k=5)
     """
+    if out is not None and Path(out).is_dir():
+        raise ValueError(f"{out}: is a folder; give the predictions file's name (e.g. {Path(out) / 'preds.tsv'})")
     if out is not None and Path(out).exists() and not Path(out).is_file():  # e.g. /dev/stdout: no resuming a pipe
         raise ValueError(f"{out}: not a regular file; leave the output out to write to stdout")
+    if out is not None and not Path(out).parent.is_dir():  # else the error names the temporary file beside it
+        raise ValueError(f"{out}: its folder {Path(out).parent} does not exist")
     plan = identifier.plan_for(records, **plan)
     top_k, provenance = min(top_k, identifier.key_count(plan)), identifier.provenance_line(plan)
     done = _resume(Path(out), provenance, prediction_columns(top_k)) if out is not None else None
