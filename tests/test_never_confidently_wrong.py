@@ -358,3 +358,17 @@ def test_identify_out_in_a_missing_folder_or_a_folder_is_named(dna_model, record
     assert f"preds.tsv: its folder {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err  # not .tmp-
     assert cli([*command, str(tmp_path)]) == 2
     assert f"{tmp_path}: is a folder; give the predictions file's name" in capsys.readouterr().err
+
+
+def test_barcode_without_a_single_kmer_is_an_error_row_not_a_novel_species(dna_model, records, tmp_path):
+    build_index(dna_model, records["many_each"][:8], "dna", tmp_path / "refs", progress=False, calibrate=False)
+    held = records["held"][0]
+    queries = [held, {"id": "four_bases", "dna": "ACGT"}, {"id": "n_every_fourth", "dna": "ACGN" * 100}]
+    predictions = Identifier.load(tmp_path / "refs", on_bad_input="skip").identify(queries)
+    assert not predictions[0].error
+    for prediction in predictions[1:]:  # before: a similarity of nothing, answered "novel"
+        assert f"barcode '{prediction.query_id}': holds no run of 5 bases without N" in prediction.error
+        assert not prediction.novel and not prediction.hits
+    with pytest.raises(ValueError, match="'four_bases': holds no run of 5 bases"):
+        build_index(dna_model, [*records["many_each"][:4], {**held, "id": "four_bases", "dna": "ACGT"}], "dna",
+                    tmp_path / "refs2", progress=False, calibrate=False)

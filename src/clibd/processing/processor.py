@@ -32,6 +32,17 @@ PROCESSOR_CONFIG_NAME = "processor_config.json"
 ALIGNMENT_MEMO_SIZE = 100_000  # barcodes whose COI-5P placement a processor remembers (~1.4 kB each)
 
 
+def _refuse_empty_profiles(profiles: torch.Tensor, k: int, ids: Sequence[str] | None) -> None:
+    """A `ValueError` naming the first barcode without a single k-mer of A, C, G, T (shorter than
+    k, or N every few bases): its profile is all zeros, and its embedding would say nothing of it
+    yet still be searched and answered (flagged as a novel species)."""
+    empty = torch.nonzero(profiles.abs().sum(dim=1) == 0).flatten().tolist()
+    if empty:
+        name = barcode_names(len(profiles), ids)[empty[0]]
+        raise ValueError(f"{name}: holds no run of {k} bases without N: too short or too ambiguous for the "
+                         f"model's {k}-mer profile" + (f" ({len(empty)} such barcodes in the batch)" if len(empty) > 1 else ""))
+
+
 class CLIBDProcessor(PushToHubMixin):
     """Turns raw inputs of any subset of the three modalities into one batch for `CLIBDModel`.
 
@@ -104,6 +115,7 @@ class CLIBDProcessor(PushToHubMixin):
     ) -> dict[str, torch.Tensor]:
         if self.dna_profile_kmer_size is not None:  # a k-mer-profile DNA tower reads whole barcodes
             out = {"dna_profile": kmer_profiles(barcodes, self.dna_profile_kmer_size, ids)}
+            _refuse_empty_profiles(out["dna_profile"], self.dna_profile_kmer_size, ids)
             if self.dna_aligned:  # ... and, with aligned branches, barcodes on the COI-5P positions
                 out["dna_aligned"] = onehot_codes(self._aligned_codes(barcodes, ids)).flatten(1)
             return out
