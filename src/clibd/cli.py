@@ -431,8 +431,8 @@ def _after_interrupt(args: argparse.Namespace) -> str:
         return f"; the rows written so far are kept in {args.out}: run the same command again to go on from there"
     if args.command == "index" and args.index_command in ("build", "add"):
         target = args.out if args.index_command == "build" else args.index
-        return (f"; {target} is as it was; the embeddings already computed are kept and reused when the same "
-                "command runs again")
+        return (f"; {target} is as it was; finished shards of embeddings (2048 records each) are kept and "
+                "reused when the same command runs again")
     return ""
 
 
