@@ -430,8 +430,10 @@ def _after_interrupt(args: argparse.Namespace) -> str:
     if args.command == "identify" and args.out:
         return f"; the rows written so far are kept in {args.out}: run the same command again to go on from there"
     if args.command == "index" and args.index_command in ("build", "add"):
+        from .index import SHARD_SIZE  # loaded already: the command was embedding
+
         target = args.out if args.index_command == "build" else args.index
-        return (f"; {target} is as it was; finished shards of embeddings (2048 records each) are kept and "
+        return (f"; {target} is as it was; finished shards of embeddings ({SHARD_SIZE} records each) are kept and "
                 "reused when the same command runs again")
     return ""
 
