@@ -94,6 +94,16 @@ def test_a_barcode_already_normalised_reads_as_any_other():
     assert _outcome("").startswith("error: r1: is empty")
 
 
+@pytest.mark.parametrize("flavour", ["compat", "barcodebert"])
+@pytest.mark.parametrize("sequence", ["ACGT", "ACGTNACGTN", "ACNGTACGTNACNGT"])
+def test_barcode_without_a_whole_word_is_an_error_naming_it(flavour, sequence):
+    # every 5-base word unknown: the embedding would say nothing of the barcode, yet be answered
+    tok = BarcodeTokenizer(flavour)
+    with pytest.raises(ValueError, match="'BOLD-7': holds no whole 5-base word without N"):
+        tok(["ACGTACGT", sequence], ids=["ok-1", "BOLD-7"])
+    assert tok(["ACGTA" + sequence]).input_ids.shape[0] == 1  # one whole word is enough
+
+
 def test_non_string_barcode_is_an_error():
     with pytest.raises(ValueError, match="must be a string"):
         BarcodeTokenizer()([None])

@@ -37,6 +37,6 @@ def test_processor_errors(tiny_processor):
     with pytest.raises(ValueError, match="no text tokenizer"):
         CLIBDProcessor()(taxonomy=[{"order": "Diptera"}])
     with pytest.raises(ValueError, match="barcode 'B2'"):
-        tiny_processor(barcodes=["ACGT", "AC?T"], ids=["B1", "B2"])
+        tiny_processor(barcodes=["ACGTACGTAC", "AC?T"], ids=["B1", "B2"])
     with pytest.raises(ValueError, match="taxonomy 'B2': unknown taxonomic rank"):
         tiny_processor(taxonomy=[{"order": "Diptera"}, {"kingdom": "Animalia"}], ids=["B1", "B2"])

@@ -105,6 +105,9 @@ class BarcodeTokenizer:
         bases = bases[: self.max_length].ljust(self.max_length, "N")
         k = self.kmer_size
         ids = [self.vocab.get(bases[i : i + k], self.unk_id) for i in range(0, self.max_length, k)]
+        if all(token == self.unk_id for token in ids):  # its embedding would say nothing of it, yet be answered
+            raise ValueError(f"{record}: holds no whole {k}-base word without N (the model reads a barcode as "
+                             f"{k}-base words from its start): too short or too ambiguous to embed")
         mask = [1 if i < real_length else 0 for i in range(0, self.max_length, k)]
         if self.flavour == "compat":
             ids = [self.mask_id, *ids]
