@@ -352,3 +352,13 @@ def test_precision_thresholds_and_curves():
     assert precision_at(curve, 0.86) == 1.0 and precision_at(curve, 0.85) == 0.75  # >= 0.85: 3 of 4 right
     assert precision_at(curve, 0.5) == round(4 / 7, 4) and precision_at(curve, 1.0) == 1.0
     assert math.isnan(precision_at([], 0.9))
+
+
+def test_a_model_folder_that_is_missing_or_holds_no_weights_is_named(tmp_path):
+    from clibd.index import load_model
+
+    with pytest.raises(FileNotFoundError, match="nowhere: no such model folder"):
+        load_model(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty: no \*\.safetensors weights"):
+        load_model(tmp_path / "empty")

@@ -54,6 +54,8 @@ def model_hash(model_dir: str | os.PathLike) -> str:
         model_hash("runs/demo/best") == ReferenceIndex.load("refs/").meta["model_hash"]
     """
     digest = hashlib.sha256()
+    if not Path(model_dir).is_dir():
+        raise FileNotFoundError(f"{model_dir}: no such model folder")
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{model_dir}: no *.safetensors weights (is this a saved CLIBD model?)")
