@@ -358,6 +358,9 @@ def test_identify_out_in_a_missing_folder_or_a_folder_is_named(dna_model, record
     assert f"preds.tsv: its folder {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err  # not .tmp-
     assert cli([*command, str(tmp_path)]) == 2
     assert f"{tmp_path}: is a folder; give the predictions file's name" in capsys.readouterr().err
+    # checked before the index and model load: an index that is not there is not what it reports
+    assert cli(["identify", "--index", str(tmp_path / "no-index"), "--dna", "ACGTACGTAC", "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
 
 
 def test_barcode_without_a_single_kmer_is_an_error_row_not_a_novel_species(dna_model, records, tmp_path):

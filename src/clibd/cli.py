@@ -130,8 +130,10 @@ def _read_queries(args: argparse.Namespace) -> list[dict[str, str]]:
 
 def _identify(args: argparse.Namespace) -> int:
     from .identify import Identifier, identify_to_tsv
-    from .predictions_tsv import PredictionTally
+    from .predictions_tsv import PredictionTally, check_predictions_out
 
+    if args.out:
+        check_predictions_out(args.out)  # before the model loads: seconds, for a mistyped --out
     queries = _read_queries(args)
     if not queries:
         raise ValueError("no queries: give --records, --fasta, --dna or --image")

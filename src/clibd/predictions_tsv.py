@@ -196,6 +196,23 @@ def _still_to_do(records: Sequence[dict[str, str]], done: list[str]) -> list[dic
     return todo
 
 
+def check_predictions_out(out: str | os.PathLike) -> None:
+    """A `ValueError` where `out` cannot be a predictions file: a folder, something that is not a
+    regular file (a pipe such as /dev/stdout cannot be resumed), a file in a folder that does not
+    exist. The command line checks it before loading the model, `identify_to_tsv` again.
+
+    Usage:
+        check_predictions_out("preds.tsv")
+    """
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"{out}: is a folder; give the predictions file's name (e.g. {out / 'preds.tsv'})")
+    if out.exists() and not out.is_file():
+        raise ValueError(f"{out}: not a regular file; leave the output out to write to stdout")
+    if not out.parent.is_dir():  # else the error names the temporary file beside it
+        raise ValueError(f"{out}: its folder {out.parent} does not exist")
+
+
 def identify_to_tsv(identifier: Identifier, records: Sequence[dict[str, str]],
                     out: str | os.PathLike | None = None, top_k: int = 5,
                     on_batch: Callable[[list[Prediction]], None] | None = None, **plan) -> int:
@@ -211,12 +228,8 @@ def identify_to_tsv(identifier: Identifier, records: Sequence[dict[str, str]],
     Usage:
         identify_to_tsv(Identifier.load("refs/", progress=True), records, "preds.tsv", top_k=5)
     """
-    if out is not None and Path(out).is_dir():
-        raise ValueError(f"{out}: is a folder; give the predictions file's name (e.g. {Path(out) / 'preds.tsv'})")
-    if out is not None and Path(out).exists() and not Path(out).is_file():  # e.g. /dev/stdout: no resuming a pipe
-        raise ValueError(f"{out}: not a regular file; leave the output out to write to stdout")
-    if out is not None and not Path(out).parent.is_dir():  # else the error names the temporary file beside it
-        raise ValueError(f"{out}: its folder {Path(out).parent} does not exist")
+    if out is not None:
+        check_predictions_out(out)
     plan = identifier.plan_for(records, **plan)
     top_k, provenance = min(top_k, identifier.key_count(plan)), identifier.provenance_line(plan)
     done = _resume(Path(out), provenance, prediction_columns(top_k)) if out is not None else None
