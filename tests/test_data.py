@@ -209,3 +209,17 @@ def test_query_rows_read_like_dataset_rows_and_a_nan_barcode_is_refused(dna_mode
     model, processor = CLIBDModel.from_pretrained(dna_model), CLIBDProcessor.from_pretrained(dna_model)
     with pytest.raises(ValueError, match="q7.*must be a string"):
         embed_checked(model, processor, [{"id": "q7", "dna": math.nan}], "dna")
+
+
+def test_a_configs_shared_data_path_is_read_where_clibd_shared_data_says(data_dir, tmp_path, monkeypatch):
+    # run from a folder with no ../shared/data beside it: the configs' path follows the variable
+    from clibd.data import DataSection, load_splits, resolve_data_path
+
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.setenv("CLIBD_SHARED_DATA", str(data_dir.resolve()))
+    configured = "../shared/data/insect_bold_coi/insect_bold_coi.tsv"
+    assert resolve_data_path(configured) == data_dir.resolve() / "insect_bold_coi" / "insect_bold_coi.tsv"
+    assert resolve_data_path("mine/refs.tsv").as_posix() == "mine/refs.tsv"  # a path of one's own, as given
+    splits = load_splits(DataSection(source="table", path=configured, limit=3000))
+    assert sum(len(part) for part in splits.values()) > 0

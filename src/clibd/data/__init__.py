@@ -15,7 +15,7 @@ _EXPORTS = {
     **dict.fromkeys(("official_splits", "read_bioscan"), ".bioscan"),
     **dict.fromkeys(("DataSection", "load_splits"), ".loading"),
     **dict.fromkeys(("RECORD_FIELDS", "BadRow", "BadRows", "read_fasta", "read_records", "read_table", "record_rows",
-                     "records_to_dataset", "shared_data_dir"), ".records"),
+                     "records_to_dataset", "resolve_data_path", "shared_data_dir"), ".records"),
     **dict.fromkeys(("SPLIT_NAMES", "paper_split", "split_statistics"), ".split"),
 }
 __all__ = sorted(_EXPORTS)
@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # for type checkers and linters; at run time see _EXPORTS
     from .records import read_table as read_table
     from .records import record_rows as record_rows
     from .records import records_to_dataset as records_to_dataset
+    from .records import resolve_data_path as resolve_data_path
     from .records import shared_data_dir as shared_data_dir
     from .split import SPLIT_NAMES as SPLIT_NAMES
     from .split import paper_split as paper_split

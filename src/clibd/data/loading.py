@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import datasets
 
 from .bioscan import official_splits, read_bioscan
-from .records import read_records, records_to_dataset
+from .records import read_records, records_to_dataset, resolve_data_path
 from .split import paper_split
 
 TRAIN_SPLITS = ("pretrain", "train_seen")  # the splits trained on by default: no unseen species
@@ -63,13 +63,13 @@ def load_splits(data: DataSection) -> datasets.DatasetDict:
         splits = load_splits(ExperimentConfig.from_yaml("configs/demo.yaml").data)
     """
     if data.source in ("bioscan1m", "bioscan5m"):
-        dataset = read_bioscan(data.path, version=data.source[-2:], image_package=data.image_package,
+        dataset = read_bioscan(resolve_data_path(data.path), version=data.source[-2:], image_package=data.image_package,
                                partitioning="clibd" if data.source == "bioscan1m" and data.split == "official"
                                else None, release_labels=data.release_labels)
         if data.limit is not None:
             dataset = dataset.select(range(min(data.limit, len(dataset))))
     else:
-        dataset = records_to_dataset(read_records(data.path, limit=data.limit))
+        dataset = records_to_dataset(read_records(resolve_data_path(data.path), limit=data.limit))
     if data.split == "paper":
         return paper_split(dataset, seed=data.split_seed)
     splits = datasets.DatasetDict({OFFICIAL_NAMES.get(name, name): part

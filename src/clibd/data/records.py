@@ -56,6 +56,25 @@ def shared_data_dir() -> Path:
     return next((c for c in candidates if c.is_dir()), candidates[0])
 
 
+SHARED_PREFIX = ("..", "shared", "data")  # how the configs name the shared data
+
+
+def resolve_data_path(path: str | os.PathLike) -> Path:
+    """A config's data path: one under `../shared/data` (the configs' convention) is read under
+    `shared_data_dir()` ($CLIBD_SHARED_DATA where set; else `../shared/data` beside the working
+    directory or this checkout, so a run from another folder finds it too); any other as given.
+
+    Usage:
+        resolve_data_path("../shared/data/insect_bold_coi/insect_bold_coi.tsv")
+    """
+    path = Path(path)
+    if path.parts[: len(SHARED_PREFIX)] != SHARED_PREFIX:
+        return path
+    if not os.environ.get("CLIBD_SHARED_DATA") and path.exists():
+        return path
+    return shared_data_dir().joinpath(*path.parts[len(SHARED_PREFIX):])
+
+
 class BadRow(NamedTuple):
     """A row a reader could not use: where it is, the record's id ("" when unknown) and why."""
 
