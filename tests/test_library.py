@@ -260,3 +260,19 @@ def test_demo_builds_a_library_from_the_shared_photos_and_identifies_them(data_d
     assert cli(["identify", "--index", str(tmp_path / "demo" / "refs"), "--images", str(photos / "order_Diptera.jpg"),
                 "--keys", "dna", "--query", "image", "--top-k", "1"]) == 0
     assert "\tdna\t" in capsys.readouterr().out
+
+
+def test_photos_against_a_dna_index_are_image_queries_not_an_error_row_each(library_model_dir, records, tmp_path,
+                                                                            text_tokenizer):
+    barcodes = [r for r in records if r["dna"]][:20]
+    photos_only = [{**r, "dna": ""} for r in records if r["image"]][:3]
+    index = build_index(library_model_dir, barcodes, "dna", tmp_path / "dna", progress=False)
+    identifier = Identifier.load(index.directory)
+    assert identifier.plan_for(photos_only).query == "image"  # image -> DNA retrieval, as the paper's
+    assert identifier.plan_for(barcodes[:2] + photos_only).query == "dna"  # some carry barcodes: the index's own
+    predictions = identifier.identify(photos_only)
+    assert not any(p.error for p in predictions) and all(p.hits for p in predictions)
+    no_image = save_model(tmp_path / "dna_text_model", text_tokenizer, ("dna", "text"))
+    dna_only = build_index(no_image, barcodes, "dna", tmp_path / "dna_only", progress=False)
+    with pytest.raises(ValueError, match="the model has no image tower .* cannot compare image queries with dna keys"):
+        Identifier.load(dna_only.directory).identify(photos_only)

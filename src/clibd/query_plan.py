@@ -64,9 +64,13 @@ class QueryPlan:
 
 
 def _default_query(library: ReferenceLibrary, records: Sequence[dict]) -> str:
-    """A single-modality index: its modality. A library: dna when any query has a barcode, else image."""
+    """A single-modality index: its modality, unless no query carries it and some carry the other
+    (photos against DNA keys: an image query, which the model's towers then allow or refuse by
+    name, rather than an error row per query). A library: dna when any query has a barcode, else image."""
     if not library.is_library:
-        return library.modalities[0]
+        own = library.modalities[0]
+        carried = [m for m in ("dna", "image") if any(r.get(m) for r in records)]
+        return own if own in carried or not carried else carried[0]
     return "dna" if any(r.get("dna") for r in records) or not any(r.get("image") for r in records) else "image"
 
 
