@@ -23,7 +23,7 @@ def main() -> None:
         config.train.output_dir = args.output_dir
     result = train(config, resume=args.resume)
     if result.table:
-        print(f"\nTest retrieval, micro top-1 accuracy (%), seen / unseen species / harmonic mean:\n{result.table}")
+        print(f"\nTest retrieval (%; seen / unseen species / harmonic mean in each table):\n{result.table}")
         print(f"\nModel, processor and metrics in {result.run_dir}")
 
 

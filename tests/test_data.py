@@ -131,9 +131,11 @@ def _check_invariants(splits):
     assert len(ids) == len(set(ids))
 
 
-def test_paper_split_invariants_and_proportions():
+def test_paper_split_invariants_and_proportions(caplog):
     sizes = {f"Genus{i} sp{i}": n for i, n in enumerate([40] * 20 + [9] * 5 + [5] * 6 + [2] * 4 + [1] * 3)}
-    splits = paper_split(_synthetic(sizes), seed=1)
+    with caplog.at_level(logging.INFO, logger="clibd.data.split"):
+        splits = paper_split(_synthetic(sizes), seed=1)
+    assert "3 species with a single record left out, as the paper does: Genus35 sp35 (Genus35 sp35-0)" in caplog.text
     _check_invariants(splits)
     seen = set(splits["train_seen"]["species"])
     assert len(seen) == 20  # 80 % of the 25 species with >= 9 records

@@ -15,6 +15,7 @@ Usage:
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import defaultdict
 
@@ -26,6 +27,7 @@ SPLIT_NAMES = (
 )
 MIN_SEEN_RECORDS = 9
 SEEN_FRACTION = 0.8
+logger = logging.getLogger(__name__)
 
 
 def _allocate_seen(indices: list[int]) -> dict[str, list[int]]:
@@ -58,6 +60,10 @@ def paper_split(dataset: datasets.Dataset, seed: int = 42) -> datasets.DatasetDi
     names = sorted(by_species)
     large = [s for s in names if len(by_species[s]) >= MIN_SEEN_RECORDS]
     small = [s for s in names if 2 <= len(by_species[s]) < MIN_SEEN_RECORDS]
+    single = [s for s in names if len(by_species[s]) == 1]
+    if single:  # said, so that a count of species or records that comes out one short is explained
+        logger.info("paper split: %d species with a single record left out, as the paper does: %s", len(single),
+                    ", ".join(f"{s} ({ids[by_species[s][0]]})" for s in single[:5]) + (" ..." if len(single) > 5 else ""))
     rng.shuffle(large)
     rng.shuffle(small)
     n_seen = round(SEEN_FRACTION * len(large))
