@@ -113,6 +113,14 @@ def test_stray_quote_in_a_tsv_never_swallows_rows_silently(tmp_path):
     assert [r["id"] for r in records] == ["A4", "A5"]  # a quoted field on one line is still read
     assert [(row.line, row.id) for row in bad.rows] == [(2, "A1")]
     assert "lines 2-4 were read as one row" in bad.rows[0].reason and "double quote" in bad.rows[0].reason
+    # a note quoted across lines as pandas writes it (no tab inside) is a field like any other; a
+    # stray quote on the last row is named at its own line
+    notes = tmp_path / "notes.tsv"
+    notes.write_text(HEADER.replace("\n", "\tnotes\n") + ROW.format("B1", 1).replace("\n", '\t"first\nsecond"\n')
+                     + ROW.format("B2", 2).replace("\n", '\t"stray\n') + ROW.format("B3", 3).replace("\n", "\tx\n"))
+    bad = BadRows()
+    assert [r["id"] for r in read_records(notes, bad_rows=bad)] == ["B1"]
+    assert [(row.line, row.id) for row in bad.rows] == [(4, "B2")]  # B1 took lines 2-3
 
 
 @pytest.mark.parametrize("suffix", [".tsv", ".csv"])

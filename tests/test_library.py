@@ -262,17 +262,14 @@ def test_demo_builds_a_library_from_the_shared_photos_and_identifies_them(data_d
     assert "\tdna\t" in capsys.readouterr().out
 
 
-def test_photos_against_a_dna_index_are_image_queries_not_an_error_row_each(library_model_dir, records, tmp_path,
-                                                                            text_tokenizer):
+def test_photos_against_a_dna_index_are_a_clear_error_not_an_error_row_each(library_model_dir, records, tmp_path):
     barcodes = [r for r in records if r["dna"]][:20]
     photos_only = [{**r, "dna": ""} for r in records if r["image"]][:3]
     index = build_index(library_model_dir, barcodes, "dna", tmp_path / "dna", progress=False)
     identifier = Identifier.load(index.directory)
-    assert identifier.plan_for(photos_only).query == "image"  # image -> DNA retrieval, as the paper's
+    with pytest.raises(ValueError, match="the queries have image but no dna, and .* is a dna index: .*--modality image dna"):
+        identifier.identify(photos_only)
     assert identifier.plan_for(barcodes[:2] + photos_only).query == "dna"  # some carry barcodes: the index's own
-    predictions = identifier.identify(photos_only)
-    assert not any(p.error for p in predictions) and all(p.hits for p in predictions)
-    no_image = save_model(tmp_path / "dna_text_model", text_tokenizer, ("dna", "text"))
-    dna_only = build_index(no_image, barcodes, "dna", tmp_path / "dna_only", progress=False)
-    with pytest.raises(ValueError, match="the model has no image tower .* cannot compare image queries with dna keys"):
-        Identifier.load(dna_only.directory).identify(photos_only)
+    # asked for explicitly, image -> DNA runs, and says nothing it cannot stand behind
+    asked = identifier.identify(photos_only, query="image")
+    assert all(p.hits and not any(p.answer.values()) for p in asked)

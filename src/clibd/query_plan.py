@@ -64,13 +64,19 @@ class QueryPlan:
 
 
 def _default_query(library: ReferenceLibrary, records: Sequence[dict]) -> str:
-    """A single-modality index: its modality, unless no query carries it and some carry the other
-    (photos against DNA keys: an image query, which the model's towers then allow or refuse by
-    name, rather than an error row per query). A library: dna when any query has a barcode, else image."""
+    """A single-modality index: its modality (a `ValueError` where no query carries it and some
+    carry the other: photos against DNA keys would be an error row each, and as image queries
+    could not be calibrated, the index holding no photos). A library: dna when any query has a
+    barcode, else image."""
     if not library.is_library:
         own = library.modalities[0]
         carried = [m for m in ("dna", "image") if any(r.get(m) for r in records)]
-        return own if own in carried or not carried else carried[0]
+        if carried and own not in carried:
+            raise ValueError(f"the queries have {' or '.join(carried)} but no {own}, and {library.directory} is a "
+                             f"{own} index: identify them against an index of {carried[0]} keys, or a library "
+                             f"holding both (clibd index build --modality image dna), or ask for it with "
+                             f"--query {carried[0]} (uncalibrated: no rank is answered)")
+        return own
     return "dna" if any(r.get("dna") for r in records) or not any(r.get("image") for r in records) else "image"
 
 

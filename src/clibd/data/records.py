@@ -185,6 +185,13 @@ def read_table(
     return records
 
 
+def _swallowed_rows(row: dict) -> bool:
+    """Whether a TSV row's field holds whole rows after it: BOLD's exports are not quoted, so a
+    field that starts with '"' swallows the lines up to the next '"', tabs and all. A quoted field
+    holding a line break but no tab (a note as pandas writes it) is a field like any other."""
+    return any(isinstance(v, str) and "\n" in v and "\t" in v for v in row.values())
+
+
 def _table_records(
     reader: csv.DictReader, path: Path, bad: BadRows, require_dna: bool, image_root: Path, limit: int | None
 ) -> list[dict[str, str]]:
@@ -194,15 +201,16 @@ def _table_records(
         raise ValueError(f"{path}: no id column (one of {COLUMN_ALIASES['id']}) in header {header}")
     records: list[dict[str, str]] = []
     tabs = reader.reader.dialect.delimiter == "\t"
+    first = reader.line_num + 1  # the line each row starts on
     for row in reader:
         line = reader.line_num
-        if tabs and (breaks := sum(v.count("\n") for v in row.values() if isinstance(v, str))):
-            # BOLD's exports are not quoted: a field that starts with '"' would silently swallow the
-            # rows up to the next '"' into one field; a quoted TSV field across lines is never a record
-            bad.report(path, line - breaks, f"lines {line - breaks}-{line} were read as one row: a field starting "
-                       "with a double quote (\") is not closed on its line (remove the quote; TSV needs none)",
+        if tabs and _swallowed_rows(row):
+            bad.report(path, first, f"lines {first}-{line} were read as one row: a field starting with a double "
+                       "quote (\") is not closed on its line (remove the quote; TSV needs none)",
                        _clean(row.get(columns["id"])) if columns["id"] else "")
+            first = line + 1
             continue
+        first = line + 1  # (the line after this row's last)
         if None in row or any(v is None for v in row.values()):
             bad.report(path, line, f"expected {len(header)} fields", _clean(row.get(columns["id"])))
             continue
