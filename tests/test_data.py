@@ -1,6 +1,7 @@
 import logging
 from collections import Counter
 
+import datasets
 import pytest
 
 from clibd.data import paper_split, read_bioscan, read_records, records_to_dataset, split_statistics
@@ -225,3 +226,23 @@ def test_a_configs_shared_data_path_is_read_where_clibd_shared_data_says(data_di
     assert resolve_data_path("mine/refs.tsv").as_posix() == "mine/refs.tsv"  # a path of one's own, as given
     splits = load_splits(DataSection(source="table", path=configured, limit=3000))
     assert sum(len(part) for part in splits.values()) > 0
+
+
+def test_barcodes_the_dna_tower_cannot_read_are_left_out_before_training(capsys):
+    from accelerate import Accelerator
+
+    from clibd.data.collate import unreadable_barcodes
+    from clibd.training.config import ExperimentConfig
+    from clibd.training.loop import _without_unreadable_barcodes
+
+    rows = {"fine": "ACGTACGTAC", "six": "ACGTAC", "gappy": "ACGTNACGTNACGTN", "none": ""}
+    dataset = records_to_dataset([{"id": i, "order": "O", "family": "F", "genus": "G", "species": "G s", "dna": dna,
+                                   "image": ""} for i, dna in rows.items()])
+    assert unreadable_barcodes(dataset, {"dna_profile_kmer_size": 7}) == ["six", "gappy"]  # no 7 bases without N
+    assert unreadable_barcodes(dataset, {"kmer_size": 5, "max_sequence_length": 660}) == ["gappy"]  # ACGTA is a word
+    assert unreadable_barcodes(dataset, {"kmer_size": 5, "max_sequence_length": 5}) == ["gappy"]
+    config = ExperimentConfig.from_yaml("configs/bold_dna.yaml")  # the 7-mer profile tower
+    kept = _without_unreadable_barcodes(datasets.DatasetDict({"train_seen": dataset, "test_seen": dataset}), config,
+                                        Accelerator(cpu=True))
+    assert kept["train_seen"]["id"] == kept["test_seen"]["id"] == ["fine", "none"]
+    assert "2 records left out: their barcode has no k-mer the DNA tower can read" in capsys.readouterr().out

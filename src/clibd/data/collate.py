@@ -29,6 +29,23 @@ def has_modalities(dataset: datasets.Dataset, modalities: list[str]) -> datasets
 
     return dataset.filter(keep)
 
+def unreadable_barcodes(dataset: datasets.Dataset, settings: dict) -> list[str]:
+    """Ids of the records whose barcode the DNA tower of processor `settings`
+    (`dna_config.processor_settings()`) cannot read at all (`clibd.processing.barcodes.readable`):
+    left out of training and evaluation, where one would stop the run mid-epoch.
+
+    Usage:
+        unreadable_barcodes(splits["train_seen"], config.model_config().dna_config.processor_settings())
+    """
+    from ..processing.barcodes import normalise_barcode, readable
+
+    profile_k = settings.get("dna_profile_kmer_size")
+    k, words = (profile_k, False) if profile_k else (settings["kmer_size"], True)
+    limit = None if profile_k else settings.get("max_sequence_length")
+    return [record_id for record_id, dna in zip(dataset["id"], dataset["dna"], strict=True)
+            if dna and not readable(normalise_barcode(dna, record_id), k, words, limit)]
+
+
 LABEL_PREFIX = "labels_"  # batch keys of rank labels (`labels_species`, ...): not model inputs
 
 

@@ -106,8 +106,7 @@ class BarcodeTokenizer:
         k = self.kmer_size
         ids = [self.vocab.get(bases[i : i + k], self.unk_id) for i in range(0, self.max_length, k)]
         if all(token == self.unk_id for token in ids):  # its embedding would say nothing of it, yet be answered
-            raise ValueError(f"{record}: holds no whole {k}-base word without N (the model reads a barcode as "
-                             f"{k}-base words from its start): too short or too ambiguous to embed")
+            raise ValueError(f"{record}: {unreadable_reason(k, words=True)}")
         mask = [1 if i < real_length else 0 for i in range(0, self.max_length, k)]
         if self.flavour == "compat":
             ids = [self.mask_id, *ids]
@@ -156,6 +155,28 @@ for _code, _base in enumerate(BASES):
 def base_codes(sequence: str, record: str = "record") -> np.ndarray:
     """The normalised barcode as codes 0-3 for A, C, G, T and -1 for N (`normalise_barcode` errors)."""
     return _BASE_CODES[np.frombuffer(normalise_barcode(sequence, record).encode(), dtype=np.uint8)]
+
+
+def readable(barcode: str, k: int, words: bool = False, max_length: int | None = None) -> bool:
+    """Whether a model reading `k`-mers finds one of A, C, G, T alone in `barcode` (normalised): anywhere
+    (overlapping k-mer profiles), or with `words` as a whole word of the non-overlapping ones from
+    its start, within `max_length` bases (BarcodeBERT). A barcode without one embeds as nothing.
+
+    Usage:
+        readable("ACGTACG", 7)   # True; readable("ACGTNACG", 7) is False
+    """
+    bases = barcode[:max_length] if max_length else barcode
+    if not words:
+        return re.search(f"[ACGT]{{{k}}}", bases) is not None
+    return any(re.fullmatch(f"[ACGT]{{{k}}}", bases[i : i + k]) for i in range(0, len(bases) - k + 1, k))
+
+
+def unreadable_reason(k: int, words: bool = False) -> str:
+    """Why a barcode that is not `readable` cannot be embedded (the error names the barcode before it)."""
+    if words:
+        return (f"holds no whole {k}-base word without N (the model reads a barcode as {k}-base words from its "
+                "start): too short or too ambiguous to embed")
+    return f"holds no run of {k} bases without N: too short or too ambiguous for the model's {k}-mer profile"
 
 
 def barcode_names(count: int, ids: Sequence[str] | None = None) -> list[str]:

@@ -21,7 +21,7 @@ from transformers.utils import PushToHubMixin, cached_file
 
 from ..atomic import atomic_write_text
 from .alignment import align_barcode, consensus_profile, onehot_codes
-from .barcodes import BarcodeTokenizer, barcode_names, kmer_profiles
+from .barcodes import BarcodeTokenizer, barcode_names, kmer_profiles, unreadable_reason
 from .images import ImageInput, image_transform, load_image
 from .taxonomy import taxonomy_text
 
@@ -39,8 +39,8 @@ def _refuse_empty_profiles(profiles: torch.Tensor, k: int, ids: Sequence[str] | 
     empty = torch.nonzero(profiles.abs().sum(dim=1) == 0).flatten().tolist()
     if empty:
         name = barcode_names(len(profiles), ids)[empty[0]]
-        raise ValueError(f"{name}: holds no run of {k} bases without N: too short or too ambiguous for the "
-                         f"model's {k}-mer profile" + (f" ({len(empty)} such barcodes in the batch)" if len(empty) > 1 else ""))
+        raise ValueError(f"{name}: {unreadable_reason(k)}"
+                         + (f" ({len(empty)} such barcodes in the batch)" if len(empty) > 1 else ""))
 
 
 class CLIBDProcessor(PushToHubMixin):

@@ -30,7 +30,7 @@ from transformers import AutoTokenizer
 from ..atomic import atomic_directory, atomic_write_text
 from ..configuration_clibd import CLIBDConfig
 from ..data import load_splits, split_statistics
-from ..data.collate import ContrastiveCollator, has_modalities
+from ..data.collate import ContrastiveCollator, has_modalities, unreadable_barcodes
 from ..evaluation.retrieval import evaluate_retrieval, evaluation_pairs
 from ..evaluation.tables import render_report
 from ..modeling_clibd import CLIBDModel
@@ -109,6 +109,8 @@ def build_data(config: ExperimentConfig, accelerator: Accelerator, run_dir: Path
     cfg = config.train
     modalities = config.model.modalities
     splits = load_splits(config.data)
+    if "dna" in modalities:
+        splits = _without_unreadable_barcodes(splits, config, accelerator)
     train_set = datasets.concatenate_datasets([splits[n] for n in train_split_names(config, splits)])
     train_set = has_modalities(train_set, modalities)
     global_batch = cfg.batch_size * accelerator.num_processes
@@ -125,6 +127,21 @@ def build_data(config: ExperimentConfig, accelerator: Accelerator, run_dir: Path
         if "dna" in modalities:
             _report_truncation(accelerator, config, train_set)
     return TrainData(splits, train_set, global_batch, steps_per_epoch)
+
+
+def _without_unreadable_barcodes(splits: datasets.DatasetDict, config: ExperimentConfig,
+                                 accelerator: Accelerator) -> datasets.DatasetDict:
+    """The splits without records whose barcode the DNA tower cannot read (`unreadable_barcodes`),
+    named once here: one in a batch would stop training or evaluation mid-run."""
+    settings = config.model_config().dna_config.processor_settings()
+    dropped = {name: set(unreadable_barcodes(part, settings)) for name, part in splits.items()}
+    ids = sorted({i for found in dropped.values() for i in found})
+    if not ids:
+        return splits
+    accelerator.print(f"{len(ids)} records left out: their barcode has no k-mer the DNA tower can read (too short "
+                      f"or too ambiguous): {', '.join(ids[:10])}" + (" ..." if len(ids) > 10 else ""))
+    return datasets.DatasetDict({name: part.filter(lambda row, drop=dropped[name]: row["id"] not in drop)
+                                 if dropped[name] else part for name, part in splits.items()})
 
 
 def _report_truncation(accelerator: Accelerator, config: ExperimentConfig, train_set: datasets.Dataset) -> None:
