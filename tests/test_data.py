@@ -215,17 +215,25 @@ def test_query_rows_read_like_dataset_rows_and_a_nan_barcode_is_refused(dna_mode
 
 
 def test_a_configs_shared_data_path_is_read_where_clibd_shared_data_says(data_dir, tmp_path, monkeypatch):
-    # run from a folder with no ../shared/data beside it: the configs' path follows the variable
+    # run from a folder with no ../shared/data beside it; the variable names a copy holding 2,000 records
     from clibd.data import DataSection, load_splits, resolve_data_path
 
+    copy = tmp_path / "copy" / "insect_bold_coi" / "insect_bold_coi.tsv"
+    copy.parent.mkdir(parents=True)
+    lines = (data_dir / "insect_bold_coi" / "insect_bold_coi.tsv").read_text().splitlines(keepends=True)
+    copy.write_text("".join(lines[:2001]))
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    monkeypatch.setenv("CLIBD_SHARED_DATA", str(data_dir.resolve()))
+    monkeypatch.setenv("CLIBD_SHARED_DATA", str(tmp_path / "copy"))
     configured = "../shared/data/insect_bold_coi/insect_bold_coi.tsv"
-    assert resolve_data_path(configured) == data_dir.resolve() / "insect_bold_coi" / "insect_bold_coi.tsv"
+    assert resolve_data_path(configured) == copy
     assert resolve_data_path("mine/refs.tsv").as_posix() == "mine/refs.tsv"  # a path of one's own, as given
-    splits = load_splits(DataSection(source="table", path=configured, limit=3000))
-    assert sum(len(part) for part in splits.values()) > 0
+    splits = load_splits(DataSection(source="table", path=configured))
+    single = sum(n == 1 for n in Counter(r["species"] for r in read_records(copy)).values())
+    assert sum(len(part) for part in splits.values()) + single == 2000  # the copy, not the checkout's data
+    monkeypatch.setenv("CLIBD_SHARED_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=r"read under \$CLIBD_SHARED_DATA="):
+        load_splits(DataSection(source="table", path=configured))
 
 
 def test_barcodes_the_dna_tower_cannot_read_are_left_out_before_training(capsys):

@@ -362,3 +362,11 @@ def test_a_model_folder_that_is_missing_or_holds_no_weights_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"empty: no \*\.safetensors weights"):
         load_model(tmp_path / "empty")
+
+
+def test_ids_given_in_python_with_a_tab_or_line_break_cannot_be_indexed_or_identified():
+    from clibd.index import unusable
+
+    records = [{"id": "ok", "dna": "ACGTACGT"}, {"id": "a\tb", "dna": "ACGTACGT"}, {"id": "c\nd", "dna": "ACGTACGT"}]
+    assert unusable(records, "dna", what="query") == {1: "id holds a tab or a line break",
+                                                      2: "id holds a tab or a line break"}

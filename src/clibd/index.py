@@ -55,7 +55,8 @@ def model_hash(model_dir: str | os.PathLike) -> str:
     """
     digest = hashlib.sha256()
     if not Path(model_dir).is_dir():
-        raise FileNotFoundError(f"{model_dir}: no such model folder")
+        raise FileNotFoundError(f"{model_dir}: " + ("a file, not a model folder" if Path(model_dir).exists()
+                                                    else "no such model folder"))
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{model_dir}: no *.safetensors weights (is this a saved CLIBD model?)")
@@ -293,8 +294,9 @@ def require_field(records: list[dict], modality: str, what: str = "records") -> 
 def unusable(records: Sequence[dict], modality: str, known_ids: Collection[str] = (), labelled: bool = False,
              what: str = "record") -> dict[int, str]:
     """Position -> why, for records that cannot be embedded for `modality` as given: a reader's
-    `error`, no barcode or photo, no taxonomy (when `labelled`: references), an id in `known_ids`
-    or given earlier in `records`. The one check behind index build / add and identify.
+    `error`, no barcode or photo, an id holding a tab or a line break (it would break every TSV
+    written), no taxonomy (when `labelled`: references), an id in `known_ids` or given earlier in
+    `records`. The one check behind index build / add and identify.
 
     Usage:
         unusable(queries, "dna", what="query")       # {3: "duplicate query id (repeated; ...)"}
@@ -306,6 +308,8 @@ def unusable(records: Sequence[dict], modality: str, known_ids: Collection[str] 
             found[i] = record["error"]
         elif not record.get(modality):
             found[i] = f"no {modality}"
+        elif any(c in str(record_id) for c in "\t\r\n"):  # records given in Python: the readers check files
+            found[i] = "id holds a tab or a line break"
         elif labelled and not any(record.get(rank) for rank in RANKS):
             found[i] = "no taxonomy"
         elif record_id in known_ids:

@@ -197,10 +197,20 @@ def check_index_out(out: str | os.PathLike) -> None:
         check_index_out("refs/")
     """
     out = Path(out)
-    if out.exists() and not (out / "index.json").is_file() and (not out.is_dir() or any(out.iterdir())):
-        what = "a folder that is not a clibd index (no index.json)" if out.is_dir() else "a file"
-        raise ValueError(f"{out}: is {what}; building an index there would replace it: give a new or empty "
-                         "folder (or an index to rebuild)")
+    if out.is_symlink():  # the build would replace the link, not what it points at
+        raise ValueError(f"{out}: is a symbolic link; give the folder itself ({out.resolve()})")
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if out.is_dir():
+        try:
+            read_index_meta(out)
+            return
+        except (OSError, ValueError):  # no index.json, or one that is not a clibd index's
+            what = "a folder that is not a clibd index"
+    else:
+        what = "a file"
+    raise ValueError(f"{out}: is {what}; building an index there would replace it: give a new or empty folder "
+                     "(or an index to rebuild)")
 
 
 def _checked_precision(precision: float | None) -> float | None:

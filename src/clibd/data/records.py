@@ -70,9 +70,13 @@ def resolve_data_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.parts[: len(SHARED_PREFIX)] != SHARED_PREFIX:
         return path
-    if not os.environ.get("CLIBD_SHARED_DATA") and path.exists():
+    env = os.environ.get("CLIBD_SHARED_DATA")
+    if not env and path.exists():
         return path
-    return shared_data_dir().joinpath(*path.parts[len(SHARED_PREFIX):])
+    resolved = shared_data_dir().joinpath(*path.parts[len(SHARED_PREFIX):])
+    if env and not resolved.exists():  # say why the config's path was not read as written
+        raise FileNotFoundError(f"{resolved}: not found ({path} in the config, read under $CLIBD_SHARED_DATA={env})")
+    return resolved
 
 
 class BadRow(NamedTuple):
