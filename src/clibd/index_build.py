@@ -90,10 +90,20 @@ def _screen(records: list[dict], modality: str, existing: Sequence[dict], skip: 
     a `ValueError` naming them."""
     found = unusable(records, modality, {r["id"] for r in existing}, labelled=True)
     skipped = [(records[i]["id"], why) for i, why in found.items()]
+    refuse_unindexable(skipped, skip)
+    return [{**r, "source": r.get("source", "")} for i, r in enumerate(records) if i not in found], skipped
+
+
+def refuse_unindexable(skipped: list[tuple[str, str]], skip: bool) -> None:
+    """Unless `skip`, a `ValueError` naming the (id, why) records that cannot be indexed (the first ten).
+
+    Usage:
+        refuse_unindexable([("BOLD-1", "no dna")], skip=False)   # ValueError: 1 records cannot be indexed: ...
+    """
     if skipped and not skip:
         shown = "; ".join(f"{i}: {why}" for i, why in skipped[:10])
-        raise ValueError(f"{len(skipped)} records cannot be indexed: {shown} (or skip them: --on-bad-input skip, on_bad_input='skip')")
-    return [{**r, "source": r.get("source", "")} for i, r in enumerate(records) if i not in found], skipped
+        raise ValueError(f"{len(skipped)} records cannot be indexed: {shown} (or skip them: --on-bad-input skip, "
+                         "on_bad_input='skip')")
 
 
 def _drop_failures(records: list[dict], embeddings: torch.Tensor, failures: dict[int, str],

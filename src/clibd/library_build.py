@@ -36,7 +36,14 @@ from .index import (
     load_model,
     trained_species_meta,
 )
-from .index_build import _checked_precision, _skip, check_index_out, write_barcodes, write_records
+from .index_build import (
+    _checked_precision,
+    _skip,
+    check_index_out,
+    refuse_unindexable,
+    write_barcodes,
+    write_records,
+)
 from .library import ReferenceLibrary, key_meta, keys_name, pair_entry, pair_name, report_calibration
 from .modeling_clibd import CLIBDModel
 from .processing import CLIBDProcessor
@@ -92,9 +99,7 @@ def _screen(records: list[dict], modalities: list[str], known_ids: set[str], ski
             skipped.append((record_id, why))
         else:
             kept.append({**record, "source": record.get("source", "")})
-    if skipped and not skip:
-        shown = "; ".join(f"{i}: {why}" for i, why in skipped[:10])
-        raise ValueError(f"{len(skipped)} records cannot be indexed: {shown} (or skip them: --on-bad-input skip, on_bad_input='skip')")
+    refuse_unindexable(skipped, skip)
     return kept, skipped
 
 
