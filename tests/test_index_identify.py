@@ -370,3 +370,10 @@ def test_ids_given_in_python_with_a_tab_or_line_break_cannot_be_indexed_or_ident
     records = [{"id": "ok", "dna": "ACGTACGT"}, {"id": "a\tb", "dna": "ACGTACGT"}, {"id": "c\nd", "dna": "ACGTACGT"}]
     assert unusable(records, "dna", what="query") == {1: "id holds a tab or a line break",
                                                       2: "id holds a tab or a line break"}
+
+
+def test_the_writing_module_imports_first_too():
+    # clibd.index names clibd.index_build's functions; importing the latter first was a circular ImportError
+    result = subprocess.run([sys.executable, "-c", "import clibd.index_build; from clibd.index import build_index"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

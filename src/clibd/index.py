@@ -371,6 +371,14 @@ def trained_species_meta(model) -> dict:
     return {} if species is None else {"trained_species": sorted(species)}
 
 
+# The writing side lives in `clibd.index_build`, which imports this module; its names stay
+# importable from here, looked up on first use so that either module may be imported first.
+_WRITING = ("_write_index", "add_to_index", "build_index", "recalibrate_index")
 
-# the writing side lives in `clibd.index_build`; its names stay importable from here
-from .index_build import _write_index, add_to_index, build_index, recalibrate_index  # noqa: E402, F401
+
+def __getattr__(name: str):
+    if name in _WRITING:
+        from . import index_build
+
+        return getattr(index_build, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
