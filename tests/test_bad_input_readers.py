@@ -121,6 +121,13 @@ def test_stray_quote_in_a_tsv_never_swallows_rows_silently(tmp_path):
     bad = BadRows()
     assert [r["id"] for r in read_records(notes, bad_rows=bad)] == ["B1"]
     assert [(row.line, row.id) for row in bad.rows] == [(4, "B2")]  # B1 took lines 2-3
+    # a row spanning lines that is bad for another reason is named at its first line too
+    spans = tmp_path / "spans.tsv"
+    spans.write_text(HEADER.replace("\n", "\tnotes\n") + ROW.format("C1", 1).replace("ACGT", "ACXT", 1)
+                     .replace("\n", '\t"first\nsecond"\n') + ROW.format("C2", 2).replace("\n", "\tx\n"))
+    bad = BadRows()
+    assert [r["id"] for r in read_records(spans, bad_rows=bad)] == ["C2"]
+    assert [(row.line, row.id) for row in bad.rows] == [(2, "C1")]
 
 
 @pytest.mark.parametrize("suffix", [".tsv", ".csv"])

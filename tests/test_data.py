@@ -248,7 +248,13 @@ def test_barcodes_the_dna_tower_cannot_read_are_left_out_before_training(capsys)
                                    "image": ""} for i, dna in rows.items()])
     assert unreadable_barcodes(dataset, {"dna_profile_kmer_size": 7}) == ["six", "gappy"]  # no 7 bases without N
     assert unreadable_barcodes(dataset, {"kmer_size": 5, "max_sequence_length": 660}) == ["gappy"]  # ACGTA is a word
-    assert unreadable_barcodes(dataset, {"kmer_size": 5, "max_sequence_length": 5}) == ["gappy"]
+    late = records_to_dataset([{"id": "late", "order": "O", "family": "F", "genus": "G", "species": "G s",
+                                "dna": "NNNNNACGTA", "image": ""}])  # its only word lies past the first 5 bases
+    assert unreadable_barcodes(late, {"kmer_size": 5, "max_sequence_length": 5}) == ["late"]
+    assert unreadable_barcodes(late, {"kmer_size": 5, "max_sequence_length": 660}) == []
+    all_n = records_to_dataset([{"id": "all-n", "order": "O", "family": "F", "genus": "G", "species": "G s",
+                                 "dna": "NNNNNNNNNN", "image": ""}])  # BIOSCAN releases are not screened when read
+    assert unreadable_barcodes(all_n, {"dna_profile_kmer_size": 7}) == ["all-n"]
     config = ExperimentConfig.from_yaml("configs/bold_dna.yaml")  # the 7-mer profile tower
     kept = _without_unreadable_barcodes(datasets.DatasetDict({"train_seen": dataset, "test_seen": dataset}), config,
                                         Accelerator(cpu=True))

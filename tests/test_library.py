@@ -267,9 +267,19 @@ def test_photos_against_a_dna_index_are_a_clear_error_not_an_error_row_each(libr
     photos_only = [{**r, "dna": ""} for r in records if r["image"]][:3]
     index = build_index(library_model_dir, barcodes, "dna", tmp_path / "dna", progress=False)
     identifier = Identifier.load(index.directory)
-    with pytest.raises(ValueError, match="the queries have image but no dna, and .* is a dna index: .*--modality image dna"):
+    with pytest.raises(ValueError, match="the queries are image but .* holds dna keys: .*--modality image dna"):
         identifier.identify(photos_only)
+    dna_text = build_library(library_model_dir, barcodes, ["dna", "text"], tmp_path / "dna_text", progress=False)
+    with pytest.raises(ValueError, match="the queries are image but .* holds dna and text keys"):
+        Identifier.load(dna_text.directory).identify(photos_only)  # a library without photos alike
+    assert Identifier.load(dna_text.directory).plan_for(photos_only, keys=["text"]).keys == ("text",)  # asked for
     assert identifier.plan_for(barcodes[:2] + photos_only).query == "dna"  # some carry barcodes: the index's own
     # asked for explicitly, image -> DNA runs, and says nothing it cannot stand behind
     asked = identifier.identify(photos_only, query="image")
     assert all(p.hits and not any(p.answer.values()) for p in asked)
+
+
+def test_a_library_refuses_ids_with_a_tab_or_line_break_as_an_index_does(library_model_dir, records, tmp_path):
+    tabbed = [{**records[0], "id": "BOLD\t1"}, *[r for r in records[1:] if r["dna"]][:5]]
+    with pytest.raises(ValueError, match="BOLD\t1: id holds a tab or a line break"):
+        build_library(library_model_dir, tabbed, ["dna", "text"], tmp_path / "lib", progress=False)

@@ -20,7 +20,7 @@ from clibd import CLIBDConfig
 from clibd.cli import main as cli
 from clibd.constants import RANKS
 from clibd.identify import Identifier, identify_to_tsv, read_predictions_tsv
-from clibd.index import ReferenceIndex, build_index, load_model, recalibrate_index
+from clibd.index import ReferenceIndex, add_to_index, build_index, load_model, recalibrate_index
 from clibd.thresholds import answers_needed
 
 
@@ -306,12 +306,14 @@ def test_index_build_never_replaces_what_is_not_an_index(dna_model, records, tmp
     build_index(dna_model, records["many_each"][:8], "dna", tmp_path / "empty", progress=False, calibrate=False)
     assert ReferenceIndex.load(tmp_path / "empty").meta["count"] == 8  # an index is rebuilt in place
     (photos / "index.json").write_text('{"name": "my site"}')  # an index.json, but not a clibd index's
-    with pytest.raises(ValueError, match="is a folder that is not a clibd index; building an index there would"):
+    with pytest.raises(ValueError, match="is a folder whose index.json does not read as a clibd index's .*; building an index there would"):
         build_index(dna_model, records["many_each"][:6], "dna", photos, progress=False, calibrate=False)
-    (tmp_path / "link").symlink_to(tmp_path / "empty")  # the build would replace the link, not the index
-    with pytest.raises(ValueError, match="link: is a symbolic link; give the folder itself"):
-        build_index(dna_model, records["many_each"][:6], "dna", tmp_path / "link", progress=False, calibrate=False)
-    assert (photos / "keep.jpg").read_bytes() == b"precious" and (tmp_path / "link").is_symlink()
+    assert (photos / "keep.jpg").read_bytes() == b"precious"
+    # through a symbolic link the folder it names is rebuilt or grown; the link stays a link
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    build_index(dna_model, records["many_each"][:6], "dna", tmp_path / "link", progress=False, calibrate=False)
+    add_to_index(tmp_path / "link", records["many_each"][6:9], progress=False)
+    assert (tmp_path / "link").is_symlink() and ReferenceIndex.load(tmp_path / "empty").meta["count"] == 9
 
 
 def test_damaged_index_files_are_named_not_a_traceback(dna_model, records, tmp_path, capsys):

@@ -40,7 +40,9 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 @contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
-    """A fresh temporary folder beside `target` that replaces it when the block ends without error."""
+    """A fresh temporary folder beside `target` that replaces it when the block ends without error;
+    a symbolic link is followed (the folder it names is replaced, the link kept)."""
+    target = Path(target).resolve() if Path(target).is_symlink() else Path(target)
     tmp = target.with_name(f".{target.name}.tmp")
     old = target.with_name(f".{target.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)

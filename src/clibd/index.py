@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from .atomic import atomic_write
 from .checked_embedding import NOT_FINITE, check_finite_weights, embed_checked, not_finite_rows
 from .constants import RANKS
+from .data.records import id_problem
 from .index_store import RecordTable, map_embeddings, persisted_ivf, read_index_meta
 from .modeling_clibd import CLIBDModel
 from .novelty import Calibration, calibrate, label_ids, labels_of
@@ -308,8 +309,8 @@ def unusable(records: Sequence[dict], modality: str, known_ids: Collection[str] 
             found[i] = record["error"]
         elif not record.get(modality):
             found[i] = f"no {modality}"
-        elif any(c in str(record_id) for c in "\t\r\n"):  # records given in Python: the readers check files
-            found[i] = "id holds a tab or a line break"
+        elif id_problem(record_id):  # records given in Python: the readers check files
+            found[i] = id_problem(record_id)
         elif labelled and not any(record.get(rank) for rank in RANKS):
             found[i] = "no taxonomy"
         elif record_id in known_ids:

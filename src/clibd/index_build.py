@@ -206,17 +206,17 @@ def check_index_out(out: str | os.PathLike) -> None:
     Usage:
         check_index_out("refs/")
     """
-    out = Path(out)
-    if out.is_symlink():  # the build would replace the link, not what it points at
-        raise ValueError(f"{out}: is a symbolic link; give the folder itself ({out.resolve()})")
+    out = Path(out).resolve() if Path(out).is_symlink() else Path(out)  # a link: what it names is replaced
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
     if out.is_dir():
         try:
             read_index_meta(out)
             return
-        except (OSError, ValueError):  # no index.json, or one that is not a clibd index's
-            what = "a folder that is not a clibd index"
+        except FileNotFoundError:
+            what = "a folder that is not a clibd index (no index.json)"
+        except (OSError, ValueError):  # damaged, or not a clibd index's: nothing says which
+            what = "a folder whose index.json does not read as a clibd index's (if it is a damaged index, remove it)"
     else:
         what = "a file"
     raise ValueError(f"{out}: is {what}; building an index there would replace it: give a new or empty folder "

@@ -29,6 +29,7 @@ from . import __version__
 from .atomic import atomic_directory, atomic_write_text
 from .checked_embedding import embed_checked
 from .constants import MODALITIES, RANKS
+from .data.records import id_problem
 from .index import (
     BARCODES_FILE,
     ReferenceIndex,
@@ -84,6 +85,8 @@ def _screen(records: list[dict], modalities: list[str], known_ids: set[str], ski
         record_id = record["id"]
         if record.get("error"):
             why = record["error"]
+        elif id_problem(record_id):
+            why = id_problem(record_id)
         elif not any(record.get(rank) for rank in RANKS):
             why = "no taxonomy"
         elif fields and not any(record.get(m) for m in fields):

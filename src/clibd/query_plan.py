@@ -64,19 +64,13 @@ class QueryPlan:
 
 
 def _default_query(library: ReferenceLibrary, records: Sequence[dict]) -> str:
-    """A single-modality index: its modality (a `ValueError` where no query carries it and some
-    carry the other: photos against DNA keys would be an error row each, and as image queries
-    could not be calibrated, the index holding no photos). A library: dna when any query has a
-    barcode, else image."""
+    """A single-modality index: its modality, unless no query carries it and some carry the other
+    (then theirs, which `resolve_plan` refuses where the keys hold none of it). A library: dna when
+    any query has a barcode, else image."""
     if not library.is_library:
         own = library.modalities[0]
         carried = [m for m in ("dna", "image") if any(r.get(m) for r in records)]
-        if carried and own not in carried:
-            raise ValueError(f"the queries have {' or '.join(carried)} but no {own}, and {library.directory} is a "
-                             f"{own} index: identify them against an index of {carried[0]} keys, or a library "
-                             f"holding both (clibd index build --modality image dna), or ask for it with "
-                             f"--query {carried[0]} (uncalibrated: no rank is answered)")
-        return own
+        return own if own in carried or not carried else carried[0]
     return "dna" if any(r.get("dna") for r in records) or not any(r.get("image") for r in records) else "image"
 
 
@@ -101,13 +95,19 @@ def resolve_plan(library: ReferenceLibrary, towers: Sequence[str], records: Sequ
         if query != "image" or keys_name(keys) != "image dna":
             raise ValueError("strategy is-du answers photo queries (--query image) from image and dna keys "
                              f"(--keys image dna), not {query} queries against {' '.join(keys)} keys")
-    query = query or _default_query(library, records)
-    if query not in QUERY_MODALITIES:
-        raise ValueError(f"unknown query modality {query!r}; use one of {QUERY_MODALITIES}")
+    chosen_query = query or _default_query(library, records)
+    if chosen_query not in QUERY_MODALITIES:
+        raise ValueError(f"unknown query modality {chosen_query!r}; use one of {QUERY_MODALITIES}")
     if not keys:
-        own = "dna" if query == MEAN else query
+        own = "dna" if chosen_query == MEAN else chosen_query
         held = set(feature_parts(own)) <= set(library.modalities)
+        if not held and not query:  # e.g. photos against DNA keys: no rank could be calibrated, none answered
+            raise ValueError(f"the queries are {own} but {library.directory} holds {' and '.join(library.modalities)} "
+                             f"keys: identify them against keys of their own kind (a library: clibd index build "
+                             f"--modality image dna), or ask for it with --query {own} (query=... in Python; "
+                             "uncalibrated: no rank is answered)")
         keys = [own] if held else [m for m in library.modalities if m != "text"]
+    query = chosen_query
     unknown = [m for m in keys if m not in KEY_KINDS]
     if unknown:
         raise ValueError(f"unknown key kind {unknown}; keys are {', '.join(KEY_KINDS)}")

@@ -42,8 +42,15 @@ def unreadable_barcodes(dataset: datasets.Dataset, settings: dict) -> list[str]:
     profile_k = settings.get("dna_profile_kmer_size")
     k, words = (profile_k, False) if profile_k else (settings["kmer_size"], True)
     limit = None if profile_k else settings.get("max_sequence_length")
+
+    def unreadable(record_id: str, dna: str) -> bool:
+        try:
+            return not readable(normalise_barcode(dna, record_id), k, words, limit)
+        except ValueError:  # only N, or not nucleotides (BIOSCAN releases are not screened when read)
+            return True
+
     return [record_id for record_id, dna in zip(dataset["id"], dataset["dna"], strict=True)
-            if dna and not readable(normalise_barcode(dna, record_id), k, words, limit)]
+            if dna and unreadable(record_id, dna)]
 
 
 LABEL_PREFIX = "labels_"  # batch keys of rank labels (`labels_species`, ...): not model inputs

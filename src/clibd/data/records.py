@@ -141,12 +141,22 @@ def _clean(value: str | None) -> str:
     return "" if value.lower() in MISSING_VALUES else value
 
 
+def id_problem(record_id: str) -> str | None:
+    """Why a record id cannot be used, or None: a tab or a line break would break every TSV clibd
+    writes it to (records.tsv, the predictions). The readers, index build / add and identify ask.
+
+    Usage:
+        id_problem("BOLD\t1")   # "id holds a tab or a line break"
+    """
+    return "id holds a tab or a line break" if any(c in str(record_id) for c in "\t\r\n") else None
+
+
 def _check_record(record: dict[str, str], require_dna: bool) -> str | None:
     """The reason a record is unusable, or None."""
     if not record["id"]:
         return "empty id"
-    if any(c in record["id"] for c in "\t\r\n"):  # it would break every TSV it is written to
-        return "id holds a tab or a line break"
+    if why := id_problem(record["id"]):
+        return why
     if record["dna"]:
         try:
             normalise_barcode(record["dna"], "barcode")
@@ -205,18 +215,17 @@ def _table_records(
         raise ValueError(f"{path}: no id column (one of {COLUMN_ALIASES['id']}) in header {header}")
     records: list[dict[str, str]] = []
     tabs = reader.reader.dialect.delimiter == "\t"
-    first = reader.line_num + 1  # the line each row starts on
+    first = reader.line_num + 1  # the line the next row starts on
     for row in reader:
         line = reader.line_num
+        start, first = first, line + 1  # a row is named at its first line (a quoted note may span several)
         if tabs and _swallowed_rows(row):
-            bad.report(path, first, f"lines {first}-{line} were read as one row: a field starting with a double "
+            bad.report(path, start, f"lines {start}-{line} were read as one row: a field starting with a double "
                        "quote (\") is not closed on its line (remove the quote; TSV needs none)",
                        _clean(row.get(columns["id"])) if columns["id"] else "")
-            first = line + 1
             continue
-        first = line + 1  # (the line after this row's last)
         if None in row or any(v is None for v in row.values()):
-            bad.report(path, line, f"expected {len(header)} fields", _clean(row.get(columns["id"])))
+            bad.report(path, start, f"expected {len(header)} fields", _clean(row.get(columns["id"])))
             continue
         record = {name: _clean(row[col]) if col else "" for name, col in columns.items()}
         if columns["id"] is None:  # a table of photos (images.csv): each one's id is its file name
@@ -224,7 +233,7 @@ def _table_records(
         if record["image"]:
             record["image"] = os.fspath(image_root / record["image"])
         if reason := _check_record(record, require_dna):
-            bad.report(path, line, reason, record["id"])
+            bad.report(path, start, reason, record["id"])
             continue
         records.append(record)
         if limit is not None and len(records) >= limit:
