@@ -359,6 +359,28 @@ def test_ctrl_c_in_identify_says_how_to_resume_and_resumes(dna_model, records, t
     assert [p.query_id for p in read_predictions_tsv(out)] == [r["id"] for r in records["held"]]
 
 
+def test_ctrl_c_before_any_row_or_during_a_build_says_what_was_kept(dna_model, records, tmp_path, monkeypatch, capsys):
+    import clibd.index_build
+
+    build_index(dna_model, records["many_each"], "dna", tmp_path / "refs", progress=False)
+    queries = write_tsv(tmp_path / "q.tsv", records["held"], ["id", "dna"])
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Identifier, "load", interrupt)  # while the model loads: no file yet
+        out = tmp_path / "preds.tsv"
+        assert cli(["identify", "--index", str(tmp_path / "refs"), "--records", str(queries), "--out", str(out)]) == 130
+        assert f"interrupted; nothing was written to {out} yet" in capsys.readouterr().err and not out.exists()
+        patch.setattr(clibd.index_build, "build_index", interrupt)
+        table = write_tsv(tmp_path / "refs.tsv", records["many_each"], ["id", *RANKS, "dna"])
+        assert cli(["index", "build", "--model", str(dna_model), "--records", str(table), "--out",
+                    str(tmp_path / "new")]) == 130
+        err = capsys.readouterr().err
+        assert f"{tmp_path / 'new'} is as it was; finished shards of embeddings (2048 records each) are kept" in err
+
+
 def test_identify_out_in_a_missing_folder_or_a_folder_is_named(dna_model, records, tmp_path, capsys):
     build_index(dna_model, records["many_each"][:8], "dna", tmp_path / "refs", progress=False, calibrate=False)
     queries = write_tsv(tmp_path / "q.tsv", records["held"][:2], ["id", "dna"])

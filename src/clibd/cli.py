@@ -430,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
 def _after_interrupt(args: argparse.Namespace) -> str:
     """What an interrupted command left, and how to go on (identify and index build/add resume)."""
     if args.command == "identify" and args.out:
+        if not Path(args.out).exists():
+            return f"; nothing was written to {args.out} yet"
         return f"; the rows written so far are kept in {args.out}: run the same command again to go on from there"
     if args.command == "index" and args.index_command in ("build", "add"):
         from .index import SHARD_SIZE  # loaded already: the command was embedding

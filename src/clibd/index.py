@@ -309,8 +309,8 @@ def unusable(records: Sequence[dict], modality: str, known_ids: Collection[str] 
             found[i] = record["error"]
         elif not record.get(modality):
             found[i] = f"no {modality}"
-        elif id_problem(record_id):  # records given in Python: the readers check files
-            found[i] = id_problem(record_id)
+        elif why := id_problem(record_id):  # records given in Python: the readers check files
+            found[i] = why
         elif labelled and not any(record.get(rank) for rank in RANKS):
             found[i] = "no taxonomy"
         elif record_id in known_ids:

@@ -85,8 +85,8 @@ def _screen(records: list[dict], modalities: list[str], known_ids: set[str], ski
         record_id = record["id"]
         if record.get("error"):
             why = record["error"]
-        elif id_problem(record_id):
-            why = id_problem(record_id)
+        elif problem := id_problem(record_id):
+            why = problem
         elif not any(record.get(rank) for rank in RANKS):
             why = "no taxonomy"
         elif fields and not any(record.get(m) for m in fields):
